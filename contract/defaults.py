@@ -1,0 +1,30 @@
+"""Every default of the service, each a named constant with one line saying what it is."""
+
+# Redis URL used when neither --redis-url nor REDIS_URL is given.
+REDIS_URL = "redis://127.0.0.1:6379/0"
+# Prefix of every Redis key and Celery queue the service owns.
+KEY_PREFIX = "imgcls"
+# Seconds a job record lives in Redis after submission (24 h).
+JOB_TTL_S = 24 * 3600
+# Labels returned per job when the caller does not say.
+TOP_K = 5
+# Largest top_k a caller may ask for.
+MAX_TOP_K = 1000
+# Model served when the caller does not name one.
+MODEL = "resnet50"
+# Job IDs carried by one queue message; one message per image cannot feed a GPU.
+CHUNK_SIZE = 64
+# Deliveries of one job before it is failed as a poison pill.
+MAX_ATTEMPTS = 3
+# Seconds an unacknowledged message waits before Redis hands it to another worker.
+VISIBILITY_TIMEOUT_S = 300
+# Longest accepted job ID.
+MAX_JOB_ID_LEN = 128
+# Longest accepted URI.
+MAX_URI_LEN = 4096
+# Seconds between worker heartbeats; a worker is live while its heartbeat key exists.
+HEARTBEAT_S = 5
+# Seconds a heartbeat key outlives its last refresh.
+HEARTBEAT_TTL_S = 15
+# Seconds a waiting client blocks on the finished-jobs channel before re-reading records.
+WAIT_RECHECK_S = 1.0

@@ -1,0 +1,50 @@
+"""Redis key, channel and queue names: the one place both sides take them from."""
+
+from __future__ import annotations
+
+from contract.defaults import KEY_PREFIX
+
+
+def job_key(job_id: str) -> str:
+    """The JSON record of one job."""
+    return f"{KEY_PREFIX}:job:{job_id}"
+
+
+def finished_channel() -> str:
+    """Pub/sub channel on which workers announce the IDs of jobs that reached a final state."""
+    return f"{KEY_PREFIX}:finished"
+
+
+def queue_name(model: str) -> str:
+    """The Celery queue that only the workers serving ``model`` consume."""
+    return f"{KEY_PREFIX}.{model}"
+
+
+def model_key(model: str) -> str:
+    """What the workers serving ``model`` declared about it (weights, classes)."""
+    return f"{KEY_PREFIX}:model:{model}"
+
+
+def models_set() -> str:
+    """Set of every model name a worker has ever served."""
+    return f"{KEY_PREFIX}:models"
+
+
+def heartbeat_key(model: str, worker_id: str) -> str:
+    """Exists while the worker ``worker_id`` serving ``model`` is alive and warm."""
+    return f"{KEY_PREFIX}:worker:{model}:{worker_id}"
+
+
+def heartbeat_pattern(model: str = "*") -> str:
+    """SCAN pattern matching the heartbeat keys of ``model``'s workers."""
+    return f"{KEY_PREFIX}:worker:{model}:*"
+
+
+def dead_letter_key() -> str:
+    """List of queue messages that could not be understood, kept for inspection."""
+    return f"{KEY_PREFIX}:dead-letter"
+
+
+def stats_key(model: str) -> str:
+    """Hash of counters per model (jobs done, failed, results written)."""
+    return f"{KEY_PREFIX}:stats:{model}"
