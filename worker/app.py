@@ -1,0 +1,188 @@
+"""Wiring: set up the warm model once, register the Celery task, run a Celery worker.
+
+The worker uses Celery's ``threads`` pool: one process per device, so CUDA is initialised in
+the only process there is and never inherited across a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from ipaddress import ip_network
+
+import redis
+import torch
+from celery import Celery
+
+from contract import keys, registry
+from contract.messaging import TASK_NAME, make_celery
+from contract.registry import ModelInfo
+from contract.store import JobStore
+from worker.decode import DecodePolicy, install_pixel_limit
+from worker.fetch import Fetcher, FetchPolicy
+from worker.inference import Classifier, pick_device, pick_dtype
+from worker.metrics import Metrics
+from worker.models import load_model
+from worker.pipeline import Pipeline
+from worker.service import Service
+from worker.settings import CPU_BATCH_SIZE, GPU_BATCH_SIZE, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Everything a warm worker holds; built once by ``setup``, torn down by ``close``."""
+
+    settings: Settings
+    redis: redis.Redis
+    service: Service
+    pipeline: Pipeline
+    io_pool: ThreadPoolExecutor
+    metrics: Metrics
+    info: ModelInfo
+
+    def close(self) -> None:
+        self.pipeline.close()
+        self.io_pool.shutdown(wait=True)
+        registry.retire(self.redis, self.settings.model, self.settings.worker_id)
+        self.redis.close()
+
+
+def setup(settings: Settings) -> Runtime:
+    """Load the model, warm it up and start the pipeline. Raises ``ModelLoadError`` if it can't."""
+    settings.validate()
+    install_pixel_limit(settings.max_pixels)
+    device = pick_device(settings.device)
+    loaded = load_model(settings)
+    batch_size = settings.batch_size or (
+        GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
+    )
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    classifier = Classifier(
+        loaded,
+        device,
+        pick_dtype(settings.precision, device),
+        channels_last=settings.channels_last,
+        compile=settings.compile,
+        batch_size=batch_size,
+    )
+    started = time.perf_counter()
+    classifier.warmup()
+    log.info(
+        "model %s (%s) warm on %s in %.1f s",
+        loaded.name,
+        loaded.weights_id,
+        device,
+        time.perf_counter() - started,
+    )
+    client = redis.Redis.from_url(settings.redis_url, health_check_interval=10)
+    store = JobStore(client)
+    metrics = Metrics(settings.model)
+    pipeline = Pipeline(
+        classifier, store, metrics, max_batch=batch_size, max_wait_s=settings.max_wait_ms / 1000
+    )
+    io_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="io")
+    service = Service(
+        model=settings.model,
+        worker_id=settings.worker_id,
+        store=store,
+        fetcher=Fetcher(_fetch_policy(settings)),
+        classifier=classifier,
+        pipeline=pipeline,
+        metrics=metrics,
+        io_pool=io_pool,
+        decode_policy=_decode_policy(settings, classifier),
+        max_attempts=settings.max_attempts,
+    )
+    info = ModelInfo(
+        settings.model,
+        loaded.weights_id,
+        loaded.random_weights,
+        len(loaded.categories),
+        str(device),
+    )
+    pipeline.start()
+    return Runtime(settings, client, service, pipeline, io_pool, metrics, info)
+
+
+def _fetch_policy(settings: Settings) -> FetchPolicy:
+    return FetchPolicy(
+        allowed_roots=tuple(p.resolve() for p in settings.allowed_roots),
+        max_bytes=settings.max_bytes,
+        s3_buckets=settings.s3_buckets,
+        http_allowed_networks=tuple(ip_network(n) for n in settings.http_allowed_networks),
+    )
+
+
+def _decode_policy(settings: Settings, classifier: Classifier) -> DecodePolicy:
+    resize = classifier.loaded.transforms.resize_size[0]
+    return DecodePolicy(max_pixels=settings.max_pixels, draft_min_side=2 * resize)
+
+
+def register_task(app: Celery, service: Service) -> None:
+    @app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    def classify(job_ids: list[str]) -> None:
+        outcome = service.handle(job_ids)
+        log.debug("message done: %s", outcome)
+
+
+class Heartbeat(threading.Thread):
+    """Keeps the worker's heartbeat key alive: the model is warm and jobs are being taken."""
+
+    def __init__(self, runtime: Runtime, interval_s: float) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.runtime = runtime
+        self.interval_s = interval_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        rt = self.runtime
+        state = {
+            "worker": rt.settings.worker_id,
+            "device": rt.info.device,
+            "weights": rt.info.weights,
+            "started": time.time(),
+        }
+        while not self.stopped.is_set():
+            try:
+                registry.heartbeat(
+                    rt.redis, rt.settings.model, rt.settings.worker_id, {**state, "at": time.time()}
+                )
+            except redis.RedisError as e:
+                log.warning("heartbeat failed: %s", e)
+            self.stopped.wait(self.interval_s)
+
+
+def run_worker(runtime: Runtime, heartbeat_s: float) -> int:
+    """Serve until told to stop (SIGTERM: warm shutdown that finishes or requeues work)."""
+    settings = runtime.settings
+    registry.register_model(runtime.redis, runtime.info)
+    app = make_celery(settings.redis_url, settings.visibility_timeout_s)
+    register_task(app, runtime.service)
+    beat = Heartbeat(runtime, heartbeat_s)
+    beat.start()
+    runtime.metrics.ready.labels(settings.model).set(1)
+    worker = app.Worker(
+        pool="threads",
+        concurrency=settings.concurrency,
+        queues=[keys.queue_name(settings.model)],
+        hostname=f"{settings.model}@{settings.worker_id}",
+        loglevel=settings.log_level,
+        without_gossip=True,
+        without_mingle=True,
+        prefetch_multiplier=1,
+        optimization="fair",
+    )
+    try:
+        worker.start()
+    finally:
+        runtime.metrics.ready.labels(settings.model).set(0)
+        beat.stopped.set()
+        beat.join()
+        runtime.close()
+    return worker.exitcode or 0

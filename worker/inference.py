@@ -1,0 +1,168 @@
+"""The warm model on its device: batched preprocessing on the device, forward, softmax, top-k."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from worker.models import LoadedModel, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# What a decoded item carries to the device: ready float pixels (CPU path), uint8 pixels,
+# or an encoded JPEG for nvJPEG.
+READY, PIXELS, JPEG = "ready", "pixels", "jpeg"
+
+
+@dataclass(frozen=True)
+class Payload:
+    kind: str
+    data: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TopK:
+    probabilities: list[float]
+    indices: list[int]
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {requested}: CUDA is not available on this machine")
+    return device
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+class Classifier:
+    """Owns the model on one device. Called from one inference thread at a time."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        channels_last: bool,
+        compile: bool,
+        batch_size: int,
+    ) -> None:
+        self.loaded = loaded
+        self.device = device
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.batch_size = batch_size
+        self.pad_to_batch = compile
+        self.transforms = loaded.transforms.to(device)
+        module = loaded.module.to(device=device, dtype=dtype, memory_format=self.memory_format)
+        self.module = torch.compile(module) if compile else module
+        self.crop = loaded.transforms.crop_size[0]
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def warmup(self) -> None:
+        """One forward pass at full batch size: compiles, allocates, and checks the label count."""
+        x = torch.zeros(self.batch_size, 3, self.crop, self.crop, device=self.device)
+        logits = self._forward(self._cast(x))
+        if logits.shape[-1] != len(self.loaded.categories):
+            raise ModelLoadError(
+                f"model {self.loaded.name} outputs {logits.shape[-1]} classes but has "
+                f"{len(self.loaded.categories)} labels: give --labels with one line per class"
+            )
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def prepare(self, payloads: list[Payload]) -> tuple[torch.Tensor, dict[int, Exception]]:
+        """One input batch on the device; items that fail here are returned by position."""
+        if not self.on_gpu:
+            return self._cast(torch.stack([p.data for p in payloads])), {}
+        images, errors = self._to_device_pixels(payloads)
+        good = [i for i in range(len(payloads)) if i not in errors]
+        if not good:
+            return torch.empty(0, 3, self.crop, self.crop, device=self.device), errors
+        return self._cast(self._transform_by_shape([images[i] for i in good])), errors
+
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor, k: int) -> list[TopK]:
+        n = x.shape[0]
+        if self.pad_to_batch and n < self.batch_size:
+            pad = x.new_zeros(self.batch_size - n, *x.shape[1:])
+            x = torch.cat([x, pad]).contiguous(memory_format=self.memory_format)
+        probs = self._forward(x)[:n].float().softmax(dim=1)
+        top = probs.topk(min(k, probs.shape[1]), dim=1)
+        values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
+        return [TopK(v, i) for v, i in zip(values, indices, strict=True)]
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.module(x)
+        return getattr(out, "logits", out)
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.to(dtype=self.dtype, memory_format=self.memory_format)
+
+    def _to_device_pixels(
+        self, payloads: list[Payload]
+    ) -> tuple[dict[int, torch.Tensor], dict[int, Exception]]:
+        images: dict[int, torch.Tensor] = {}
+        errors: dict[int, Exception] = {}
+        jpegs = [i for i, p in enumerate(payloads) if p.kind == JPEG]
+        for i, p in enumerate(payloads):
+            if p.kind != JPEG:
+                images[i] = p.data.to(self.device, non_blocking=True)
+        images.update(self._decode_jpegs(jpegs, payloads, errors))
+        return images, errors
+
+    def _decode_jpegs(
+        self, positions: list[int], payloads: list[Payload], errors: dict[int, Exception]
+    ) -> dict[int, torch.Tensor]:
+        if not positions:
+            return {}
+        data = [payloads[i].data for i in positions]
+        try:
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            return dict(zip(positions, decoded, strict=True))
+        except RuntimeError:
+            log.info("batched nvJPEG decode failed; decoding %d images one by one", len(data))
+        out = {}
+        for i in positions:
+            try:
+                out[i] = decode_jpeg(payloads[i].data, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:
+                out[i] = self._cpu_fallback(payloads[i].data, i, errors)
+        return {i: t for i, t in out.items() if t is not None}
+
+    def _cpu_fallback(
+        self, data: torch.Tensor, i: int, errors: dict[int, Exception]
+    ) -> torch.Tensor | None:
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB).to(self.device)
+        except RuntimeError as e:
+            errors[i] = e
+            return None
+
+    def _transform_by_shape(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Resize and crop images of one shape together: one kernel per shape, not per image."""
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, image in enumerate(images):
+            groups[tuple(image.shape)].append(i)
+        out = torch.empty(len(images), 3, self.crop, self.crop, device=self.device)
+        for members in groups.values():
+            batch = torch.stack([images[i] for i in members])
+            out[torch.tensor(members, device=self.device)] = self.transforms(batch)
+        return out

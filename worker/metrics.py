@@ -1,0 +1,69 @@
+"""Prometheus metrics of one worker: jobs by outcome, per-stage latency, batch sizes, device memory.
+
+Each worker has its own registry (no module-level state), served by ``serve`` when a port is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from contract.job import Job
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+STAGES = ("queue_wait", "fetch", "decode", "inference", "store")
+
+
+class Metrics:
+    def __init__(self, model: str, registry: CollectorRegistry | None = None) -> None:
+        self.model = model
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.jobs = Counter(
+            "imgcls_jobs_total",
+            "Jobs that reached a final state.",
+            ["model", "status", "error_type"],
+            registry=r,
+        )
+        self.stages = Histogram(
+            "imgcls_stage_seconds",
+            "Seconds spent per stage.",
+            ["model", "stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batches = Histogram(
+            "imgcls_batch_size",
+            "Jobs per forward pass.",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.device_memory = Gauge(
+            "imgcls_device_memory_bytes",
+            "Device memory allocated by the model's process.",
+            ["model", "device"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "imgcls_worker_ready",
+            "1 once the model is warm and jobs are taken.",
+            ["model"],
+            registry=r,
+        )
+
+    def stage(self, name: str, seconds: float) -> None:
+        self.stages.labels(self.model, name).observe(seconds)
+
+    def batch(self, size: int) -> None:
+        self.batches.labels(self.model).observe(size)
+
+    def finished(self, records: Iterable[Job]) -> None:
+        for job in records:
+            error_type = job.error.type if job.error is not None else ""
+            self.jobs.labels(self.model, job.status, error_type).inc()
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, addr="0.0.0.0", registry=self.registry)

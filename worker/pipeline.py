@@ -1,0 +1,233 @@
+"""Micro-batching: jobs from many messages meet here and go through the device together.
+
+Three threads, each a stage, joined by bounded queues, so the stages overlap:
+
+    assemble  waits for up to ``max_batch`` items or ``max_wait_s``, and builds the device batch
+    infer     runs the forward pass, softmax and top-k; a failing batch is split to find the culprit
+    store     writes every final record of a batch, and announces them, in one Redis round trip
+
+Every item leaves with exactly one final record: done or failed. Its future resolves only once
+that record is stored, so the Celery task that owns it can acknowledge its message.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from contract.errors import InternalError, NotAnImage, ServiceError, as_service_error
+from contract.job import Job, JobError, Prediction
+from contract.store import JobStore
+from worker.inference import Classifier, Payload, TopK
+from worker.metrics import Metrics
+from worker.resilience import retry_redis
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass
+class WorkItem:
+    job: Job
+    payload: Payload | None = None
+    error: ServiceError | None = None
+    alone: bool = False
+    record: Job | None = None
+    done: Future[Job] = field(default_factory=Future)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    items: list[WorkItem]
+    inputs: object = None
+
+
+class Pipeline:
+    def __init__(
+        self,
+        classifier: Classifier,
+        store: JobStore,
+        metrics: Metrics,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.classifier = classifier
+        self.store = store
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.clock = clock
+        self._inbox: queue.Queue[object] = queue.Queue()
+        self._to_infer: queue.Queue[object] = queue.Queue(maxsize=2)
+        self._to_store: queue.Queue[object] = queue.Queue()
+        self._threads = [
+            threading.Thread(
+                target=self._guard, args=(f,), name=f"pipeline-{f.__name__[1:]}", daemon=True
+            )
+            for f in (self._assemble_loop, self._infer_loop, self._store_loop)
+        ]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the threads."""
+        self._inbox.put(_STOP)
+        for t in self._threads:
+            t.join()
+
+    def submit(self, item: WorkItem) -> Future[Job]:
+        self._inbox.put(item)
+        return item.done
+
+    def _guard(self, loop: Callable[[], None]) -> None:
+        try:
+            loop()
+        except BaseException:  # a dead stage would strand every job: make it loud
+            log.critical("pipeline stage %s died", loop.__name__, exc_info=True)
+            raise
+
+    # -- assemble ---------------------------------------------------------------------------
+
+    def _assemble_loop(self) -> None:
+        while (items := self._collect()) is not None:
+            failed = [i for i in items if i.payload is None]
+            ready = [i for i in items if i.payload is not None]
+            if failed:
+                self._to_store.put(failed)
+            if ready:
+                self._to_infer.put(self._assemble(ready))
+        self._to_infer.put(_STOP)
+
+    def _collect(self) -> list[WorkItem] | None:
+        """Block for one item, then take more until the batch is full or the wait is over."""
+        first = self._inbox.get()
+        if first is _STOP:
+            return None
+        items = [first]
+        if first.alone:
+            return items
+        deadline = time.monotonic() + self.max_wait_s
+        while len(items) < self.max_batch:
+            try:
+                item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is _STOP or item.alone:
+                self._inbox.put(item)  # handled after this batch: a suspect runs by itself
+                break
+            items.append(item)
+        return items
+
+    def _assemble(self, items: list[WorkItem]) -> _Batch:
+        started = time.perf_counter()
+        try:
+            inputs, errors = self.classifier.prepare([i.payload for i in items])
+        except Exception as e:
+            log.exception("preparing a batch of %d failed", len(items))
+            inputs, errors = None, {n: e for n in range(len(items))}
+        for n, e in errors.items():
+            items[n].error = NotAnImage(f"the device could not decode the image: {e}")
+        self._to_store_failed([i for i in items if i.error is not None])
+        self.metrics.stage("decode", time.perf_counter() - started)
+        return _Batch([i for i in items if i.error is None], inputs)
+
+    def _to_store_failed(self, items: list[WorkItem]) -> None:
+        if items:
+            self._to_store.put(items)
+
+    # -- infer ------------------------------------------------------------------------------
+
+    def _infer_loop(self) -> None:
+        while (batch := self._to_infer.get()) is not _STOP:
+            if batch.items:
+                self._to_store.put(self._infer(batch.items, batch.inputs))
+        self._to_store.put(_STOP)
+
+    def _infer(self, items: list[WorkItem], inputs: object) -> list[WorkItem]:
+        """Run the batch; if it fails, split it in halves until the failing item is alone."""
+        started = time.perf_counter()
+        try:
+            tops = self.classifier.predict(inputs, max(i.job.top_k for i in items))
+        except Exception as e:
+            if len(items) == 1:
+                log.exception("inference failed for job %s", items[0].job.id)
+                items[0].error = as_service_error(e)
+                return items
+            half = len(items) // 2
+            log.warning("batch of %d failed (%s); splitting it", len(items), e)
+            return self._infer(items[:half], inputs[:half]) + self._infer(
+                items[half:], inputs[half:]
+            )
+        self.metrics.stage("inference", time.perf_counter() - started)
+        self.metrics.batch(len(items))
+        now = self.clock()
+        for item, top in zip(items, tops, strict=True):
+            item.record = self._done(item.job, top, now)
+        return items
+
+    def _done(self, job: Job, top: TopK, now: float) -> Job:
+        labels = self.classifier.loaded.categories
+        predictions = [
+            Prediction(labels[i], i, p)
+            for p, i in zip(top.probabilities[: job.top_k], top.indices[: job.top_k], strict=True)
+        ]
+        loaded = self.classifier.loaded
+        return job.done(predictions, loaded.weights_id, loaded.random_weights, now)
+
+    # -- store ------------------------------------------------------------------------------
+
+    def _store_loop(self) -> None:
+        while (items := self._drain()) is not None:
+            self._store(items)
+
+    def _drain(self) -> list[WorkItem] | None:
+        """Everything finished so far, so that one round trip stores it all."""
+        first = self._to_store.get()
+        if first is _STOP:
+            return None
+        items = list(first)
+        while True:
+            try:
+                more = self._to_store.get_nowait()
+            except queue.Empty:
+                return items
+            if more is _STOP:
+                self._to_store.put(_STOP)
+                return items
+            items.extend(more)
+
+    def _store(self, items: list[WorkItem]) -> None:
+        now = self.clock()
+        records = [_final_record(i, now) for i in items]
+        started = time.perf_counter()
+        try:
+            self._write(records)
+        except Exception as e:
+            log.error("could not store %d results: %s", len(records), e)
+            for item in items:
+                item.done.set_exception(e)
+            return
+        self.metrics.stage("store", time.perf_counter() - started)
+        self.metrics.finished(records)
+        for item, record in zip(items, records, strict=True):
+            item.done.set_result(record)
+
+    def _write(self, records: list[Job]) -> None:
+        retry_redis(lambda: self.store.finish_many(records))
+
+
+def _final_record(item: WorkItem, now: float) -> Job:
+    if item.error is None and item.record is not None:
+        return item.record
+    error = item.error or InternalError("the job left the pipeline without a result")
+    return item.job.failed(JobError(error.type, str(error)), now)

@@ -1,0 +1,32 @@
+"""Riding out a Redis outage: retry with capped, jittered exponential backoff until it is back.
+
+Dropping a message because Redis blinked would lose its jobs; waiting only delays them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+import tenacity
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    log.warning("Redis unavailable (%s); retrying", state.outcome.exception())
+
+
+def retry_redis(call: Callable[[], T]) -> T:
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(REDIS_DOWN),
+        wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
+        before_sleep=_log_retry,
+        reraise=True,
+    )
+    return retrying(call)

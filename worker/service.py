@@ -1,0 +1,170 @@
+"""One queue message, start to finish: claim its jobs, fetch and decode them on I/O threads,
+hand them to the pipeline, and return once every job has its final record stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from contract import keys
+from contract.errors import MalformedMessage, ServiceError, as_service_error
+from contract.job import Job, validate_top_k
+from contract.store import CLAIMED, POISONED, SUSPECT, Claim, JobStore
+from worker.decode import (
+    JPEG_MAGIC,
+    DecodePolicy,
+    decode_rgb,
+    encoded_tensor,
+    is_gpu_decodable,
+    rgb_uint8,
+)
+from worker.fetch import Fetcher
+from worker.inference import JPEG, PIXELS, READY, Classifier, Payload
+from worker.metrics import Metrics
+from worker.pipeline import Pipeline, WorkItem
+from worker.resilience import retry_redis
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What handling one message did, for logs and tests."""
+
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+
+class Service:
+    def __init__(
+        self,
+        *,
+        model: str,
+        worker_id: str,
+        store: JobStore,
+        fetcher: Fetcher,
+        classifier: Classifier,
+        pipeline: Pipeline,
+        metrics: Metrics,
+        io_pool: ThreadPoolExecutor,
+        decode_policy: DecodePolicy,
+        max_attempts: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.model = model
+        self.worker_id = worker_id
+        self.store = store
+        self.fetcher = fetcher
+        self.classifier = classifier
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.io_pool = io_pool
+        self.decode_policy = decode_policy
+        self.max_attempts = max_attempts
+        self.clock = clock
+
+    def handle(self, job_ids: object) -> Outcome:
+        """Process one message's jobs. Returns only once every claimed job's record is final."""
+        ids = self._checked_ids(job_ids)
+        claims = self._claim(ids, fresh_only=True)
+        items = [self._start(c.job) for c in claims if c.state == CLAIMED]
+        suspects = [c.job_id for c in claims if c.state == SUSPECT]
+        finished = [item.done.result() for item in items]
+        finished += [job for job_id in suspects if (job := self._run_alone(job_id))]
+        skipped = len(ids) - len(finished)
+        done = sum(job.status == "done" for job in finished)
+        return Outcome(done=done, failed=len(finished) - done, skipped=skipped)
+
+    def _checked_ids(self, job_ids: object) -> list[str]:
+        if isinstance(job_ids, list) and all(isinstance(i, str) for i in job_ids):
+            return job_ids
+        self._dead_letter({"args": job_ids, "reason": "expected a list of job ID strings"})
+        raise MalformedMessage(f"message is not a list of job IDs: {str(job_ids)[:200]}")
+
+    def _dead_letter(self, entry: dict[str, object]) -> None:
+        entry = {**entry, "worker": self.worker_id, "at": self.clock()}
+        retry_redis(
+            lambda: self.store.redis.rpush(keys.dead_letter_key(), json.dumps(entry, default=str))
+        )
+
+    def _claim(self, ids: Sequence[str], *, fresh_only: bool) -> list[Claim]:
+        claims = retry_redis(
+            lambda: self.store.claim_many(
+                ids,
+                self.model,
+                self.clock(),
+                self.worker_id,
+                fresh_only=fresh_only,
+                max_attempts=self.max_attempts,
+            )
+        )
+        for claim in claims:
+            self._note_unclaimed(claim)
+        return claims
+
+    def _note_unclaimed(self, claim: Claim) -> None:
+        if claim.state == POISONED and claim.job is not None:
+            log.error(
+                "job %s failed as a poison pill after %d attempts", claim.job_id, claim.job.attempts
+            )
+            self.metrics.finished([claim.job])
+        elif claim.state in ("missing", "corrupt"):
+            log.warning("job %s has no usable record (%s); skipped", claim.job_id, claim.state)
+            self._dead_letter({"job_id": claim.job_id, "reason": f"record {claim.state}"})
+
+    def _start(self, job: Job) -> WorkItem:
+        item = WorkItem(job)
+        self.metrics.stage("queue_wait", max(0.0, (job.started or 0) - (job.submitted or 0)))
+        self.io_pool.submit(self._prepare_and_submit, item)
+        return item
+
+    def _prepare_and_submit(self, item: WorkItem) -> None:
+        self._prepare(item)
+        self.pipeline.submit(item)
+
+    def _prepare(self, item: WorkItem) -> None:
+        try:
+            validate_top_k(item.job.top_k, len(self.classifier.loaded.categories))
+            started = time.perf_counter()
+            data = self.fetcher.fetch(item.job.uri)
+            self.metrics.stage("fetch", time.perf_counter() - started)
+            item.payload = self._payload(data)
+        except ServiceError as e:
+            item.error = e
+        except Exception as e:
+            log.exception("job %s failed while fetching or decoding", item.job.id)
+            item.error = as_service_error(e)
+
+    def _payload(self, data: bytes) -> Payload:
+        policy = self.decode_policy
+        if not self.classifier.on_gpu:
+            started = time.perf_counter()
+            pixels = self.classifier.loaded.transforms(decode_rgb(data, policy))
+            self.metrics.stage("decode", time.perf_counter() - started)
+            return Payload(READY, pixels)
+        if is_gpu_decodable(data, policy) and _has_end_marker(data):
+            return Payload(JPEG, encoded_tensor(data))
+        return Payload(PIXELS, rgb_uint8(data, policy))
+
+    def _run_alone(self, job_id: str) -> Job | None:
+        """A job that was in flight when a worker died: retried by itself, so a poison pill
+        takes no neighbour down with it again, and counted, so it cannot loop forever."""
+        claim = self._claim([job_id], fresh_only=False)[0]
+        if claim.state == POISONED:
+            return claim.job
+        if claim.state != CLAIMED:
+            return None
+        item = WorkItem(claim.job, alone=True)
+        self._prepare(item)
+        return self.pipeline.submit(item).result()
+
+
+def _has_end_marker(data: bytes) -> bool:
+    """A JPEG cut short has no EOI marker; nvJPEG would pad it silently, so PIL must refuse it."""
+    return data.startswith(JPEG_MAGIC) and data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"
