@@ -147,3 +147,32 @@ def torch_home() -> Iterator[str]:
     else:
         os.environ["TORCH_HOME"] = old
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def start_worker(redis_url: str, tmp_path: Path, torch_home: str) -> Iterator[object]:
+    """Factory for real worker processes on the tests' Redis; stops each one afterwards."""
+    from tests.support import WorkerProcess
+
+    started: list[WorkerProcess] = []
+
+    def start(
+        model: str,
+        *args: str,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        workdir: Path | None = None,
+    ) -> WorkerProcess:
+        worker = WorkerProcess(
+            redis_url,
+            model,
+            args,
+            workdir or tmp_path,
+            env={"TORCH_HOME": torch_home, **(env or {})},
+        )
+        started.append(worker)
+        return worker.start(wait=wait)
+
+    yield start
+    for worker in started:
+        worker.stop()
