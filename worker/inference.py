@@ -57,9 +57,13 @@ class Classifier:
         channels_last: bool,
         compile: bool,
         batch_size: int,
+        device_preprocess: bool | None = None,
     ) -> None:
         self.loaded = loaded
         self.device = device
+        # Decode JPEGs and resize on the device itself (nvJPEG on a GPU); the default on CUDA.
+        cuda = device.type == "cuda"
+        self.device_preprocess = cuda if device_preprocess is None else device_preprocess
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.batch_size = batch_size
@@ -68,10 +72,6 @@ class Classifier:
         module = loaded.module.to(device=device, dtype=dtype, memory_format=self.memory_format)
         self.module = torch.compile(module) if compile else module
         self.crop = loaded.transforms.crop_size[0]
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device.type == "cuda"
 
     def warmup(self) -> None:
         """One forward pass at full batch size: compiles, allocates, and checks the label count."""
@@ -82,13 +82,13 @@ class Classifier:
                 f"model {self.loaded.name} outputs {logits.shape[-1]} classes but has "
                 f"{len(self.loaded.categories)} labels: give --labels with one line per class"
             )
-        if self.on_gpu:
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def prepare(self, payloads: list[Payload]) -> tuple[torch.Tensor, dict[int, Exception]]:
         """One input batch on the device; items that fail here are returned by position."""
-        if not self.on_gpu:
+        if not self.device_preprocess:
             return self._cast(torch.stack([p.data for p in payloads])), {}
         images, errors = self._to_device_pixels(payloads)
         good = [i for i in range(len(payloads)) if i not in errors]

@@ -143,7 +143,7 @@ class Service:
 
     def _payload(self, data: bytes) -> Payload:
         policy = self.decode_policy
-        if not self.classifier.on_gpu:
+        if not self.classifier.device_preprocess:
             started = time.perf_counter()
             pixels = self.classifier.loaded.transforms(decode_rgb(data, policy))
             self.metrics.stage("decode", time.perf_counter() - started)

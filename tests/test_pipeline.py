@@ -1,0 +1,129 @@
+"""Micro-batching with a tiny fixed-weight model and fakeredis: no servers, no real models."""
+
+from __future__ import annotations
+
+import fakeredis
+import pytest
+import torch
+from torch import nn
+from torchvision.transforms._presets import ImageClassification
+
+from contract.errors import NotFound
+from contract.job import Job
+from contract.store import JobStore
+from worker.inference import READY, Classifier, Payload
+from worker.metrics import Metrics
+from worker.models import LoadedModel
+from worker.pipeline import Pipeline, WorkItem
+
+LABELS = ("zero", "one", "two", "three")
+
+
+class Tiny(nn.Module):
+    """Logits are fixed functions of the input; a pixel above 100 makes the forward pass fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        if (x > 100).any():
+            raise RuntimeError("poisoned input")
+        mean = x.mean(dim=(1, 2, 3))
+        return torch.stack([mean * k for k in range(len(LABELS))], dim=1)
+
+
+class CountingStore(JobStore):
+    def __init__(self) -> None:
+        super().__init__(fakeredis.FakeRedis())
+        self.round_trips: list[int] = []
+
+    def finish_many(self, jobs):  # noqa: ANN001, ANN201
+        self.round_trips.append(len(jobs))
+        return super().finish_many(jobs)
+
+
+@pytest.fixture
+def tiny() -> Tiny:
+    return Tiny()
+
+
+@pytest.fixture
+def store() -> CountingStore:
+    return CountingStore()
+
+
+def _pipeline(model: Tiny, store: JobStore, max_batch: int = 8, wait_s: float = 0.2) -> Pipeline:
+    loaded = LoadedModel("tiny", model, ImageClassification(crop_size=4, resize_size=4), LABELS,
+                         "test", False)
+    classifier = Classifier(loaded, torch.device("cpu"), torch.float32, channels_last=False,
+                            compile=False, batch_size=max_batch)
+    return Pipeline(classifier, store, Metrics("tiny"), max_batch=max_batch, max_wait_s=wait_s)
+
+
+def _item(store: JobStore, n: int, value: float) -> WorkItem:
+    job = Job(id=f"j{n}", uri=f"{n}.jpg", model="tiny", top_k=2, submitted=0.0)
+    store.create_many([job])
+    return WorkItem(job, payload=Payload(READY, torch.full((3, 4, 4), value)))
+
+
+def _run(pipeline: Pipeline, items: list[WorkItem]) -> list[Job]:
+    pipeline.start()
+    try:
+        futures = [pipeline.submit(i) for i in items]
+        return [f.result(timeout=10) for f in futures]
+    finally:
+        pipeline.close()
+
+
+def test_waiting_jobs_share_one_forward_pass_and_one_store_round_trip(tiny, store) -> None:
+    items = [_item(store, n, 0.5) for n in range(5)]
+    records = _run(_pipeline(tiny, store), items)
+    assert tiny.calls == [5]
+    assert store.round_trips == [5]
+    assert all(r.status == "done" for r in records)
+
+
+def test_probabilities_are_the_softmax_of_the_logits_sorted_descending(tiny, store) -> None:
+    (record,) = _run(_pipeline(tiny, store), [_item(store, 0, 1.0)])
+    expected = torch.tensor([0.0, 1.0, 2.0, 3.0]).softmax(0)
+    assert [p.label for p in record.predictions] == ["three", "two"]
+    assert record.predictions[0].probability == pytest.approx(expected[3].item(), rel=1e-6)
+    assert record.predictions[1].probability == pytest.approx(expected[2].item(), rel=1e-6)
+
+
+def test_a_batch_never_exceeds_the_batch_size(tiny, store) -> None:
+    items = [_item(store, n, 0.5) for n in range(10)]
+    _run(_pipeline(tiny, store, max_batch=4), items)
+    assert max(tiny.calls) <= 4
+    assert sum(tiny.calls) == 10
+
+
+def test_a_failing_batch_is_split_until_the_bad_job_is_alone(tiny, store) -> None:
+    items = [_item(store, n, 0.5) for n in range(8)]
+    items[5] = _item(store, 5, 1000.0)
+    records = _run(_pipeline(tiny, store), items)
+    statuses = {r.id: r.status for r in records}
+    assert statuses.pop("j5") == "failed"
+    assert set(statuses.values()) == {"done"}
+    assert records[5].error.type == "internal"
+    assert "poisoned input" in records[5].error.message
+
+
+def test_jobs_that_failed_before_inference_are_stored_with_their_neighbours(tiny, store) -> None:
+    items = [_item(store, n, 0.5) for n in range(3)]
+    items[1].payload, items[1].error = None, NotFound("no such file: 1.jpg")
+    records = _run(_pipeline(tiny, store), items)
+    assert [r.status for r in records] == ["done", "failed", "done"]
+    assert records[1].error.type == "not_found"
+    assert sum(store.round_trips) == 3
+    assert store.get("j1").status == "failed"
+
+
+def test_a_job_marked_alone_runs_in_a_batch_of_its_own(tiny, store) -> None:
+    items = [_item(store, n, 0.5) for n in range(4)]
+    items[2].alone = True
+    _run(_pipeline(tiny, store, wait_s=0.5), items)
+    assert 1 in tiny.calls
+    assert sum(tiny.calls) == 4
