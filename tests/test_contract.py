@@ -26,7 +26,9 @@ def test_a_done_record_round_trips_through_json() -> None:
     job = _job().done([Prediction("cat", 281, 0.75), Prediction("dog", 1, 0.2)], "W", False, 1.0)
     assert Job.decode(job.encode()) == job
     assert json.loads(job.encode())["predictions"][0] == {
-        "label": "cat", "index": 281, "probability": 0.75,
+        "label": "cat",
+        "index": 281,
+        "probability": 0.75,
     }
 
 
@@ -37,8 +39,15 @@ def test_a_failed_record_carries_type_and_message() -> None:
     assert data["error"] == {"type": "not_found", "message": "no such file"}
 
 
-@pytest.mark.parametrize("raw", [b"not json", b"[1,2]", b'{"id": "x"}', b'{"id":"x","uri":"u",'
-                                 b'"model":"m","top_k":1,"status":"exploded"}'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"[1,2]",
+        b'{"id": "x"}',
+        b'{"id":"x","uri":"u","model":"m","top_k":1,"status":"exploded"}',
+    ],
+)
 def test_records_that_break_the_schema_raise_decode_error(raw: bytes) -> None:
     with pytest.raises(DecodeError):
         Job.decode(raw)
@@ -62,8 +71,9 @@ def test_bad_uris_are_refused(uri: str) -> None:
         validate_uri(uri)
 
 
-@pytest.mark.parametrize("uri", ["photo.jpg", "/data/a b.jpg", "s3://b/k.jpg", "HTTPS://h/x",
-                                 "file:///data/x.png"])
+@pytest.mark.parametrize(
+    "uri", ["photo.jpg", "/data/a b.jpg", "s3://b/k.jpg", "HTTPS://h/x", "file:///data/x.png"]
+)
 def test_supported_uris_pass(uri: str) -> None:
     assert validate_uri(uri) == uri
 

@@ -12,20 +12,27 @@ from PIL import Image
 from tests.support import make_jpeg
 from worker.decode import DecodePolicy, decode_rgb, encoded_tensor, rgb_uint8
 from worker.inference import JPEG, PIXELS, Classifier, Payload
-from worker.models import load_model
+from worker.models import LoadedModel, load_model
 from worker.settings import Settings
 
 POLICY = DecodePolicy(max_pixels=10**8)
 
 
 @pytest.fixture(scope="module")
-def loaded():  # noqa: ANN201
+def loaded() -> LoadedModel:
     return load_model(Settings(model="resnet18", weights="none"))
 
 
-def _classifier(loaded, device_preprocess: bool) -> Classifier:  # noqa: ANN001
-    return Classifier(loaded, torch.device("cpu"), torch.float32, channels_last=True,
-                      compile=False, batch_size=8, device_preprocess=device_preprocess)
+def _classifier(loaded: LoadedModel, device_preprocess: bool) -> Classifier:
+    return Classifier(
+        loaded,
+        torch.device("cpu"),
+        torch.float32,
+        channels_last=True,
+        compile=False,
+        batch_size=8,
+        device_preprocess=device_preprocess,
+    )
 
 
 def _png(jpeg: bytes) -> bytes:
@@ -34,7 +41,7 @@ def _png(jpeg: bytes) -> bytes:
     return out.getvalue()
 
 
-def test_device_preprocessing_matches_the_pil_path(loaded) -> None:  # noqa: ANN001
+def test_device_preprocessing_matches_the_pil_path(loaded: LoadedModel) -> None:
     jpegs = [make_jpeg(500, 375, seed=1), make_jpeg(640, 480, seed=2), make_jpeg(500, 375, seed=3)]
     png = _png(make_jpeg(300, 400, seed=4))
     payloads = [Payload(JPEG, encoded_tensor(j)) for j in jpegs]
@@ -47,7 +54,9 @@ def test_device_preprocessing_matches_the_pil_path(loaded) -> None:  # noqa: ANN
     assert torch.allclose(x, reference, atol=0.05)
 
 
-def test_images_of_one_shape_are_resized_in_one_call(loaded, monkeypatch) -> None:  # noqa: ANN001
+def test_images_of_one_shape_are_resized_in_one_call(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     classifier = _classifier(loaded, True)
     calls: list[int] = []
     transforms = classifier.transforms
@@ -58,16 +67,21 @@ def test_images_of_one_shape_are_resized_in_one_call(loaded, monkeypatch) -> Non
 
     monkeypatch.setattr(classifier, "transforms", counting)
     sizes = [(500, 375), (500, 375), (640, 480), (500, 375)]
-    classifier.prepare([Payload(JPEG, encoded_tensor(make_jpeg(w, h, seed=i)))
-                        for i, (w, h) in enumerate(sizes)])
+    classifier.prepare(
+        [Payload(JPEG, encoded_tensor(make_jpeg(w, h, seed=i))) for i, (w, h) in enumerate(sizes)]
+    )
     assert sorted(calls) == [1, 3]
 
 
-def test_a_corrupt_jpeg_fails_alone_on_the_device_path(loaded) -> None:  # noqa: ANN001
+def test_a_corrupt_jpeg_fails_alone_on_the_device_path(loaded: LoadedModel) -> None:
     good, bad = make_jpeg(seed=1), make_jpeg(seed=2)[:2000]
     x, errors = _classifier(loaded, True).prepare(
-        [Payload(JPEG, encoded_tensor(good)), Payload(JPEG, encoded_tensor(bad)),
-         Payload(JPEG, encoded_tensor(good))])
+        [
+            Payload(JPEG, encoded_tensor(good)),
+            Payload(JPEG, encoded_tensor(bad)),
+            Payload(JPEG, encoded_tensor(good)),
+        ]
+    )
     assert list(errors) == [1]
     assert x.shape[0] == 2
 
@@ -80,8 +94,9 @@ def test_both_paths_give_the_same_top_class() -> None:
     data = [make_jpeg(500, 375, seed=s) for s in range(4)]
     cpu = _classifier(loaded, False)
     dev = _classifier(loaded, True)
-    host_inputs, _ = cpu.prepare([Payload("ready", loaded.transforms(decode_rgb(d, POLICY)))
-                                  for d in data])
+    host_inputs, _ = cpu.prepare(
+        [Payload("ready", loaded.transforms(decode_rgb(d, POLICY))) for d in data]
+    )
     device_inputs, _ = dev.prepare([Payload(JPEG, encoded_tensor(d)) for d in data])
     top_host = [t.indices[0] for t in cpu.predict(host_inputs, 1)]
     top_device = [t.indices[0] for t in dev.predict(device_inputs, 1)]

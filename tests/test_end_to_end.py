@@ -47,10 +47,19 @@ def env(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[
     state = _cache_resnet18(torch_home)
     data = root / "data"
     images = _write_inputs(data)
-    aws = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    aws = {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     s3.create_bucket(Bucket=BUCKET)
     s3.put_object(Bucket=BUCKET, Key="cat/0.jpg", Body=images["photo0"].read_bytes())
     script = root / "brightness.pt"
@@ -59,19 +68,40 @@ def env(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[
     common = ["--device", "cpu", "--allowed-root", str(data), "--max-wait-ms", "50"]
     worker_env = {"TORCH_HOME": str(torch_home), **aws}
     workers = [
-        WorkerProcess(server.url, "resnet18", [*common, "--weights", "DEFAULT"], root,
-                      env=worker_env),
-        WorkerProcess(server.url, "brightness", [*common, "--model-file", str(script), "--labels",
-                                                 str(root / "labels.txt"), "--resize", "64",
-                                                 "--crop", "32"], root, env=worker_env),
+        WorkerProcess(
+            server.url, "resnet18", [*common, "--weights", "DEFAULT"], root, env=worker_env
+        ),
+        WorkerProcess(
+            server.url,
+            "brightness",
+            [
+                *common,
+                "--model-file",
+                str(script),
+                "--labels",
+                str(root / "labels.txt"),
+                "--resize",
+                "64",
+                "--crop",
+                "32",
+            ],
+            root,
+            env=worker_env,
+        ),
     ]
     for w in workers:
         w.start(wait=False)
     for w in workers:
         w.wait_ready(timeout=180)
     client = Client.from_url(server.url)
-    yield {"client": client, "images": images, "state": state, "url": server.url,
-           "workers": workers, "data": data}
+    yield {
+        "client": client,
+        "images": images,
+        "state": state,
+        "url": server.url,
+        "workers": workers,
+        "data": data,
+    }
     client.close()
     for w in workers:
         w.stop()
@@ -110,12 +140,14 @@ def _seed_reference(state: dict[str, torch.Tensor], path: Path, k: int) -> list[
     model = torchvision.models.resnet18()
     model.load_state_dict(state)
     model.eval()
-    preprocess = transforms.Compose([
-        transforms.Resize(256),
-        transforms.CenterCrop(224),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-    ])
+    preprocess = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ]
+    )
     image = Image.open(path).convert("RGB")
     with torch.no_grad():
         probs = torch.softmax(model(preprocess(image).unsqueeze(0)), dim=1)[0]
@@ -125,8 +157,9 @@ def _seed_reference(state: dict[str, torch.Tensor], path: Path, k: int) -> list[
 
 def test_probabilities_match_the_seed_pipeline(env: dict) -> None:
     names = ["photo0", "photo1", "photo2", "grey"]
-    jobs = env["client"].submit_many([str(env["images"][n]) for n in names], model="resnet18",
-                                     top_k=5)
+    jobs = env["client"].submit_many(
+        [str(env["images"][n]) for n in names], model="resnet18", top_k=5
+    )
     records = env["client"].wait_many([j.id for j in jobs], timeout=120)
     for name, record in zip(names, records, strict=True):
         assert record.status == "done", record
@@ -143,8 +176,9 @@ def test_probabilities_match_the_seed_pipeline(env: dict) -> None:
 
 def test_images_in_s3_are_classified_like_the_same_file_on_disk(env: dict) -> None:
     client = env["client"]
-    jobs = client.submit_many([f"s3://{BUCKET}/cat/0.jpg", str(env["images"]["photo0"])],
-                              model="resnet18")
+    jobs = client.submit_many(
+        [f"s3://{BUCKET}/cat/0.jpg", str(env["images"]["photo0"])], model="resnet18"
+    )
     s3_record, disk_record = client.wait_many([j.id for j in jobs], timeout=120)
     assert s3_record.status == "done", s3_record
     assert s3_record.predictions == disk_record.predictions
@@ -165,7 +199,7 @@ def test_each_bad_input_fails_with_its_cause_and_the_rest_succeed(env: dict) -> 
     }
     jobs = env["client"].submit_many(list(cases), model="resnet18")
     records = env["client"].wait_many([j.id for j in jobs], timeout=120)
-    for (uri, error_type), record in zip(cases.items(), records, strict=True):
+    for error_type, record in zip(cases.values(), records, strict=True):
         if error_type is None:
             assert record.status == "done", record
         else:
@@ -210,15 +244,19 @@ def test_resubmitting_an_id_never_runs_the_job_twice(env: dict) -> None:
     uri = str(env["images"]["photo0"])
     first = client.submit(uri, model="resnet18", job_id="same-id-1")
     done = client.wait(first.id, timeout=60)
-    again = client.submit_many([SubmitRequest(str(env["images"]["photo1"]), "same-id-1")],
-                               model="resnet18")[0]
+    again = client.submit_many(
+        [SubmitRequest(str(env["images"]["photo1"]), "same-id-1")], model="resnet18"
+    )[0]
     assert again == done
     assert client.wait(first.id, timeout=1) == done
 
 
 def test_the_cli_submits_waits_and_prints_one_record_per_line_in_order(env: dict) -> None:
-    uris = [str(env["images"]["photo1"]), str(env["data"] / "missing.jpg"),
-            str(env["images"]["photo0"])]
+    uris = [
+        str(env["images"]["photo1"]),
+        str(env["data"] / "missing.jpg"),
+        str(env["images"]["photo0"]),
+    ]
     out = _cli(env, "submit", "--model", "resnet18", "--top-k", "3", "--wait", "60", *uris)
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["uri"] for r in records] == uris
@@ -236,9 +274,14 @@ def test_the_cli_reads_uris_from_standard_input(env: dict) -> None:
 
 def _cli(env: dict, *args: str, stdin: str | None = None) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "producer", *args], input=stdin, capture_output=True, text=True,
-        cwd=ROOT, env={"REDIS_URL": env["url"], "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
-        timeout=120, check=False,
+        [sys.executable, "-m", "producer", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"REDIS_URL": env["url"], "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout

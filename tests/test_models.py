@@ -46,7 +46,7 @@ def test_missing_default_weights_stop_the_worker_with_what_to_do(
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(ModelLoadError, match="checkpoints.*--weights none"):
+    with pytest.raises(ModelLoadError, match=r"checkpoints.*--weights none"):
         load_model(_settings(model="alexnet", weights="DEFAULT"))
 
 
@@ -83,12 +83,12 @@ class Payload:
 def test_weights_files_are_never_unpickled_beyond_tensors(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"conv1.weight": Payload()}, path)
-    with pytest.raises(ModelLoadError, match="not a state dict torch.load can read safely"):
+    with pytest.raises(ModelLoadError, match=r"not a state dict torch\.load can read safely"):
         load_model(_settings(weights=str(path)))
 
 
 def test_unknown_model_names_are_refused_with_the_choices() -> None:
-    with pytest.raises(ModelLoadError, match="not a torchvision classification model.*resnet50"):
+    with pytest.raises(ModelLoadError, match=r"not a torchvision classification model.*resnet50"):
         load_model(_settings(model="resnet5000"))
 
 
@@ -108,8 +108,9 @@ def test_a_torchscript_file_is_served_with_its_labels_and_preprocessing(tmp_path
     path, labels = tmp_path / "m.pt", tmp_path / "labels.txt"
     torch.jit.save(torch.jit.script(TwoClass()), path)
     labels.write_text("bright\ndark\n")
-    settings = _settings(model="mine", model_file=path, labels=labels,
-                         preprocess=Preprocess(resize=64, crop=48))
+    settings = _settings(
+        model="mine", model_file=path, labels=labels, preprocess=Preprocess(resize=64, crop=48)
+    )
     loaded = load_model(settings)
     assert loaded.categories == ("bright", "dark")
     assert (loaded.transforms.resize_size, loaded.transforms.crop_size) == ([64], [48])
@@ -120,7 +121,8 @@ def test_a_model_whose_outputs_do_not_match_its_labels_fails_warmup(tmp_path: Pa
     path = tmp_path / "m.pt"
     torch.jit.save(torch.jit.script(TwoClass()), path)
     loaded = load_model(_settings(model="mine", model_file=path))
-    classifier = Classifier(loaded, torch.device("cpu"), torch.float32, channels_last=False,
-                            compile=False, batch_size=2)
+    classifier = Classifier(
+        loaded, torch.device("cpu"), torch.float32, channels_last=False, compile=False, batch_size=2
+    )
     with pytest.raises(ModelLoadError, match="outputs 2 classes but has 1000 labels"):
         classifier.warmup()

@@ -39,7 +39,7 @@ class CountingStore(JobStore):
         super().__init__(fakeredis.FakeRedis())
         self.round_trips: list[int] = []
 
-    def finish_many(self, jobs):  # noqa: ANN001, ANN201
+    def finish_many(self, jobs: list[Job]) -> list[bool]:
         self.round_trips.append(len(jobs))
         return super().finish_many(jobs)
 
@@ -55,10 +55,17 @@ def store() -> CountingStore:
 
 
 def _pipeline(model: Tiny, store: JobStore, max_batch: int = 8, wait_s: float = 0.2) -> Pipeline:
-    loaded = LoadedModel("tiny", model, ImageClassification(crop_size=4, resize_size=4), LABELS,
-                         "test", False)
-    classifier = Classifier(loaded, torch.device("cpu"), torch.float32, channels_last=False,
-                            compile=False, batch_size=max_batch)
+    loaded = LoadedModel(
+        "tiny", model, ImageClassification(crop_size=4, resize_size=4), LABELS, "test", False
+    )
+    classifier = Classifier(
+        loaded,
+        torch.device("cpu"),
+        torch.float32,
+        channels_last=False,
+        compile=False,
+        batch_size=max_batch,
+    )
     return Pipeline(classifier, store, Metrics("tiny"), max_batch=max_batch, max_wait_s=wait_s)
 
 
