@@ -167,4 +167,4 @@ class Service:
 
 def _has_end_marker(data: bytes) -> bool:
     """A JPEG cut short has no EOI marker; nvJPEG would pad it silently, so PIL must refuse it."""
-    return data.startswith(JPEG_MAGIC) and data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"
+    return data.startswith(JPEG_MAGIC) and data[-64:].rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
