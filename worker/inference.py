@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 # What a decoded item carries to the device: ready float pixels (CPU path), uint8 pixels,
 # or an encoded JPEG for nvJPEG.
 READY, PIXELS, JPEG = "ready", "pixels", "jpeg"
+# Most pixels resized in one call (about 2.3 GB of float32 scratch on the device).
+RESIZE_PIXEL_BUDGET = 192_000_000 // 3
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class Classifier:
         module = loaded.module.to(device=device, dtype=dtype, memory_format=self.memory_format)
         self.module = torch.compile(module) if compile else module
         self.crop = loaded.transforms.crop_size[0]
+        self._prep_stream = torch.cuda.Stream(device) if cuda else None
 
     def warmup(self) -> None:
         """One forward pass at full batch size: compiles, allocates, and checks the label count."""
@@ -87,7 +90,20 @@ class Classifier:
 
     @torch.inference_mode()
     def prepare(self, payloads: list[Payload]) -> tuple[torch.Tensor, dict[int, Exception]]:
-        """One input batch on the device; items that fail here are returned by position."""
+        """One input batch on the device; items that fail here are returned by position.
+
+        On a GPU this runs on a stream of its own, so decoding the next batch overlaps the
+        forward pass of the current one; it returns once the batch is ready to use.
+        """
+        if self._prep_stream is None:
+            return self._prepare(payloads)
+        with torch.cuda.stream(self._prep_stream):
+            x, errors = self._prepare(payloads)
+        self._prep_stream.synchronize()
+        x.record_stream(torch.cuda.default_stream(self.device))
+        return x, errors
+
+    def _prepare(self, payloads: list[Payload]) -> tuple[torch.Tensor, dict[int, Exception]]:
         if not self.device_preprocess:
             return self._cast(torch.stack([p.data for p in payloads])), {}
         images, errors = self._to_device_pixels(payloads)
@@ -157,12 +173,18 @@ class Classifier:
             return None
 
     def _transform_by_shape(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Resize and crop images of one shape together: one kernel per shape, not per image."""
+        """Resize and crop images of one shape together: one kernel per shape, not per image.
+
+        Groups are cut to a pixel budget, since resizing works on a float copy of its input.
+        """
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, image in enumerate(images):
             groups[tuple(image.shape)].append(i)
         out = torch.empty(len(images), 3, self.crop, self.crop, device=self.device)
-        for members in groups.values():
-            batch = torch.stack([images[i] for i in members])
-            out[torch.tensor(members, device=self.device)] = self.transforms(batch)
+        for shape, members in groups.items():
+            step = max(1, RESIZE_PIXEL_BUDGET // (shape[-1] * shape[-2]))
+            for start in range(0, len(members), step):
+                chunk = members[start : start + step]
+                batch = torch.stack([images[i] for i in chunk])
+                out[torch.tensor(chunk, device=self.device)] = self.transforms(batch)
         return out
