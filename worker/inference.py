@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 # What a decoded item carries to the device: ready float pixels (CPU path), uint8 pixels,
 # or an encoded JPEG for nvJPEG.
 READY, PIXELS, JPEG = "ready", "pixels", "jpeg"
-# Most pixels resized in one call (about 2.3 GB of float32 scratch on the device).
-RESIZE_PIXEL_BUDGET = 192_000_000 // 3
+# Most pixels resized in one call (about 0.8 GB of float32 scratch on the device).
+RESIZE_PIXEL_BUDGET = 64_000_000
 
 
 @dataclass(frozen=True)
