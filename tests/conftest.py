@@ -4,78 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
+from demo.stack import RedisServer, WorkerProcess, free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A private redis-server on a free loopback port; never the shared one on 6379."""
-
-    def __init__(self, workdir: Path, appendonly: bool = False) -> None:
-        self.workdir = workdir
-        self.appendonly = appendonly
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server is not installed: apt-get install redis-server")
-        args = [
-            exe,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--dir",
-            str(self.workdir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if self.appendonly else "no",
-            "--appendfsync",
-            "always",
-        ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-            finally:
-                client.close()
-
-    def stop(self, kill: bool = False) -> None:
-        if self.proc is None:
-            return
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
-        self.proc.wait(timeout=10)
-        self.proc = None
+__all__ = ["RedisServer", "WorkerProcess", "free_port"]
 
 
 @pytest.fixture(scope="session")
@@ -152,8 +90,6 @@ def torch_home() -> Iterator[str]:
 @pytest.fixture
 def start_worker(redis_url: str, tmp_path: Path, torch_home: str) -> Iterator[object]:
     """Factory for real worker processes on the tests' Redis; stops each one afterwards."""
-    from tests.support import WorkerProcess
-
     started: list[WorkerProcess] = []
 
     def start(
@@ -168,7 +104,7 @@ def start_worker(redis_url: str, tmp_path: Path, torch_home: str) -> Iterator[ob
             model,
             args,
             workdir or tmp_path,
-            env={"TORCH_HOME": torch_home, **(env or {})},
+            env={"TORCH_HOME": torch_home, "OMP_NUM_THREADS": "1", **(env or {})},
         )
         started.append(worker)
         return worker.start(wait=wait)

@@ -23,7 +23,7 @@ from torchvision import transforms
 from contract import keys
 from contract.errors import InvalidRequest, UnsupportedModel
 from producer import Client, SubmitRequest
-from tests.conftest import RedisServer
+from demo.stack import RedisServer
 from tests.support import ROOT, WorkerProcess, make_jpeg
 
 BUCKET = "photos"

@@ -1,0 +1,1 @@
+"""Running the whole service on this machine alone: ``python -m demo`` and its building blocks."""

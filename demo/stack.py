@@ -1,0 +1,180 @@
+"""A private redis-server and real worker processes on this machine: for the demo, the
+benchmark and the tests. Nothing here touches a Redis it did not start."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import redis
+
+from contract import registry
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port; never the shared one on 6379."""
+
+    def __init__(self, workdir: Path, appendonly: bool = False, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.appendonly = appendonly
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed: apt-get install redis-server")
+        args = [
+            exe,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+        ]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait_for_ping()
+        return self
+
+    def _wait_for_ping(self, timeout: float = 10) -> None:
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except (redis.ConnectionError, redis.BusyLoadingError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+
+class WorkerProcess:
+    """``python -m worker`` in its own process, exactly as an operator starts it."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        model: str,
+        args: Sequence[str],
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.redis_url = redis_url
+        self.model = model
+        self.worker_id = worker_id or f"local-{os.urandom(3).hex()}"
+        self.args = [
+            "--model",
+            model,
+            "--redis-url",
+            redis_url,
+            "--worker-id",
+            self.worker_id,
+            *args,
+        ]
+        self.workdir = workdir
+        self.env = env or {}
+        self.log_path = workdir / f"worker-{self.worker_id}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True, timeout: float = 120) -> WorkerProcess:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", *self.args],
+            cwd=self.workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        """Ready means the model is warm: the worker's heartbeat key exists."""
+        client = redis.Redis.from_url(self.redis_url)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if any(self.worker_id in k for k in registry.live_workers(client, self.model)):
+                    return
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+                time.sleep(0.1)
+        finally:
+            client.close()
+        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as when the kernel's OOM killer strikes."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM: Celery's warm shutdown."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            self.terminate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
