@@ -6,6 +6,7 @@ prints the top-5 of each, then stops everything it started.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 import tempfile
@@ -63,7 +64,8 @@ def _pretrained_or_random(model: str) -> str:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)
     try:
-        weights.get_state_dict(progress=False)
+        with contextlib.redirect_stdout(sys.stderr):  # torch.hub reports downloads on stdout
+            weights.get_state_dict(progress=False)
         return "DEFAULT"
     except Exception as e:
         reason = str(e).splitlines()[0][:120]
