@@ -17,7 +17,7 @@ def test_the_demo_classifies_samples_and_says_when_weights_are_random(torch_home
              "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr
-    blocks = [b for b in result.stdout.split("\n\n") if b.strip()]
+    blocks = [b.strip() for b in result.stdout.split("\n\n") if b.strip()]
     assert [b.splitlines()[0] for b in blocks] == [f"sample-{i}.jpg" for i in range(4)]
     assert all(len(b.splitlines()) == 4 for b in blocks)
     assert "RANDOM weights" in result.stderr
