@@ -1,0 +1,124 @@
+"""The results: one JSON document per run, and the markdown table for the README.
+
+``python -m bench.report FILE.json ...`` prints the tables of runs saved earlier (the device
+script uses it to merge the runs it made).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+HEADER = (
+    "| model | images | (a) seed loop img/s | (b) in-process img/s | forward only img/s "
+    "| (c) end-to-end img/s | c/a | c/b | latency p50 / p99 ms | overhead p50 / p99 ms |"
+)
+# Shown where a stage did not run.
+MISSING = "-"
+ALIGN = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+
+
+def record(result: object, *properties: str) -> dict[str, Any]:
+    """A result dataclass as a JSON object, with the derived figures it computes."""
+    data = dataclasses.asdict(result)  # type: ignore[call-overload]
+    data.update({p: getattr(result, p) for p in properties})
+    return data
+
+
+def save(report: dict[str, Any], path: Path) -> None:
+    """Written whole after every stage, so a run cut short still leaves what it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return MISSING if value is None else f"{value:,.{digits}f}"
+
+
+def _pair(a: float | None, b: float | None) -> str:
+    return MISSING if a is None or b is None else f"{a:,.1f} / {b:,.1f}"
+
+
+def _headline(run: dict[str, Any]) -> dict[str, Any] | None:
+    wanted = run.get("headline_workers")
+    return next((e for e in run.get("e2e", []) if e["workers"] == wanted), None)
+
+
+def _row(run: dict[str, Any], sets: dict[str, Any]) -> str:
+    e2e, lat = _headline(run), run.get("latency") or {}
+    spec = sets.get(run["images"], {})
+    images = f"{run['images']} {spec.get('width', '?')}x{spec.get('height', '?')}"
+    e2e_text = MISSING if e2e is None else f"{_num(e2e['img_s'])} ({e2e['workers']}w)"
+    ratios = run.get("ratios", {})
+    cells = [
+        run["model"],
+        images,
+        _num((run.get("seed") or {}).get("img_s")),
+        _num((run.get("ceiling") or {}).get("img_s")),
+        _num((run.get("forward") or {}).get("img_s")),
+        e2e_text,
+        _num(ratios.get("e2e_over_seed"), 2),
+        _num(ratios.get("e2e_over_ceiling"), 2),
+        _pair(lat.get("p50_ms"), lat.get("p99_ms")),
+        _pair(lat.get("overhead_p50_ms"), lat.get("overhead_p99_ms")),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _scale_out(runs: list[dict[str, Any]]) -> list[str]:
+    counts = sorted({e["workers"] for r in runs for e in r.get("e2e", [])})
+    if len(counts) < 2:
+        return []
+    lines = [
+        "",
+        "| model | images | " + " | ".join(f"{c} worker{'s' * (c > 1)}" for c in counts) + " |",
+        "|---|---|" + "---:|" * len(counts),
+    ]
+    for run in runs:
+        by_count = {e["workers"]: e["img_s"] for e in run.get("e2e", [])}
+        cells = [_num(by_count.get(c)) for c in counts]
+        lines.append(f"| {run['model']} | {run['images']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _context(report: dict[str, Any]) -> list[str]:
+    m, o = report["machine"], report["options"]
+    device = m.get("device_name") or m["device"]
+    lines = [
+        f"**{report['label']}**: {device}; {m['cpu_count']}-core {m['machine']} "
+        f"({m.get('cpu_model') or 'CPU'}); torch {m['torch']}, torchvision {m['torchvision']}.",
+        f"Worker options: device {o['device']}, precision {o['dtype']}, batch {o['batch_size']}, "
+        f"max wait {o['max_wait_ms']} ms, io-threads {o['io_threads']}, concurrency "
+        f"{o['concurrency']}, channels-last {o['channels_last']}, compile {o['compile']}, "
+        f"torch threads {o['torch_threads_effective']}. Random weights (throughput only).",
+    ]
+    if report.get("submit"):
+        s = report["submit"]
+        lines.append(
+            f"Bulk submission (one producer process, `Client.submit_many`): "
+            f"{_num(s['jobs_s'], 0)} jobs/s ({s['jobs']:,} jobs in {s['seconds']:.2f} s)."
+        )
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    sets = report.get("image_sets", {})
+    rows = [_row(r, sets) for r in report.get("runs", [])]
+    lines = [*_context(report), "", HEADER, ALIGN, *rows, *_scale_out(report.get("runs", []))]
+    return "\n".join(lines) + "\n"
+
+
+def main(paths: list[str]) -> int:
+    for path in paths:
+        print(markdown(json.loads(Path(path).read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,70 @@
+"""The benchmark's smoke run: every stage runs and reports sane numbers (no timing thresholds)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.latency import percentile
+from bench.report import markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGE_RATES = ("seed", "ceiling", "forward")
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _run_quick(tmp_path: Path, torch_home: str) -> tuple[dict[str, Any], str]:
+    out = tmp_path / "quick.json"
+    env = {**os.environ, "TORCH_HOME": torch_home, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "bench", "--quick", "--out", str(out)]
+    cmd += ["--log-dir", str(tmp_path / "logs"), "--image-dir", str(tmp_path / "images")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def _check_run(run: dict[str, Any]) -> None:
+    name = f"{run['model']} {run['images']}"
+    for stage in STAGE_RATES:
+        assert _positive(run[stage]["img_s"]), (name, stage, run[stage])
+    assert _positive(run["batch1_ms"]), name
+    for field in ("p50_ms", "p99_ms", "server_p50_ms", "overhead_p50_ms", "overhead_p99_ms"):
+        assert math.isfinite(run["latency"][field]), (name, field)
+    assert _positive(run["latency"]["p50_ms"]) and run["latency"]["samples"] >= 2
+    assert run["e2e"], name
+    for e2e in run["e2e"]:
+        assert e2e["all_done"] and e2e["done"] == e2e["jobs"] > 0, (name, e2e)
+        assert e2e["failed"] == 0 and e2e["missing"] == 0, (name, e2e)
+        assert _positive(e2e["img_s"]) and _positive(e2e["seconds"]), (name, e2e)
+    assert _positive(run["ratios"]["e2e_over_seed"]), name
+    assert _positive(run["ratios"]["e2e_over_ceiling"]), name
+
+
+def test_quick_benchmark_measures_every_stage_and_every_job_ends_done(
+    tmp_path: Path, torch_home: str
+) -> None:
+    report, stdout = _run_quick(tmp_path, torch_home)
+    assert set(report["image_sets"]) == {"imagenet", "12mp"}
+    assert all(s["mean_bytes"] > 0 for s in report["image_sets"].values())
+    assert _positive(report["submit"]["jobs_s"]) and report["submit"]["jobs"] > 0
+    assert report["machine"]["cpu_count"] >= 1 and report["options"]["torch_threads_effective"]
+    assert len(report["runs"]) == 2
+    for run in report["runs"]:
+        _check_run(run)
+    assert stdout.count("| mobilenet_v3_small |") == 2
+    assert markdown(report) in stdout
+
+
+def test_percentile_interpolates_between_ranks_like_numpy() -> None:
+    values = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 0) == 1.0 and percentile(values, 100) == 5.0
+    assert math.isclose(percentile(values, 99), 4.96)
