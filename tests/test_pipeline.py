@@ -77,6 +77,7 @@ def _item(store: JobStore, n: int, value: float) -> WorkItem:
 
 def _run(pipeline: Pipeline, items: list[WorkItem]) -> list[Job]:
     pipeline.start()
+    pipeline.expect(len(items))
     try:
         futures = [pipeline.submit(i) for i in items]
         return [f.result(timeout=10) for f in futures]
@@ -126,6 +127,17 @@ def test_jobs_that_failed_before_inference_are_stored_with_their_neighbours(tiny
     assert records[1].error.type == "not_found"
     assert sum(store.round_trips) == 3
     assert store.get("j1").status == "failed"
+
+
+def test_a_lone_job_at_idle_runs_without_waiting_for_a_batch(tiny, store) -> None:
+    pipeline = _pipeline(tiny, store, wait_s=30)
+    pipeline.start()
+    try:
+        record = pipeline.submit(_item(store, 0, 0.5)).result(timeout=10)
+    finally:
+        pipeline.close()
+    assert record.status == "done"
+    assert tiny.calls == [1]
 
 
 def test_a_job_marked_alone_runs_in_a_batch_of_its_own(tiny, store) -> None:

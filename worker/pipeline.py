@@ -66,6 +66,8 @@ class Pipeline:
         self.max_wait_s = max_wait_s
         self.clock = clock
         self._inbox: queue.Queue[object] = queue.Queue()
+        self._lock = threading.Lock()
+        self._expected = 0
         self._to_infer: queue.Queue[object] = queue.Queue(maxsize=2)
         self._to_store: queue.Queue[object] = queue.Queue()
         self._threads = [
@@ -85,9 +87,20 @@ class Pipeline:
         for t in self._threads:
             t.join()
 
+    def expect(self, count: int) -> None:
+        """Say that ``count`` items are being fetched and will be submitted soon."""
+        with self._lock:
+            self._expected += count
+
     def submit(self, item: WorkItem) -> Future[Job]:
+        with self._lock:
+            self._expected = max(0, self._expected - 1)
         self._inbox.put(item)
         return item.done
+
+    def _more_coming(self) -> bool:
+        with self._lock:
+            return self._expected > 0
 
     def _guard(self, loop: Callable[[], None]) -> None:
         try:
@@ -109,7 +122,10 @@ class Pipeline:
         self._to_infer.put(_STOP)
 
     def _collect(self) -> list[WorkItem] | None:
-        """Block for one item, then take more until the batch is full or the wait is over."""
+        """Block for one item, then take more until the batch is full or the wait is over.
+
+        The wait is skipped when nothing else is on its way, so a lone job at idle runs at once.
+        """
         first = self._inbox.get()
         if first is _STOP:
             return None
@@ -118,6 +134,8 @@ class Pipeline:
             return items
         deadline = time.monotonic() + self.max_wait_s
         while len(items) < self.max_batch:
+            if self._inbox.empty() and not self._more_coming():
+                break
             try:
                 item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:

@@ -120,6 +120,7 @@ class Service:
 
     def _start(self, job: Job) -> WorkItem:
         item = WorkItem(job)
+        self.pipeline.expect(1)
         self.metrics.stage("queue_wait", max(0.0, (job.started or 0) - (job.submitted or 0)))
         self.io_pool.submit(self._prepare_and_submit, item)
         return item
@@ -161,6 +162,7 @@ class Service:
         if claim.state != CLAIMED:
             return None
         item = WorkItem(claim.job, alone=True)
+        self.pipeline.expect(1)
         self._prepare(item)
         return self.pipeline.submit(item).result()
 
