@@ -21,6 +21,7 @@ from contract import keys, registry
 from contract.messaging import TASK_NAME, make_celery
 from contract.registry import ModelInfo
 from contract.store import JobStore
+from worker.deadletter import DeadLetters, guard_step
 from worker.decode import DecodePolicy, install_pixel_limit
 from worker.fetch import Fetcher, FetchPolicy
 from worker.inference import Classifier, pick_device, pick_dtype
@@ -164,6 +165,7 @@ def run_worker(runtime: Runtime, heartbeat_s: float) -> int:
     registry.register_model(runtime.redis, runtime.info)
     app = make_celery(settings.redis_url, settings.visibility_timeout_s)
     register_task(app, runtime.service)
+    app.steps["consumer"].add(guard_step(DeadLetters(runtime.redis, settings.worker_id)))
     beat = Heartbeat(runtime, heartbeat_s)
     beat.start()
     runtime.metrics.ready.labels(settings.model).set(1)

@@ -1,0 +1,118 @@
+"""Queue messages the worker cannot run go to the dead-letter list instead of into Celery.
+
+Celery's Redis transport decodes every message it pops before any Celery hook runs: bytes that
+are not JSON, or JSON that is not a kombu envelope, raise inside the consumer's event loop and
+stop the worker, and the popped message is gone. So each popped message is checked here, while
+the BRPOP reply is parsed; one that is not a well-formed classify task is kept, with the reason,
+under ``keys.dead_letter_key()`` and never reaches Celery.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from celery import bootsteps
+
+from contract import keys
+from contract.messaging import TASK_NAME
+
+log = logging.getLogger(__name__)
+
+# Characters of a rejected message kept in its dead-letter entry.
+MAX_KEPT_CHARS = 10_000
+
+
+class DeadLetters:
+    """Checks the messages a worker pops and records the ones it cannot run."""
+
+    def __init__(self, client: redis.Redis, worker_id: str) -> None:
+        self.redis = client
+        self.worker_id = worker_id
+
+    def guard(self, channel: Any) -> None:
+        """Check every message ``channel`` pops (a kombu Redis channel) before Celery sees it."""
+        parse: Callable[..., object] = channel.client.response_callbacks["BRPOP"]
+
+        def checked(response: object, **options: object) -> object:
+            return self._checked(channel, parse(response, **options))
+
+        channel.client.set_response_callback("BRPOP", checked)
+
+    def _checked(self, channel: Any, reply: object) -> object:
+        """The BRPOP reply, or None (kombu reads it as "nothing popped") for a bad message."""
+        if not reply:
+            return reply
+        queue, raw = reply
+        reason = rejection(raw, channel)
+        if reason is None:
+            return reply
+        self.record(_text(queue), _text(raw), reason)
+        return None
+
+    def record(self, queue: str, raw: str, reason: str) -> None:
+        log.error("dead-lettered a message from %s: %s", queue, reason)
+        entry = {
+            "reason": reason,
+            "queue": queue,
+            "message": raw[:MAX_KEPT_CHARS],
+            "worker": self.worker_id,
+            "at": time.time(),
+        }
+        try:
+            self.redis.rpush(keys.dead_letter_key(), json.dumps(entry))
+        except redis.RedisError as e:
+            log.error("could not dead-letter the message (dropped): %s", e)
+
+
+def rejection(raw: bytes | str, channel: Any) -> str | None:
+    """Why a popped message cannot be run as a classify task; None when it can."""
+    try:
+        message = channel.Message(json.loads(raw), channel=channel)
+        message.delivery_info["exchange"], message.delivery_info["routing_key"]
+    except Exception as e:
+        return f"not a kombu message: {e.__class__.__name__}: {e}"
+    if message.content_type != "application/json":
+        # Never decoded: a pickle body would run code.
+        return f"content type {message.content_type!r} is not application/json"
+    try:
+        body = json.loads(message.body)
+    except (TypeError, ValueError) as e:
+        return f"body is not JSON: {e}"
+    return _task_rejection(message.headers, body)
+
+
+def _task_rejection(headers: object, body: object) -> str | None:
+    task = headers.get("task") if isinstance(headers, dict) else None
+    if task != TASK_NAME:
+        return f"unknown task {str(task)[:100]!r}"
+    if not (isinstance(body, list) and len(body) == 3):
+        return "body is not [args, kwargs, options]"
+    args, kwargs, _ = body
+    if kwargs or not isinstance(args, list) or len(args) != 1 or not _is_id_list(args[0]):
+        return "arguments are not one list of job ID strings"
+    return None
+
+
+def _is_id_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(i, str) for i in value)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def guard_step(dead_letters: DeadLetters) -> type[bootsteps.StartStopStep]:
+    """A consumer bootstep that guards the task consumer's channel, again after each reconnect."""
+
+    class QueueGuard(bootsteps.StartStopStep):
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def start(self, c: Any) -> None:
+            dead_letters.guard(c.task_consumer.channel)
+
+    return QueueGuard
