@@ -47,8 +47,9 @@ redis.call('SET', KEYS[1], raw, 'KEEPTTL')
 return {'claimed', raw}
 """
 
-# KEYS[1] job key, KEYS[2] stats hash. ARGV[1] final record, ARGV[2] its status.
-# Writes only over a job that is not final yet: a result is stored once.
+# KEYS[1] job key, KEYS[2] stats hash. ARGV[1] final record, ARGV[2] its status, ARGV[3] its
+# attempts. Writes only over a job that is not final yet: a result is stored once. If a later
+# delivery started the job again meanwhile, the stored record keeps that higher attempt count.
 _FINISH = """
 local raw = redis.call('GET', KEYS[1])
 if not raw then return -1 end
@@ -57,7 +58,13 @@ if ok and type(job) == 'table' and (job.status == 'done' or job.status == 'faile
   redis.call('HINCRBY', KEYS[2], 'duplicate', 1)
   return 0
 end
-redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+local record = ARGV[1]
+if ok and type(job) == 'table' and (tonumber(job.attempts) or 0) > tonumber(ARGV[3]) then
+  local final = cjson.decode(record)
+  final.attempts = tonumber(job.attempts)
+  record = cjson.encode(final)
+end
+redis.call('SET', KEYS[1], record, 'KEEPTTL')
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 return 1
 """
@@ -131,7 +138,9 @@ class JobStore:
         for job in jobs:
             stats = keys.stats_key(job.model)
             self._finish(
-                keys=[keys.job_key(job.id), stats], args=[job.encode(), job.status], client=pipe
+                keys=[keys.job_key(job.id), stats],
+                args=[job.encode(), job.status, job.attempts],
+                client=pipe,
             )
         pipe.publish(keys.finished_channel(), json.dumps([j.id for j in jobs]))
         return [r == 1 for r in pipe.execute()[:-1]]
