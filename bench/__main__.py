@@ -60,6 +60,12 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--channels-last", action=argparse.BooleanOptionalAction)
     w.add_argument("--compile", action=argparse.BooleanOptionalAction)
     w.add_argument("--torch-threads", type=int, help="intra-op threads, everywhere")
+    w.add_argument(
+        "--flush-denormal",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="flush denormal floats everywhere (random weights produce them, trained ones don't)",
+    )
     w.add_argument("--workers", type=int, default=1, help="worker processes for the headline")
     w.add_argument("--scale-out", type=_ints, help="worker counts to measure, e.g. 1,2,4")
     s = p.add_argument_group("sizes (defaults depend on the device and --quick)")
@@ -105,6 +111,9 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     unknown = set(args.images) - set(IMAGE_SETS)
     if unknown:
         raise SystemExit(f"unknown image set(s) {sorted(unknown)}; choose from {list(IMAGE_SETS)}")
+    bad = set(args.stages) - set(STAGES)
+    if bad:
+        raise SystemExit(f"unknown stage(s) {sorted(bad)}; choose from {', '.join(STAGES)}")
     label = args.label or socket.gethostname()
     scale_out = tuple(sorted(set(args.scale_out or ()) | {args.workers}))
     return BenchConfig(
@@ -119,6 +128,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         workers=args.workers,
         image_dir=args.image_dir,
         log_dir=args.log_dir,
+        flush_denormal=args.flush_denormal,
     )
 
 

@@ -97,7 +97,7 @@ class Sizes:
     ceiling_max: int
     # Forward-only ceiling: seconds of full batches.
     forward_seconds: float
-    # End to end: jobs = ceiling rate x seconds within [min, max], unless e2e_jobs fixes it.
+    # End to end: jobs for about e2e_seconds within [min, max], unless e2e_jobs fixes it.
     e2e_seconds: float
     e2e_min: int
     e2e_max: int
@@ -124,7 +124,7 @@ CPU_SIZES = Sizes(
     e2e_seconds=15,
     e2e_min=32,
     e2e_max=5000,
-    warmup_jobs=16,
+    warmup_jobs=32,
     latency_n=30,
     latency_seconds=15,
     batch1_n=10,
@@ -182,3 +182,6 @@ class BenchConfig:
     workers: int = 1
     image_dir: Path | None = None
     log_dir: Path | None = None
+    # Flush denormal floats to zero everywhere (see bench/worker_entry.py): random weights
+    # produce denormals that trained weights do not, and they slow some CPU kernels 100-fold.
+    flush_denormal: bool = True

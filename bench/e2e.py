@@ -73,12 +73,14 @@ def run_e2e(
     )
 
 
-def warm_up(client: Client, model: str, uris: Sequence[str], n: int, top_k: int) -> None:
-    """Unmeasured jobs first: allocator pools, cuDNN autotuning for the batch shapes."""
-    if n > 0:
-        ids = submit(client, model, uris, n, top_k)
-        client.wait_many(ids, timeout=60 + WAIT_PER_JOB_S * n)
-        delete_jobs(client.redis, ids)
+def warm_up(
+    client: Client, model: str, uris: Sequence[str], n: int, top_k: int, workers: int
+) -> E2EResult:
+    """Jobs before the measured run: allocator pools, cuDNN autotuning for the batch shapes.
+
+    Its rate, ramp included, is a low estimate of the real one, used to size the real run.
+    """
+    return run_e2e(client, model, uris, n, top_k, workers)
 
 
 def _ended(job: Job | None) -> bool:

@@ -96,7 +96,8 @@ def _context(report: dict[str, Any]) -> list[str]:
         f"Worker options: device {o['device']}, precision {o['dtype']}, batch {o['batch_size']}, "
         f"max wait {o['max_wait_ms']} ms, io-threads {o['io_threads']}, concurrency "
         f"{o['concurrency']}, channels-last {o['channels_last']}, compile {o['compile']}, "
-        f"torch threads {o['torch_threads_effective']}. Random weights (throughput only).",
+        f"torch threads {o['torch_threads_effective']}, flush denormals "
+        f"{o.get('flush_denormal')}. Random weights (throughput only).",
     ]
     if report.get("submit"):
         s = report["submit"]

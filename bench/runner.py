@@ -81,6 +81,7 @@ def new_report(cfg: BenchConfig) -> dict[str, Any]:
         **record(o),
         "dtype": str(pick_dtype(o.precision, torch.device(o.device))).removeprefix("torch."),
         "torch_threads_effective": torch.get_num_threads(),
+        "flush_denormal": cfg.flush_denormal,
     }
     return {
         "schema": 1,
@@ -191,8 +192,9 @@ class Bench:
 
     def _ceiling(self, ip: InProcess, uris: list[str]) -> Throughput:
         s = self.cfg.sizes
-        pilot = ip.ceiling(uris, s.warmup_jobs, TOP_K)  # warms up, and sizes the real run
-        n = _clamp(pilot.img_s * s.ceiling_seconds, s.ceiling_min, s.ceiling_max)
+        # Warms up, and sizes the real run: its rate includes the ramp, so it is a low estimate.
+        pilot = ip.ceiling(uris, s.warmup_jobs, TOP_K)
+        n = _clamp(2 * pilot.img_s * s.ceiling_seconds, s.ceiling_min, s.ceiling_max)
         return ip.ceiling(uris, n, TOP_K)
 
     def end_to_end(self, name: str, runs: dict[str, dict[str, Any]]) -> None:
@@ -204,6 +206,7 @@ class Bench:
             self.log_dir,
             self._worker_env(),
             _devices(self.cfg.options.device),
+            "bench.worker_entry" if self.cfg.flush_denormal else "worker",
         )
         client = Client.from_url(self.redis.url())
         timeout = READY_TIMEOUT_COMPILE_S if self.cfg.options.compile else READY_TIMEOUT_S
@@ -223,9 +226,8 @@ class Bench:
     ) -> None:
         s, uris = self.cfg.sizes, self.pools[image_set]
         if "e2e" in self.cfg.stages:
-            warm_up(client, name, uris, s.warmup_jobs, TOP_K)
-            rate = (run.get("ceiling") or {}).get("img_s", 0.0) * count
-            n = s.e2e_jobs or _clamp(rate * s.e2e_seconds, s.e2e_min, s.e2e_max)
+            pilot = warm_up(client, name, uris, s.warmup_jobs, TOP_K, count)
+            n = s.e2e_jobs or self._e2e_jobs(run, pilot.img_s, count)
             result = run_e2e(client, name, uris, n, TOP_K, count)
             run["e2e"].append(record(result, "img_s", "all_done"))
             self.log(
@@ -242,6 +244,15 @@ class Bench:
                 f"{latency.p99_ms:.1f} ms, batch of one in-process {latency.batch1_ms:.1f} ms"
             )
         self.save()
+
+    def _e2e_jobs(self, run: dict[str, Any], pilot_img_s: float, workers: int) -> int:
+        """As many jobs per worker as the ceiling ran, for a like-for-like ramp, unless twice the
+        pilot's rate says that would take much longer than ``e2e_seconds``."""
+        s = self.cfg.sizes
+        n = 2 * pilot_img_s * s.e2e_seconds
+        if run.get("ceiling"):
+            n = min(n, run["ceiling"]["images"] * workers)
+        return _clamp(n, s.e2e_min, s.e2e_max)
 
     def _worker_args(self) -> list[str]:
         return [
@@ -276,6 +287,7 @@ def _ratios(run: dict[str, Any], workers: int) -> None:
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
+    torch.set_flush_denormal(cfg.flush_denormal)  # before any thread starts: threads inherit it
     if cfg.options.torch_threads is not None:
         torch.set_num_threads(cfg.options.torch_threads)
     workdir = Path(tempfile.mkdtemp(prefix="imgcls-bench-"))

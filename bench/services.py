@@ -92,7 +92,8 @@ class RedisServer:
 
 
 class WorkerProcess:
-    """``python -m worker`` in its own process, exactly as an operator starts it."""
+    """``python -m worker`` in its own process, as an operator starts it (``entry`` names another
+    module that runs the same CLI, such as ``bench.worker_entry``)."""
 
     def __init__(
         self,
@@ -102,8 +103,10 @@ class WorkerProcess:
         log_dir: Path,
         env: dict[str, str],
         worker_id: str,
+        entry: str = "worker",
     ) -> None:
         self.redis_url = redis_url
+        self.entry = entry
         self.model = model
         self.worker_id = worker_id
         self.args = [
@@ -120,7 +123,7 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "worker", *self.args],
+                [sys.executable, "-m", self.entry, *self.args],
                 cwd=ROOT,
                 env=env,
                 stdout=log,
@@ -164,8 +167,10 @@ class WorkerPool:
         log_dir: Path,
         env: dict[str, str],
         devices: Sequence[str],
+        entry: str = "worker",
     ) -> None:
         self.redis_url = redis_url
+        self.entry = entry
         self.model = model
         self.args = list(args)
         self.log_dir = log_dir
@@ -192,7 +197,9 @@ class WorkerPool:
         device = self.devices[index % len(self.devices)]
         args = [*self.args, "--device", device]  # a repeated click option: the last one wins
         worker_id = f"bench-{self.model}-{index}-{os.getpid()}"
-        return WorkerProcess(self.redis_url, self.model, args, self.log_dir, self.env, worker_id)
+        return WorkerProcess(
+            self.redis_url, self.model, args, self.log_dir, self.env, worker_id, self.entry
+        )
 
     def stop(self) -> None:
         for w in self.workers:

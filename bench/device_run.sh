@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The whole GPU benchmark in one device call, every stage capped in time; results under $OUT.
+#
+#   on the GPU machine (carry .devkit):   bash bench/device_run.sh
+#   here, a tiny rehearsal on the CPU:    QUICK=1 OUT=/tmp/devrun bash bench/device_run.sh
+#
+# Stages: (1) ResNet-50 fp16, ImageNet-size JPEGs, bulk submission, 1/2/4 workers; (2) ResNet-50
+# fp16, 12-MP photos; (3) EfficientNet-B0 and MobileNetV3-Large, ImageNet-size; (4) GPU fp16 vs
+# CPU fp32 answers; (5) ResNet-50 with --compile, if time is left. Then summary.md.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+: "${OUT:?set OUT to the folder for results}"
+QUICK=${QUICK:-0}
+# Seconds for everything, set-up included; a stage starts only if its minimum still fits.
+BUDGET=${BUDGET:-470}
+IMAGES=${IMAGES:-/tmp/imgcls-bench-images}  # outside $OUT: images must not be sent back
+T0=$SECONDS
+mkdir -p "$OUT/logs"
+exec > >(tee -a "$OUT/device_run.log") 2>&1
+
+if [ -d .devkit ]; then
+  # shellcheck disable=SC1091
+  source .devkit/setup.sh || { echo "devkit set-up failed"; exit 1; }
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+command -v redis-server >/dev/null || { echo "no redis-server on PATH"; exit 1; }
+
+{
+  nvidia-smi || echo "no nvidia-smi"
+  python3 -c 'import torch, torchvision, platform, os
+print("python", platform.python_version(), "torch", torch.__version__, "torchvision",
+      torchvision.__version__, "cuda", torch.version.cuda, "cpus", os.cpu_count())
+print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu only")'
+  free -g | head -2
+} 2>&1 | tee "$OUT/machine.txt"
+echo "== set-up done after $((SECONDS - T0)) s"
+
+left() { echo $((BUDGET - (SECONDS - T0))); }
+
+# stage NAME CAP MIN COMMAND...: run COMMAND for at most CAP seconds (less if the budget is
+# nearly spent), or skip it when fewer than MIN seconds are left.
+stage() {
+  local name=$1 cap=$2 need=$3 remaining started
+  shift 3
+  remaining=$(left)
+  if ((remaining < need)); then
+    echo "== skip $name: ${remaining} s left, it needs ${need} s"
+    return
+  fi
+  ((cap > remaining)) && cap=$remaining
+  echo "== $name: at most ${cap} s ($(date +%T))"
+  started=$SECONDS
+  timeout -k 15 "$cap" "$@" 2>&1 | tee "$OUT/logs/$name.log"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started)) s"
+}
+
+# bench NAME CAP MIN ARGS...: a stage running python -m bench, into $OUT/NAME.json and its logs.
+bench() {
+  local name=$1 cap=$2 need=$3
+  shift 3
+  stage "$name" "$cap" "$need" python3 -m bench --label "$name" --out "$OUT/$name.json" \
+    --image-dir "$IMAGES" --log-dir "$OUT/logs/$name" "$@"
+}
+
+if [ "$QUICK" = 1 ]; then
+  big=mobilenet_v3_small small=mobilenet_v3_small scale=1,2 gpu=(--quick) check=(imagenet=4,12mp=1)
+else
+  big=resnet50 small=efficientnet_b0,mobilenet_v3_large scale=1,2,4 gpu=(--precision fp16)
+  check=(imagenet=64,12mp=8)
+fi
+rest=(--stages seed,ceiling,e2e,latency)
+
+bench r50-imagenet 190 60 --models "$big" --images imagenet --scale-out "$scale" "${gpu[@]}"
+bench r50-12mp 110 50 --models "$big" --images 12mp "${rest[@]}" "${gpu[@]}"
+bench small-imagenet 130 50 --models "$small" --images imagenet "${rest[@]}" "${gpu[@]}"
+stage gpu-check 60 25 python3 -m bench.gpu_check --model "$big" --images "${check[@]}" \
+  --image-dir "$IMAGES" --out "$OUT/gpu_check.json"
+if [ "$QUICK" = 1 ]; then
+  echo "== skip r50-compile: torch.compile takes minutes on a CPU"
+else
+  bench r50-compile 170 120 --models "$big" --images imagenet --compile --stages ceiling,e2e \
+    "${gpu[@]}"
+fi
+
+mapfile -t results < <(ls "$OUT"/r50-*.json "$OUT"/small-*.json 2>/dev/null)
+if ((${#results[@]})); then
+  python3 -m bench.report "${results[@]}" | tee "$OUT/summary.md"
+fi
+echo "== device_run done after $((SECONDS - T0)) s"
