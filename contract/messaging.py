@@ -30,6 +30,10 @@ def make_celery(
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        # No remote control: its pub/sub connection, once dropped (CLIENT KILL, a proxy
+        # timeout), reconnects and then blocks the consumer's event loop for good, so the
+        # worker stops taking, acking and restoring messages. Workers report via heartbeats.
+        worker_enable_remote_control=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         broker_heartbeat=0,
