@@ -1,0 +1,147 @@
+"""Broker faults and a soak, against a real redis-server and real worker processes.
+
+Redis is killed and restarted (with AOF) or drops every connection while work is in flight;
+workers and the producer ride it out, and every job still ends final exactly once.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer.client import Client
+from tests.conftest import RedisServer
+from tests.faults_support import (
+    MODEL,
+    ImageServer,
+    Workers,
+    account,
+    held_layout,
+    outcome,
+    settle,
+    stuck_in_flight,
+    tiny_model_args,
+)
+from tests.support import write_images
+
+_MESSAGES = 8
+_CONCURRENCY = 4
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[Path]:
+    return write_images(tmp_path / "images", 200, width=48, height=48)
+
+
+@pytest.fixture
+def model_args(tmp_path: Path, images: list[Path]) -> list[str]:
+    return [
+        *tiny_model_args(tmp_path / "model"),
+        "--allowed-root", str(images[0].parent), "--http-allow-network", "127.0.0.0/8",
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def server() -> Iterator[ImageServer]:
+    with ImageServer() as server:
+        yield server
+
+
+@pytest.fixture
+def aof_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server with AOF on (fsync on every write), restartable on its port."""
+    workdir = tmp_path / "aof"
+    workdir.mkdir()
+    server = RedisServer(workdir, appendonly=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _submit(producer: Client, uris: list[str]) -> list[str]:
+    return [j.id for j in producer.submit_many(uris, model=MODEL)]
+
+
+@pytest.mark.slow
+def test_a_redis_restart_with_aof_mid_run_loses_no_job(
+    aof_redis: RedisServer, model_args, server: ImageServer, images, tmp_path, torch_home
+) -> None:
+    producer = Client.from_url(aof_redis.url)
+    with Workers(aof_redis.url, tmp_path, torch_home, model_args) as workers:
+        workers.start("--concurrency", str(_CONCURRENCY))
+        ids = _submit(producer, held_layout(server, images, _MESSAGES))
+        stuck_in_flight(server, producer, ids, _CONCURRENCY)
+
+        aof_redis.stop(kill=True)  # SIGKILL: only what the AOF holds survives
+        server.release()  # the held jobs finish while Redis is down and wait to be stored
+        aof_redis.start()
+        ids += _submit(producer, [str(p) for p in images])  # the same producer, reconnected
+        records = settle(producer, ids)
+
+    client = redis.Redis.from_url(aof_redis.url)
+    tally = account("redis-restart-aof", client, records)
+    assert (tally.done, tally.failed, tally.lost) == (len(ids), 0, 0)
+    assert tally.written_done == len(ids)
+    producer.close()
+    client.close()
+
+
+@pytest.mark.slow
+def test_dropped_connections_mid_run_lose_no_job(
+    start_worker, model_args, server: ImageServer, images, redis_url, redis_client
+) -> None:
+    producer = Client.from_url(redis_url)
+    start_worker(MODEL, *model_args, "--concurrency", str(_CONCURRENCY))
+    ids = _submit(producer, held_layout(server, images, _MESSAGES))
+    stuck_in_flight(server, producer, ids, _CONCURRENCY)
+
+    for kind in ("normal", "pubsub"):
+        redis_client.client_kill_filter(_type=kind, skipme=True)
+    server.release()
+    ids += _submit(producer, [str(p) for p in images])
+    records = settle(producer, ids)
+
+    tally = account("dropped-connections", redis_client, records)
+    assert (tally.done, tally.failed, tally.lost) == (len(ids), 0, 0)
+    assert tally.written_done == len(ids)
+    producer.close()
+
+
+def _bad_inputs(root: Path, outside: Path) -> list[tuple[str, str]]:
+    """25 of each kind of bad input: (uri, the error type its job must fail with)."""
+    (root / "text.jpg").write_text("not an image at all")
+    photo = (root / "img00000.jpg").read_bytes()
+    (root / "cut.jpg").write_bytes(photo[: len(photo) // 2])
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(photo)
+    kinds = [
+        (str(root / "missing-{n}.jpg"), "not_found"),
+        (str(root / "text.jpg"), "not_an_image"),
+        (str(root / "cut.jpg"), "not_an_image"),
+        (str(outside / "secret.jpg"), "access_denied"),
+        (str(root / ".." / outside.name / "secret.jpg"), "access_denied"),
+    ]
+    return [(uri.format(n=n), error) for n in range(20) for uri, error in kinds]
+
+
+@pytest.mark.slow
+def test_a_soak_of_ten_thousand_jobs_with_one_percent_bad_accounts_for_every_one(
+    start_worker, model_args, images, tmp_path, redis_url, redis_client
+) -> None:
+    bad = _bad_inputs(images[0].parent, tmp_path / "outside")
+    uris = [(str(images[n % len(images)]), "done") for n in range(10_000 - len(bad))] + bad
+    random.Random(4).shuffle(uris)
+    # A visibility timeout far above any message's run time: this test is about accounting.
+    start_worker(MODEL, *model_args, "--visibility-timeout", "120")
+    producer = Client.from_url(redis_url)
+    records = settle(producer, _submit(producer, [u for u, _ in uris]), timeout=240)
+
+    tally = account("soak-10k-1pct-bad", redis_client, records)
+    assert [outcome(r) for r in records] == [expected for _, expected in uris]
+    assert (tally.done, tally.failed, tally.lost) == (10_000 - len(bad), len(bad), 0)
+    assert (tally.written_done, tally.written_failed) == (tally.done, tally.failed)
+    producer.close()
