@@ -178,6 +178,12 @@ class WorkerPool:
         self.devices = list(devices)
         self.workers: list[WorkerProcess] = []
 
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def ensure(self, count: int, timeout: float) -> None:
         """Start workers until ``count`` run, each on the next device, and wait for all."""
         new = [self._worker(len(self.workers) + i) for i in range(count - len(self.workers))]
