@@ -15,7 +15,15 @@ import tenacity
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+# Redis unreachable, still loading its data, or refusing writes for now (out of memory, or a
+# replica that was the primary before a failover): all pass, and the write must not be lost.
+REDIS_DOWN = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+)
 
 
 def _log_retry(state: tenacity.RetryCallState) -> None:
