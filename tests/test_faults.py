@@ -25,6 +25,7 @@ from tests.faults_support import (
     settle,
     stuck_in_flight,
     tiny_model_args,
+    wait_until,
 )
 from tests.support import write_images
 
@@ -108,6 +109,34 @@ def test_dropped_connections_mid_run_lose_no_job(
     tally = account("dropped-connections", redis_client, records)
     assert (tally.done, tally.failed, tally.lost) == (len(ids), 0, 0)
     assert tally.written_done == len(ids)
+    producer.close()
+
+
+def _refused_for_memory(client: redis.Redis) -> int:
+    return int(client.info("errorstats").get("errorstat_OOM", {}).get("count", 0))
+
+
+@pytest.mark.slow
+def test_results_refused_by_a_full_redis_wait_for_memory_instead_of_being_dropped(
+    start_worker, model_args, server: ImageServer, images, redis_url, redis_client
+) -> None:
+    producer = Client.from_url(redis_url)
+    start_worker(MODEL, *model_args, "--concurrency", str(_CONCURRENCY))
+    ids = _submit(producer, held_layout(server, images, _MESSAGES))
+    stuck_in_flight(server, producer, ids, _CONCURRENCY)
+
+    redis_client.config_resetstat()
+    redis_client.config_set("maxmemory", 1)  # every write that needs memory is refused
+    try:
+        server.release()
+        # A heartbeat is refused every few seconds; the held results, several times a second.
+        wait_until(lambda: _refused_for_memory(redis_client) >= 3, "results refused")
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    records = settle(producer, ids)
+
+    tally = account("redis-out-of-memory", redis_client, records)
+    assert (tally.done, tally.failed, tally.lost) == (len(ids), 0, 0)
     producer.close()
 
 
