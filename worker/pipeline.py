@@ -13,12 +13,15 @@ that record is stored, so the Celery task that owns it can acknowledge its messa
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+
+import torch
 
 from contract.errors import InternalError, NotAnImage, ServiceError, as_service_error
 from contract.job import Job, JobError, Prediction
@@ -30,6 +33,13 @@ from worker.resilience import retry_redis
 log = logging.getLogger(__name__)
 
 _STOP = object()
+# Exit status of a worker whose pipeline cannot go on (a stage died, or the device broke):
+# like a killed worker's, its unacknowledged messages go to other workers.
+EXIT_PIPELINE_DEAD = 70
+
+
+class DeviceLost(RuntimeError):
+    """A known-good input failed too: the device is broken, not the job that failed on it."""
 
 
 @dataclass
@@ -105,9 +115,11 @@ class Pipeline:
     def _guard(self, loop: Callable[[], None]) -> None:
         try:
             loop()
-        except BaseException:  # a dead stage would strand every job: make it loud
-            log.critical("pipeline stage %s died", loop.__name__, exc_info=True)
-            raise
+        except BaseException:
+            # A dead stage would strand every job in flight while the worker looked alive:
+            # exit instead, and the jobs are delivered again after the visibility timeout.
+            log.critical("pipeline stage %s died; exiting", loop.__name__, exc_info=True)
+            _exit_worker()
 
     # -- assemble ---------------------------------------------------------------------------
 
@@ -153,6 +165,8 @@ class Pipeline:
         except Exception as e:
             log.exception("preparing a batch of %d failed", len(items))
             inputs, errors = None, {n: e for n in range(len(items))}
+        if errors:
+            _probe_device(self.classifier.device, next(iter(errors.values())))
         for n, e in errors.items():
             items[n].error = NotAnImage(f"the device could not decode the image: {e}")
         self._to_store_failed([i for i in items if i.error is not None])
@@ -178,6 +192,7 @@ class Pipeline:
             tops = self.classifier.predict(inputs, max(i.job.top_k for i in items))
         except Exception as e:
             if len(items) == 1:
+                self._check_device(e)
                 log.exception("inference failed for job %s", items[0].job.id)
                 items[0].error = as_service_error(e)
                 return items
@@ -192,6 +207,13 @@ class Pipeline:
         for item, top in zip(items, tops, strict=True):
             item.record = self._done(item.job, top, now)
         return items
+
+    def _check_device(self, cause: Exception) -> None:
+        """Before failing a job, make sure the device still runs a known-good batch."""
+        try:
+            self.classifier.warmup()
+        except Exception as e:
+            raise DeviceLost(f"device failed a health check ({e}) after: {cause}") from e
 
     def _done(self, job: Job, top: TopK, now: float) -> Job:
         labels = self.classifier.loaded.categories
@@ -242,6 +264,20 @@ class Pipeline:
 
     def _write(self, records: list[Job]) -> None:
         retry_redis(lambda: self.store.finish_many(records))
+
+
+def _probe_device(device: torch.device, cause: Exception) -> None:
+    """Before failing jobs the device could not decode, make sure it still works at all: once a
+    CUDA context is corrupted (device-side assert, lost GPU), every call on it fails."""
+    try:
+        torch.ones(1, device=device).sum().item()
+    except Exception as e:
+        raise DeviceLost(f"device failed a health check ({e}) after: {cause}") from e
+
+
+def _exit_worker() -> None:
+    logging.shutdown()
+    os._exit(EXIT_PIPELINE_DEAD)
 
 
 def _final_record(item: WorkItem, now: float) -> Job:
