@@ -6,6 +6,7 @@ workers, and exact accounting of what became of every job.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import redis
 import torch
+from PIL import Image
 from torch import nn
 
 from contract.job import Job
@@ -37,14 +39,20 @@ CHUNK = 64
 
 
 class TinyNet(nn.Module):
-    """Logits from the mean colour. An all-white image makes the forward pass raise, which
-    stands in for an input that breaks the model."""
+    """Logits from the mean colour. An all-white image makes its own forward pass fail (an
+    input the model cannot take); an all-black one breaks the "device" for good, as an illegal
+    memory access corrupts a CUDA context, so every later forward pass fails too."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(3, NUM_CLASSES)
+        self.broken = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x.amax(dim=(1, 2, 3)) < -1.5).any()):
+            self.broken = True
+        if self.broken:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
         if bool((x.amin(dim=(1, 2, 3)) > 2.0).any()):
             raise RuntimeError("the model cannot take an all-white image")
         return self.fc(x.mean(dim=(2, 3)))
@@ -68,13 +76,10 @@ def small_jpeg(seed: int = 0) -> bytes:
     return make_jpeg(48, 48, seed=seed)
 
 
-def white_jpeg() -> bytes:
-    import io
-
-    from PIL import Image
-
+def plain_jpeg(colour: tuple[int, int, int]) -> bytes:
+    """A 48x48 JPEG of one colour: white and black ones trip TinyNet."""
     out = io.BytesIO()
-    Image.new("RGB", (48, 48), (255, 255, 255)).save(out, format="JPEG", quality=100)
+    Image.new("RGB", (48, 48), colour).save(out, format="JPEG", quality=100)
     return out.getvalue()
 
 
@@ -162,7 +167,7 @@ class Supervisor:
     def __init__(self, start: Callable[[], WorkerProcess]) -> None:
         self._start = start
         self.current = start()
-        self.deaths = 0
+        self.exit_codes: list[int] = []
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -179,8 +184,9 @@ class Supervisor:
 
     def _watch(self) -> None:
         while not self._stopped.wait(0.05):
-            if self.current.proc is not None and self.current.proc.poll() is not None:
-                self.deaths += 1
+            code = self.current.proc.poll() if self.current.proc is not None else None
+            if code is not None:
+                self.exit_codes.append(code)
                 self.current = self._start()
 
 

@@ -25,6 +25,7 @@ from tests.faults_support import (
     Supervisor,
     account,
     held_layout,
+    plain_jpeg,
     settle,
     statuses,
     stuck_in_flight,
@@ -32,6 +33,7 @@ from tests.faults_support import (
     wait_until,
 )
 from tests.support import write_images
+from worker.pipeline import EXIT_PIPELINE_DEAD
 
 # Queue messages submitted, and how many one worker takes at once (its --concurrency).
 _MESSAGES = 8
@@ -125,10 +127,35 @@ def test_a_job_that_kills_every_worker_fails_as_poison_after_max_attempts(
     tally = account("poison-pill", redis_client, records)
     poison = records[CHUNK + 30]
     assert (poison.status, poison.error.type, poison.attempts) == ("failed", "poison", 3)
-    assert (supervisor.deaths, server.arrived("poison")) == (3, 3)
+    assert supervisor.exit_codes == [-signal.SIGKILL] * 3
+    assert server.arrived("poison") == 3
     assert (tally.done, tally.failed, tally.lost) == (len(ids) - 1, 1, 0)
     assert (tally.executed_twice, tally.written_done, tally.written_failed) == (0, len(ids) - 1, 1)
     assert max(r.attempts for r in records if r is not poison) <= 2
+
+
+@pytest.mark.slow
+def test_a_broken_device_sends_its_jobs_to_the_next_worker_instead_of_failing_them(
+    start_worker, model_args, producer: Client, images, redis_client, tmp_path: Path
+) -> None:
+    black = tmp_path / "images" / "black.jpg"
+    black.write_bytes(plain_jpeg((0, 0, 0)))  # breaks TinyNet's "device" for good
+    args = [*model_args, "--concurrency", "1", "--max-attempts", "3", "--max-wait-ms", "1000"]
+    with Supervisor(lambda: start_worker(MODEL, *args, wait=False)) as supervisor:
+        supervisor.current.wait_ready(SETTLE_S)
+        uris = [str(images[n % len(images)]) for n in range(2 * CHUNK)]
+        uris[10] = str(black)
+        ids = [j.id for j in producer.submit_many(uris, model=MODEL)]
+        records = settle(producer, ids)
+
+    tally = account("device-lost", redis_client, records)
+    culprit = records[10]
+    assert (culprit.status, culprit.error.type, culprit.attempts) == ("failed", "poison", 3)
+    # Each time, the worker found its device broken, failed no job and exited.
+    assert supervisor.exit_codes == [EXIT_PIPELINE_DEAD] * 3
+    assert (tally.done, tally.failed, tally.lost) == (len(ids) - 1, 1, 0)
+    assert tally.executed_twice == 0
+    assert {r.attempts for r in records if r is not culprit} <= {1, 2}
 
 
 @pytest.mark.slow

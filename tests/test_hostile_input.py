@@ -28,10 +28,10 @@ from tests.faults_support import (
     Workers,
     account,
     outcome,
+    plain_jpeg,
     settle,
     small_jpeg,
     tiny_model_args,
-    white_jpeg,
 )
 from tests.support import make_jpeg
 
@@ -161,7 +161,7 @@ def _hostile_files() -> dict[str, tuple[bytes, str]]:
         "gif-js-polyglot.gif": (b"GIF89a\x01\x00\x01\x00\x00\x00\x00;alert(1)//", "not_an_image"),
         "document.jpg": (b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n", "not_an_image"),
         "empty.jpg": (b"", "not_an_image"),
-        "white.jpg": (white_jpeg(), "internal"),
+        "white.jpg": (plain_jpeg((255, 255, 255)), "internal"),
     }  # fmt: skip
 
 
