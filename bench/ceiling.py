@@ -11,15 +11,16 @@ with no Redis round trip and no Celery: the most the worker could do on this mac
 from __future__ import annotations
 
 import gc
-import statistics
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
+from bench.diagnostics import Probe, summarize
 from contract import defaults
 from contract.job import QUEUED, RUNNING, Job
 from contract.store import CLAIMED, Claim
@@ -34,6 +35,8 @@ class Throughput:
     images: int
     seconds: float
     failed: int = 0
+    # CPU per image, batch sizes and stage times (see bench/diagnostics.py).
+    diagnostics: dict[str, Any] | None = None
 
     @property
     def img_s(self) -> float:
@@ -124,15 +127,16 @@ class InProcess:
         self.store.drain()
         ids = [j.id for j in jobs]
         chunks = [ids[i : i + defaults.CHUNK_SIZE] for i in range(0, n, defaults.CHUNK_SIZE)]
-        started = time.time()
+        probe = Probe(registry=self.runtime.metrics.registry)
+        before, started = probe.read(), time.time()
         with ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="message") as pool:
             outcomes = list(pool.map(self.runtime.service.handle, chunks))
-        records = self.store.drain()
+        after, records = probe.read(), self.store.drain()
         finished = max(r.finished for r in records if r.finished is not None)
         failed = sum(o.failed + o.skipped for o in outcomes)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand cached blocks back: the workers share this GPU
-        return Throughput(n, finished - started, failed)
+        return Throughput(n, finished - started, failed, summarize(before, after, n))
 
     def forward_only(self, seconds: float, top_k: int) -> Throughput:
         """Full batches of ready input tensors through ``Classifier.predict``: the model's limit."""
@@ -146,13 +150,12 @@ class InProcess:
             batches += 1
         return Throughput(batches * clf.batch_size, time.perf_counter() - started)
 
-    def batch1_ms(self, uris: Sequence[str], n: int, top_k: int) -> float:
-        """Median milliseconds for one image alone: fetch, decode, preprocess, forward, top-k.
+    def one_image_s(self, uri: str, top_k: int) -> float:
+        """Seconds for one image alone: fetch, decode, preprocess, forward, top-k.
 
         What a job costs with no queue and no batching wait; latency minus this is overhead.
         """
-        times = [self._one(job) for job in self.jobs(uris, n + 2, top_k)]
-        return statistics.median(times[2:]) * 1000  # the first two warm the batch-1 shapes
+        return self._one(self.jobs([uri], 1, top_k)[0])
 
     def _one(self, job: Job) -> float:
         service, clf = self.runtime.service, self.classifier

@@ -91,7 +91,7 @@ class Sizes:
     # Naive loop: seconds, and most images.
     seed_seconds: float
     seed_max: int
-    # In-process ceiling: images = forward-only rate x seconds, within [min, max].
+    # In-process ceiling: images = a pilot run's rate x seconds, within [min, max].
     ceiling_seconds: float
     ceiling_min: int
     ceiling_max: int
@@ -106,8 +106,6 @@ class Sizes:
     # Low-load latency: samples, and a time cap.
     latency_n: int
     latency_seconds: float
-    # Batch-1 in-process timings averaged for the latency overhead.
-    batch1_n: int
     # Jobs enqueued to measure bulk submission.
     submit_jobs: int
     # Measurements of the seed loop, the ceiling and end to end, alternating; the best is kept.
@@ -129,7 +127,6 @@ CPU_SIZES = Sizes(
     warmup_jobs=32,
     latency_n=30,
     latency_seconds=15,
-    batch1_n=10,
     submit_jobs=100_000,
     repeat=2,
 )
@@ -148,7 +145,6 @@ GPU_SIZES = Sizes(
     warmup_jobs=2048,
     latency_n=200,
     latency_seconds=10,
-    batch1_n=20,
     submit_jobs=100_000,
 )
 
@@ -166,7 +162,6 @@ QUICK_SIZES = Sizes(
     warmup_jobs=4,
     latency_n=4,
     latency_seconds=10,
-    batch1_n=2,
     submit_jobs=2000,
 )
 

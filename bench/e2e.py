@@ -11,9 +11,11 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
+from bench.diagnostics import Probe, summarize
 from contract import keys
 from contract.job import DONE, Job
 from producer.client import Client
@@ -33,6 +35,8 @@ class E2EResult:
     done: int
     failed: int
     missing: int
+    # CPU per image of each process, batch sizes and stage times (see bench/diagnostics.py).
+    diagnostics: dict[str, Any] | None = None
 
     @property
     def img_s(self) -> float:
@@ -53,12 +57,20 @@ def submit(client: Client, model: str, uris: Sequence[str], n: int, top_k: int) 
 
 
 def run_e2e(
-    client: Client, model: str, uris: Sequence[str], n: int, top_k: int, workers: int
+    client: Client,
+    model: str,
+    uris: Sequence[str],
+    n: int,
+    top_k: int,
+    workers: int,
+    probe: Probe | None = None,
 ) -> E2EResult:
+    before = probe.read() if probe else None
     started = time.time()
     ids = submit(client, model, uris, n, top_k)
     submitted = time.time()
     records = client.wait_many(ids, timeout=60 + WAIT_PER_JOB_S * n)
+    after = probe.read() if probe else None
     delete_jobs(client.redis, ids)
     counts = Counter(r.status if r is not None else "missing" for r in records)
     finished = max((r.finished for r in records if _ended(r)), default=time.time())
@@ -70,6 +82,7 @@ def run_e2e(
         done=counts[DONE],
         failed=n - counts[DONE] - counts["missing"],
         missing=counts["missing"],
+        diagnostics=summarize(before, after, n) if before and after else None,
     )
 
 

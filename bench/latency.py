@@ -1,14 +1,16 @@
 """(d) Latency at low load: one job at a time, each submitted and waited for as a caller would.
 
 The overhead is the latency less what the same image costs in-process with a batch of one
-(fetch, decode, preprocess, forward): queueing, the batcher's wait, Redis and Celery.
+(fetch, decode, preprocess, forward): queueing, the batcher's wait, Redis and Celery. Each job
+is paired with an in-process run of its image right after it, and the overhead percentiles are
+of the pairs' differences, so background load on a shared machine hits both sides alike.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bench.e2e import delete_jobs
@@ -30,15 +32,10 @@ class Latency:
     # submitted -> finished stamps on the job record: the service's side, without the client's
     # pub/sub subscription and record read.
     server_p50_ms: float
+    # Median in-process time of the same images, alone (batch of one).
     batch1_ms: float
-
-    @property
-    def overhead_p50_ms(self) -> float:
-        return self.p50_ms - self.batch1_ms
-
-    @property
-    def overhead_p99_ms(self) -> float:
-        return self.p99_ms - self.batch1_ms
+    overhead_p50_ms: float
+    overhead_p99_ms: float
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -69,20 +66,28 @@ def measure_latency(
     n: int,
     seconds: float,
     top_k: int,
-    batch1_ms: float,
+    in_process: Callable[[str], float],
 ) -> Latency:
+    """``in_process(uri)`` times one image alone in this process, for the overhead."""
     for i in range(WARMUP_SAMPLES):
         one(client, model, uris[i % len(uris)], top_k)
-    seen: list[tuple[float, float]] = []
+        in_process(uris[i % len(uris)])
+    client_ms, server_ms, alone_ms = [], [], []
     started = time.perf_counter()
-    while len(seen) < n and (len(seen) < 2 or time.perf_counter() - started < seconds):
-        seen.append(one(client, model, uris[len(seen) % len(uris)], top_k))
-    client_ms = [c * 1000 for c, _ in seen]
+    while len(client_ms) < n and (len(client_ms) < 2 or time.perf_counter() - started < seconds):
+        uri = uris[len(client_ms) % len(uris)]
+        seen, stamped = one(client, model, uri, top_k)
+        client_ms.append(seen * 1000)
+        server_ms.append(stamped * 1000)
+        alone_ms.append(in_process(uri) * 1000)
+    overhead = [c - a for c, a in zip(client_ms, alone_ms, strict=True)]
     return Latency(
-        samples=len(seen),
+        samples=len(client_ms),
         p50_ms=percentile(client_ms, 50),
         p99_ms=percentile(client_ms, 99),
         mean_ms=sum(client_ms) / len(client_ms),
-        server_p50_ms=percentile([s * 1000 for _, s in seen], 50),
-        batch1_ms=batch1_ms,
+        server_p50_ms=percentile(server_ms, 50),
+        batch1_ms=percentile(alone_ms, 50),
+        overhead_p50_ms=percentile(overhead, 50),
+        overhead_p99_ms=percentile(overhead, 99),
     )

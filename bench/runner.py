@@ -19,6 +19,7 @@ import torchvision
 
 from bench.ceiling import InProcess
 from bench.config import TOP_K, BenchConfig
+from bench.diagnostics import BENCHMARK, Probe
 from bench.e2e import run_e2e, warm_up
 from bench.images import IMAGE_SETS, image_pool, mean_bytes
 from bench.latency import measure_latency
@@ -167,8 +168,9 @@ class Bench:
             for count in sorted(set(self.cfg.scale_out)) if pool else [self.cfg.workers]:
                 if pool is not None:
                     self.grow(pool, count)
+                probe = self.probe(pool)
                 for image_set, run in runs.items():
-                    self.measure(ip, client, name, image_set, run, count)
+                    self.measure(ip, client, probe, name, image_set, run, count)
         for run in runs.values():
             _ratios(run, self.cfg.workers)
         self.save()
@@ -198,9 +200,8 @@ class Bench:
         ip = InProcess(settings)
         forward = ip.forward_only(s.forward_seconds, TOP_K)
         self.log(f"{name}: forward only {forward.img_s:,.1f} img/s")
-        for image_set, run in runs.items():
+        for run in runs.values():
             run["forward"] = record(forward, "img_s")
-            run["batch1_ms"] = ip.batch1_ms(self.pools[image_set], s.batch1_n, TOP_K)
         self.save()
         return ip
 
@@ -215,6 +216,14 @@ class Bench:
             "bench.worker_entry" if self.cfg.flush_denormal else "worker",
         )
 
+    def probe(self, pool: WorkerPool | None) -> Probe:
+        """CPU of the workers and of Redis, and the workers' metrics, for end-to-end runs."""
+        if pool is None:
+            return Probe()
+        redis_pid = self._redis().proc.pid if self._redis().proc else None
+        pids = {**pool.pids(), **({"redis": redis_pid} if redis_pid else {})}
+        return Probe(pids=pids, metrics_ports=pool.metrics_ports())
+
     def grow(self, pool: WorkerPool, count: int) -> None:
         timeout = READY_TIMEOUT_COMPILE_S if self.cfg.options.compile else READY_TIMEOUT_S
         started = time.perf_counter()
@@ -225,6 +234,7 @@ class Bench:
         self,
         ip: InProcess | None,
         client: Client | None,
+        probe: Probe,
         name: str,
         image_set: str,
         run: dict[str, Any],
@@ -242,7 +252,7 @@ class Bench:
             if ceiling:
                 ceilings.append(ceiling.ceiling(uris, n_ceiling, TOP_K))
             if e2e:
-                e2es.append(run_e2e(e2e, name, uris, n_e2e, TOP_K, workers))
+                e2es.append(run_e2e(e2e, name, uris, n_e2e, TOP_K, workers, probe))
         if ceilings:
             run["ceiling"] = _best(ceilings)
             self.log(f"{name} {image_set}: (b) in-process {run['ceiling']['img_s']:,.1f} img/s")
@@ -254,42 +264,50 @@ class Bench:
                 f"{name} {image_set}: (c) end to end, {workers} worker(s): {best['img_s']:,.1f}"
                 f" img/s ({best['done']}/{best['jobs']} done)"
             )
-        if client is not None and "latency" in stages and first:
-            self.latency(client, name, image_set, run)
+        if client is not None and ip is not None and "latency" in stages and first:
+            self.latency(ip, client, name, image_set, run)
         self.save()
 
     def _ceiling_jobs(self, ip: InProcess, uris: list[str]) -> int:
-        """A pilot run warms up and sizes the real one; its rate includes the ramp, so the
-        real run is sized at twice it."""
+        """A pilot run warms up and sizes the real one (at its rate, ramp included)."""
         s = self.cfg.sizes
         pilot = ip.ceiling(uris, s.warmup_jobs, TOP_K)
-        return _clamp(2 * pilot.img_s * s.ceiling_seconds, s.ceiling_min, s.ceiling_max)
+        return _clamp(pilot.img_s * s.ceiling_seconds, s.ceiling_min, s.ceiling_max)
 
     def _e2e_jobs(
         self, client: Client, name: str, uris: list[str], n_ceiling: int, workers: int
     ) -> int:
-        """As many jobs per worker as the ceiling ran, for a like-for-like ramp, unless twice
-        the pilot's rate says that would take much longer than ``e2e_seconds``."""
+        """As many jobs per worker as the ceiling ran, for a like-for-like ramp, unless the
+        pilot's rate says that would take much longer than ``e2e_seconds``."""
         s = self.cfg.sizes
         if s.e2e_jobs:
             warm_up(client, name, uris, s.warmup_jobs, TOP_K, workers)
             return s.e2e_jobs
         pilot = warm_up(client, name, uris, s.warmup_jobs, TOP_K, workers)
-        n = 2 * pilot.img_s * s.e2e_seconds
+        n = 1.5 * pilot.img_s * s.e2e_seconds
         if n_ceiling:
             n = min(n, n_ceiling * workers)
         return _clamp(n, s.e2e_min, s.e2e_max)
 
-    def latency(self, client: Client, name: str, image_set: str, run: dict[str, Any]) -> None:
+    def latency(
+        self, ip: InProcess, client: Client, name: str, image_set: str, run: dict[str, Any]
+    ) -> None:
         s = self.cfg.sizes
-        uris = self.pools[image_set]
         latency = measure_latency(
-            client, name, uris, s.latency_n, s.latency_seconds, TOP_K, run["batch1_ms"]
+            client,
+            name,
+            self.pools[image_set],
+            s.latency_n,
+            s.latency_seconds,
+            TOP_K,
+            lambda uri: ip.one_image_s(uri, TOP_K),
         )
-        run["latency"] = record(latency, "overhead_p50_ms", "overhead_p99_ms")
+        run["latency"] = record(latency)
+        run["batch1_ms"] = latency.batch1_ms
         self.log(
             f"{name} {image_set}: (d) latency p50 {latency.p50_ms:.1f} ms, p99 "
-            f"{latency.p99_ms:.1f} ms, batch of one in-process {latency.batch1_ms:.1f} ms"
+            f"{latency.p99_ms:.1f} ms; overhead p50 {latency.overhead_p50_ms:.1f} ms "
+            f"(batch of one in-process {latency.batch1_ms:.1f} ms)"
         )
 
     def _worker_args(self) -> list[str]:
@@ -328,7 +346,16 @@ def _ratios(run: dict[str, Any], workers: int) -> None:
         ratios["e2e_over_seed"] = e2e["img_s"] / run["seed"]["img_s"]
     if run.get("ceiling"):
         ratios["e2e_over_ceiling"] = e2e["img_s"] / run["ceiling"]["img_s"]
+        ratios["e2e_over_ceiling_cpu"] = _cpu_ratio(run["ceiling"], e2e)
     run["ratios"] = ratios
+
+
+def _cpu_ratio(ceiling: dict[str, Any], e2e: dict[str, Any]) -> float | None:
+    """Ceiling CPU per image over the service's (workers and Redis) end to end: the rate ratio
+    when both saturate the same cores, whatever else runs on the machine."""
+    inside = (ceiling.get("diagnostics") or {}).get("cpu_ms_per_image", {}).get(BENCHMARK)
+    service = (e2e.get("diagnostics") or {}).get("service_cpu_ms_per_image")
+    return inside / service if inside and service else None
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:

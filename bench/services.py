@@ -107,10 +107,12 @@ class WorkerProcess:
     ) -> None:
         self.redis_url = redis_url
         self.entry = entry
+        self.metrics_port = free_port()
         self.model = model
         self.worker_id = worker_id
         self.args = [
             *("--model", model, "--redis-url", redis_url, "--worker-id", worker_id),
+            *("--metrics-port", str(self.metrics_port)),
             *args,
         ]
         self.env = env
@@ -206,6 +208,12 @@ class WorkerPool:
         return WorkerProcess(
             self.redis_url, self.model, args, self.log_dir, self.env, worker_id, self.entry
         )
+
+    def pids(self) -> dict[str, int]:
+        return {f"worker-{i}": w.proc.pid for i, w in enumerate(self.workers) if w.proc}
+
+    def metrics_ports(self) -> list[int]:
+        return [w.metrics_port for w in self.workers]
 
     def stop(self) -> None:
         for w in self.workers:
