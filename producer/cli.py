@@ -1,17 +1,29 @@
-"""``python -m producer``: submit image URIs and read results, one JSON record per line."""
+"""``python -m producer``: submit image URIs and read results, one JSON record per line.
+
+Also runs the HTTP gateway (``serve``), shows each model's pool (``status``) and exports
+results (``export``). Every option has an environment-variable fallback where an operator
+would want one.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any, TypeVar
 
 import click
 
 from contract import defaults
 from contract.errors import ServiceError
 from contract.job import Job
+from producer import bulk, export
 from producer.client import Client, SubmitRequest
+
+log = logging.getLogger("producer")
+F = TypeVar("F", bound=Callable[..., Any])
 
 redis_option = click.option(
     "--redis-url",
@@ -20,6 +32,28 @@ redis_option = click.option(
     show_default=True,
     help="Redis holding the queues and job records (env REDIS_URL).",
 )
+
+
+def log_options(default_level: str) -> Callable[[F], F]:
+    """``--log-level`` and ``--log-json``, shared by every command."""
+
+    def decorate(f: F) -> F:
+        f = click.option(
+            "--log-json/--no-log-json",
+            envvar="IMGCLS_LOG_JSON",
+            default=False,
+            help="Write logs (and --summary) to stderr as JSON lines (env IMGCLS_LOG_JSON).",
+        )(f)
+        return click.option(
+            "--log-level",
+            envvar="IMGCLS_LOG_LEVEL",
+            default=default_level,
+            show_default=True,
+            type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+            help="Least severe log level written to stderr (env IMGCLS_LOG_LEVEL).",
+        )(f)
+
+    return decorate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,32 +83,85 @@ def main() -> None:
     help="Read URIs from this file, one per line ('-' for standard input).",
 )
 @click.option(
+    "--s3-prefix",
+    help="Also submit every object under this prefix (s3://bucket/prefix), listed page by "
+    "page with boto3's standard credentials and AWS_ENDPOINT_URL.",
+)
+@click.option(
     "--chunk-size", default=defaults.CHUNK_SIZE, show_default=True, help="Jobs per queue message."
 )
+@click.option(
+    "--progress/--no-progress",
+    default=False,
+    help="Show a progress bar on stderr: jobs queued, then jobs finished with --wait.",
+)
+@click.option(
+    "--summary/--no-summary",
+    default=False,
+    help="At the end, write to stderr: done, failed by error type, pending, and img/s "
+    "(finished jobs per second with --wait, else queued jobs per second).",
+)
+@log_options("warning")
 @click.argument("uris", nargs=-1)
 def submit(
     redis_url: str,
     model: str,
     top_k: int,
     wait: float | None,
-    from_file,
+    from_file: IO[str] | None,
+    s3_prefix: str | None,
     chunk_size: int,
+    progress: bool,
+    summary: bool,
+    log_level: str,
+    log_json: bool,
     uris: tuple[str, ...],
 ) -> None:
-    """Queue one job per URI (a path, s3://bucket/key or http(s)://); print their records."""
-    requests = _uris(uris, from_file)
+    """Queue one job per URI (a path, s3://bucket/key or http(s)://); print their records.
+
+    Prints one JSON record per line, in input order: as queued, or final with --wait.
+    URIS may be '-' to read them from standard input.
+    """
+    configure_logging(log_level, log_json)
+    report = bulk.Summary()
     client = Client.from_url(redis_url, chunk_size=chunk_size)
     try:
-        jobs = client.iter_submit(requests, model=model, top_k=top_k)
-        if wait is None:
-            _print(jobs)
-        else:
-            ids = [j.id for j in jobs]
-            _print(client.wait_many(ids, wait))
+        jobs = client.iter_submit(_uris(uris, from_file, s3_prefix), model=model, top_k=top_k)
+        records: Iterable[Job | None] = _counted(_bar(jobs, progress, "queued"), report)
+        if wait is not None:
+            records = _waited(client, [j.id for j in records if j is not None], wait, progress)
+        _print(records, report)
     except ServiceError as e:
-        raise click.ClickException(f"{e.type}: {e}") from e
+        _fail(e, log_json)
     finally:
         client.close()
+    report.stop()
+    log.info("submitted %d jobs to %s", report.submitted, model, extra=report.to_dict())
+    if summary:
+        click.echo(json.dumps(report.to_dict()) if log_json else report.text(), err=True)
+
+
+def _counted(jobs: Iterable[Job], report: bulk.Summary) -> Iterator[Job]:
+    for job in jobs:
+        report.submitted += 1
+        yield job
+
+
+def _waited(client: Client, ids: list[str], wait: float, progress: bool) -> list[Job | None]:
+    if not progress:
+        return client.wait_many(ids, wait)
+    with _tqdm(len(ids), "finished") as bar:
+        return bulk.wait_with_progress(client, ids, wait, bar.update)
+
+
+def _bar(jobs: Iterable[Job], progress: bool, what: str) -> Iterable[Job]:
+    return _tqdm(None, what, jobs) if progress else jobs
+
+
+def _tqdm(total: int | None, what: str, items: Iterable[Any] | None = None) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=what, unit="img", file=sys.stderr, dynamic_ncols=True)
 
 
 @main.command()
@@ -90,15 +177,251 @@ def result(redis_url: str, wait: float, job_ids: tuple[str, ...]) -> None:
         client.close()
 
 
-def _uris(args: tuple[str, ...], from_file) -> Iterator[SubmitRequest]:
+@main.command("export")
+@redis_option
+@click.option(
+    "--file",
+    "from_file",
+    type=click.File("r"),
+    help="Read job IDs from this file ('-' for standard input): one ID per line, or the JSON "
+    "lines that submit prints.",
+)
+@click.option(
+    "--all", "every", is_flag=True, help="Export every job record in Redis (SCAN; no IDs)."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(export.FORMATS),
+    default="jsonl",
+    show_default=True,
+    help="jsonl: the records as stored. csv: one row per job with the top label, its "
+    "probability, all predictions as JSON and the error type and message.",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.File("w"),
+    default="-",
+    show_default=True,
+    help="File to write ('-' for standard output).",
+)
+@click.option(
+    "--wait", type=float, default=0.0, help="Wait up to this many seconds for each chunk."
+)
+@log_options("warning")
+@click.argument("job_ids", nargs=-1)
+def export_(
+    redis_url: str,
+    from_file: IO[str] | None,
+    every: bool,
+    fmt: str,
+    output: IO[str],
+    wait: float,
+    log_level: str,
+    log_json: bool,
+    job_ids: tuple[str, ...],
+) -> None:
+    """Write job records to JSONL or CSV; unknown or expired IDs are counted, not written."""
+    configure_logging(log_level, log_json)
+    if not (job_ids or from_file or every):
+        raise click.UsageError("give JOB_IDS, --file or --all")
+    client = Client.from_url(redis_url)
+    writer = export.Writer(output, fmt)
+    missing = 0
+    try:
+        ids = export.all_job_ids(client.redis) if every else _ids(job_ids, from_file)
+        for chunk in export.chunks(ids):
+            for job in client.wait_many(chunk, wait) if wait else client.get_many(chunk):
+                if job is None:
+                    missing += 1
+                else:
+                    writer.write(job)
+    finally:
+        client.close()
+    log.info("exported %d records, %d unknown", writer.written, missing)
+    click.echo(f"exported {writer.written} records ({missing} unknown or expired)", err=True)
+
+
+def _ids(args: tuple[str, ...], from_file: IO[str] | None) -> Iterator[str]:
+    yield from args
+    if from_file is not None:
+        yield from export.ids_from_lines(from_file)
+
+
+@main.command()
+@redis_option
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    help="Show only this model (repeatable) [default: every registered model].",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Seconds between the two samples of the done/failed counters that give the "
+    "recent throughput; 0 skips it.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object per model instead of a table."
+)
+def status(redis_url: str, models: tuple[str, ...], interval: float, as_json: bool) -> None:
+    """Each model's queue depth, oldest queued job, live workers and recent throughput.
+
+    QUEUED counts queue messages (each carries up to --chunk-size jobs); WORKERS counts
+    workers with a live heartbeat; JOBS/S is jobs finished per second over --interval.
+    """
+    from producer import status as pool
+
+    client = Client.from_url(redis_url)
+    try:
+        before = pool.snapshot(client.redis, models or None)
+        after: dict[str, pool.ModelStatus] = {}
+        if interval:
+            time.sleep(interval)
+            after = {s.model: s for s in pool.snapshot(client.redis, [s.model for s in before])}
+    finally:
+        client.close()
+    rows = [_status_row(s, after.get(s.model)) for s in before]
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+    else:
+        click.echo(_table(rows))
+
+
+def _status_row(before: Any, after: Any | None) -> dict[str, Any]:
+    from producer.status import throughput
+
+    latest = after or before
+    return {
+        "model": latest.model,
+        "queued": latest.queued,
+        "oldest_age_s": latest.oldest_age_s,
+        "workers": list(latest.workers),
+        "live_workers": len(latest.workers),
+        "done": latest.done,
+        "failed": latest.failed,
+        "jobs_per_s": None if after is None else round(throughput(before, after), 2),
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    header = ("MODEL", "QUEUED", "OLDEST_S", "WORKERS", "DONE", "FAILED", "JOBS/S")
+    lines = [header] + [
+        (
+            r["model"],
+            str(r["queued"]),
+            "-" if r["oldest_age_s"] is None else f"{r['oldest_age_s']:.1f}",
+            str(r["live_workers"]),
+            str(r["done"]),
+            str(r["failed"]),
+            "-" if r["jobs_per_s"] is None else f"{r['jobs_per_s']:.1f}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    cells = (zip(line, widths, strict=True) for line in lines)
+    return "\n".join("  ".join(c.ljust(w) for c, w in row).rstrip() for row in cells)
+
+
+@main.command()
+@redis_option
+@click.option(
+    "--host",
+    envvar="IMGCLS_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; 0.0.0.0 in a container (env IMGCLS_HOST).",
+)
+@click.option(
+    "--port", envvar="IMGCLS_PORT", default=8000, show_default=True, help="Port to listen on."
+)
+@click.option(
+    "--token",
+    envvar="IMGCLS_API_TOKEN",
+    default=None,
+    help="Require 'Authorization: Bearer TOKEN' on /v1/* (env IMGCLS_API_TOKEN; prefer the "
+    "environment, so the token stays out of process listings) [default: no auth].",
+)
+@click.option(
+    "--max-body-bytes",
+    envvar="IMGCLS_MAX_BODY_BYTES",
+    type=click.IntRange(min=1),
+    default=1024 * 1024,
+    show_default=True,
+    help="Larger request bodies are refused with 413 (env IMGCLS_MAX_BODY_BYTES).",
+)
+@click.option(
+    "--chunk-size", default=defaults.CHUNK_SIZE, show_default=True, help="Jobs per queue message."
+)
+@log_options("info")
+def serve(
+    redis_url: str,
+    host: str,
+    port: int,
+    token: str | None,
+    max_body_bytes: int,
+    chunk_size: int,
+    log_level: str,
+    log_json: bool,
+) -> None:
+    """Run the HTTP gateway: POST /v1/jobs, GET /v1/jobs/{id}, GET /v1/models, /docs."""
+    import uvicorn
+
+    from producer.gateway import GatewaySettings, create_app
+
+    configure_logging(log_level, log_json)
+    settings = GatewaySettings(redis_url, token or None, max_body_bytes, chunk_size)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_config=None,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=10,
+    )
+
+
+def _uris(
+    args: tuple[str, ...], from_file: IO[str] | None, s3_prefix: str | None = None
+) -> Iterator[SubmitRequest]:
     if args == ("-",):
         args, from_file = (), sys.stdin
     lines: Iterable[str] = from_file if from_file is not None else ()
+    listed: Iterable[str] = bulk.s3_uris(s3_prefix) if s3_prefix else ()
     for uri in (*args, *lines):
         if uri.strip():
             yield SubmitRequest(uri.strip())
+    for uri in listed:
+        yield SubmitRequest(uri)
 
 
-def _print(jobs: Iterable[Job | None]) -> None:
+def _print(jobs: Iterable[Job | None], report: bulk.Summary | None = None) -> None:
     for job in jobs:
         click.echo(json.dumps(None if job is None else job.to_dict()))
+        if report is not None:
+            report.add([job])
+
+
+def _fail(e: ServiceError, log_json: bool) -> None:
+    """Exit 1 with the error's type: as a JSON log line with --log-json, else as text."""
+    if log_json:
+        log.error("%s: %s", e.type, e, extra={"error_type": e.type})
+        raise SystemExit(1) from e
+    raise click.ClickException(f"{e.type}: {e}") from e
+
+
+def configure_logging(level: str, as_json: bool) -> None:
+    """Logs to stderr, as text or as JSON lines, for this process and everything it runs."""
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

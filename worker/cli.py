@@ -157,7 +157,14 @@ def _floats(text: str) -> tuple[float, float, float]:
     "--metrics-port",
     envvar="IMGCLS_METRICS_PORT",
     default=0,
-    help="Serve Prometheus metrics on this port; 0 turns it off.",
+    help="Serve /metrics (Prometheus), /healthz (liveness) and /readyz (model warm and "
+    "consuming) on this port; 0 turns them off.",
+)
+@click.option(
+    "--metrics-host",
+    envvar="IMGCLS_METRICS_HOST",
+    default="0.0.0.0",
+    help="Address the metrics and health endpoint listens on.",
 )
 @click.option("--worker-id", envvar="IMGCLS_WORKER_ID", help="[default: HOSTNAME-PID]")
 @click.option("--log-level", envvar="IMGCLS_LOG_LEVEL", default="INFO")
@@ -172,15 +179,19 @@ def main(**opts: object) -> None:
     settings = _settings(opts)
     configure_logging(settings.log_level, settings.log_json)
     from worker.app import run_worker, setup
+    from worker.health import HealthServer
     from worker.models import ModelLoadError
 
+    # Up before the model loads: live but not ready while it warms.
+    port = settings.metrics_port
+    health = HealthServer(opts["metrics_host"], port).start() if port else None
     try:
         runtime = setup(settings)
     except (ModelLoadError, ValueError) as e:
         log.critical("worker not started: %s", e)
         sys.exit(2)
-    if settings.metrics_port:
-        runtime.metrics.serve(settings.metrics_port)
+    if health is not None:
+        health.attach(runtime)
     sys.exit(run_worker(runtime, heartbeat_s=defaults.HEARTBEAT_S))
 
 

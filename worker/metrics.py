@@ -65,5 +65,15 @@ class Metrics:
             error_type = job.error.type if job.error is not None else ""
             self.jobs.labels(self.model, job.status, error_type).inc()
 
+    def watch_device(self, device: str) -> None:
+        """Sample the device memory allocated at scrape time; a CPU worker has no sample."""
+        if not device.startswith("cuda"):
+            return
+        import torch
+
+        index = torch.device(device)
+        gauge = self.device_memory.labels(self.model, device)
+        gauge.set_function(lambda: torch.cuda.memory_allocated(index))
+
     def serve(self, port: int) -> None:
         start_http_server(port, addr="0.0.0.0", registry=self.registry)

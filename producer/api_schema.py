@@ -1,0 +1,164 @@
+"""The gateway's request and response bodies: contract.job's schema as pydantic models.
+
+The models are what the OpenAPI schema shows; contract.job's validators run inside them, so the
+gateway refuses exactly what the Python API refuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
+
+from contract import defaults
+from contract.errors import InvalidRequest
+from contract.job import STATUSES, validate_job_id, validate_model_name, validate_uri
+
+# Most jobs one POST may carry.
+MAX_JOBS_PER_REQUEST = 10_000
+
+
+def _checked(validate: Callable[[str], str]) -> AfterValidator:
+    """Run a contract validator, so that the gateway refuses exactly what the client refuses."""
+
+    def check(value: str) -> str:
+        try:
+            return validate(value)
+        except InvalidRequest as e:
+            raise ValueError(str(e)) from e
+
+    return AfterValidator(check)
+
+
+# contract.job's rules written as schema patterns, so that clients (and schemathesis) can tell
+# what is accepted; the contract's validators still decide, and the schemathesis test fails if
+# the two drift apart.
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+URI_PATTERN = (
+    "^(?:"
+    + "|".join(
+        (
+            r"[^A-Za-z\s\x00][^\x00]*",  # starts with neither a letter nor a space
+            r"\s[^\x00]*[^\s\x00][^\x00]*",  # starts with a space, but is not blank
+            # starts with a word that is not followed by "://" (so not a scheme)
+            r"[A-Za-z][A-Za-z0-9+.-]*(?:$|[^A-Za-z0-9+.:\x00-]|:$|:[^/\x00]|:/$|:/[^/\x00])[^\x00]*",
+            r"(?:[sS]3|[hH][tT][tT][pP][sS]?|[fF][iI][lL][eE])://[^\x00]*",  # an allowed scheme
+        )
+    )
+    + ")$"
+)
+
+JobId = Annotated[
+    str,
+    Field(max_length=defaults.MAX_JOB_ID_LEN, pattern=JOB_ID_PATTERN),
+    _checked(validate_job_id),
+]
+Uri = Annotated[
+    str, Field(max_length=defaults.MAX_URI_LEN, pattern=URI_PATTERN), _checked(validate_uri)
+]
+ModelName = Annotated[
+    str, Field(max_length=100, pattern=MODEL_PATTERN), _checked(validate_model_name)
+]
+TopK = Annotated[int, Field(ge=1, le=defaults.MAX_TOP_K)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobIn(_Strict):
+    uri: Uri
+    id: JobId | None = Field(None, description="Your own job ID; generated when left out.")
+
+
+class SubmitOne(JobIn):
+    """One job."""
+
+    model: ModelName = defaults.MODEL
+    top_k: TopK = defaults.TOP_K
+
+
+class SubmitMany(_Strict):
+    """Many jobs for one model; the reply lists their records in the same order."""
+
+    jobs: list[JobIn] = Field(min_length=1, max_length=MAX_JOBS_PER_REQUEST)
+    model: ModelName = defaults.MODEL
+    top_k: TopK = defaults.TOP_K
+
+
+def _body_kind(body: Any) -> str | None:
+    """Which shape a body has: 'jobs' means many; anything else that is an object, one."""
+    if isinstance(body, SubmitMany) or (isinstance(body, dict) and "jobs" in body):
+        return "many"
+    return "one" if isinstance(body, SubmitOne | dict) else None
+
+
+Submission = Annotated[
+    Annotated[SubmitOne, Tag("one")] | Annotated[SubmitMany, Tag("many")],
+    Discriminator(
+        _body_kind,
+        custom_error_type="invalid_body",
+        custom_error_message="send a JSON object (Content-Type: application/json) with 'uri' "
+        "for one job or 'jobs' for many",
+    ),
+]
+
+
+class PredictionOut(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class JobOut(BaseModel):
+    """A job record, exactly as ``contract.job.Job.to_dict`` writes it."""
+
+    id: str
+    uri: str
+    model: str
+    top_k: int
+    status: Literal[STATUSES]  # type: ignore[valid-type]
+    submitted: float | None
+    started: float | None
+    finished: float | None
+    attempts: int
+    worker: str | None
+    weights: str | None
+    random_weights: bool | None
+    predictions: list[PredictionOut] | None
+    error: ErrorBody | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+
+
+class ModelOut(BaseModel):
+    name: str
+    weights: str
+    random_weights: bool
+    num_classes: int
+    device: str
+    workers: list[str] = Field(description="IDs of the workers with a live heartbeat.")
+    queue_depth: int = Field(description="Messages waiting (each carries up to a chunk of jobs).")
+    oldest_queued_age_s: float | None
+
+
+class ModelList(BaseModel):
+    models: list[ModelOut]
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error codes, all with the ``{"error": {type, message}}`` body."""
+    return {code: {"model": ErrorOut} for code in codes}

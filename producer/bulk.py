@@ -1,0 +1,110 @@
+"""Bulk submission for people: URIs from an S3 prefix, waiting with progress, a summary.
+
+The Python API streams; these helpers add what a terminal wants on top of it without holding
+more than the job IDs in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from contract.errors import InvalidRequest, NotFound
+from contract.job import DONE, FAILED, Job
+from producer.client import Client
+
+# Seconds between progress updates while waiting for results.
+PROGRESS_STEP_S = 1.0
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/prefix`` as (bucket, prefix); the prefix may be empty."""
+    if not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]:
+        raise InvalidRequest(f"{uri!r} is not an S3 prefix: write s3://bucket/prefix")
+    bucket, _, prefix = uri[5:].partition("/")
+    return bucket, prefix
+
+
+def s3_uris(prefix_uri: str, s3_client: object | None = None) -> Iterator[str]:
+    """Every object under an S3 prefix as an ``s3://`` URI, listed page by page."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = split_s3_uri(prefix_uri)
+    client = s3_client or boto3.client("s3")
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    try:
+        for page in pages:
+            for obj in page.get("Contents", ()):
+                if not obj["Key"].endswith("/"):
+                    yield f"s3://{bucket}/{obj['Key']}"
+    except (BotoCoreError, ClientError) as e:
+        raise NotFound(f"cannot list {prefix_uri}: {e}") from e
+
+
+def wait_with_progress(
+    client: Client, job_ids: Sequence[str], timeout: float, advance: Callable[[int], object]
+) -> list[Job | None]:
+    """Like ``Client.wait_many``, calling ``advance(n)`` as ``n`` more jobs become final."""
+    latest: dict[str, Job | None] = {}
+    pending = list(dict.fromkeys(job_ids))
+    deadline = time.monotonic() + timeout
+    while pending:
+        left = deadline - time.monotonic()
+        step = max(0.0, min(PROGRESS_STEP_S, left))
+        found = client.wait_many(pending, step)
+        latest.update(zip(pending, found, strict=True))
+        still = [i for i, job in zip(pending, found, strict=True) if job and not job.is_final]
+        advance(len(pending) - len(still))
+        pending = still
+        if left <= step:
+            break
+    return [latest.get(i) for i in job_ids]
+
+
+@dataclass
+class Summary:
+    """Counts of what a bulk run did; ``rate`` is finished (or, without waiting, queued) jobs/s."""
+
+    started: float = field(default_factory=time.monotonic)
+    submitted: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def add(self, jobs: Iterable[Job | None]) -> None:
+        for job in jobs:
+            self.statuses[job.status if job else "missing"] += 1
+            if job is not None and job.error is not None:
+                self.errors[job.error.type] += 1
+
+    def stop(self) -> None:
+        self.seconds = time.monotonic() - self.started
+
+    @property
+    def rate(self) -> float:
+        finished = self.statuses[DONE] + self.statuses[FAILED]
+        counted = finished or self.submitted
+        return counted / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "submitted": self.submitted,
+            "done": self.statuses[DONE],
+            "failed": self.statuses[FAILED],
+            "failed_by_type": dict(self.errors),
+            "pending": self.submitted - self.statuses[DONE] - self.statuses[FAILED],
+            "seconds": round(self.seconds, 3),
+            "img_per_s": round(self.rate, 2),
+        }
+
+    def text(self) -> str:
+        d = self.to_dict()
+        by_type = ", ".join(f"{t} {n}" for t, n in sorted(self.errors.items()))
+        failed = f"failed {d['failed']}" + (f" ({by_type})" if by_type else "")
+        return (
+            f"submitted {d['submitted']}, done {d['done']}, {failed}, pending {d['pending']} "
+            f"in {self.seconds:.1f} s: {self.rate:.1f} img/s"
+        )

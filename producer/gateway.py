@@ -1,0 +1,322 @@
+"""The HTTP gateway: the Python API over HTTP, with the same job records and error types.
+
+Errors answer ``{"error": {"type", "message"}}`` with the ``type`` the Python API raises.
+Long-polls share one subscription to the finished-jobs channel instead of one per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import redis
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Security
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from contract import defaults, registry
+from contract.errors import AccessDenied, InvalidRequest, NotFound, ServiceError, TooLarge
+from contract.job import validate_job_id
+from producer import status
+from producer.api_schema import (
+    JOB_ID_PATTERN,
+    JobList,
+    JobOut,
+    ModelList,
+    Submission,
+    SubmitOne,
+    error_responses,
+)
+from producer.client import Client, SubmitRequest
+from producer.finished import FinishedHub
+
+log = logging.getLogger(__name__)
+
+# Largest request body accepted, in bytes, unless the operator says otherwise.
+MAX_BODY_BYTES = 1024 * 1024
+# Longest long-poll a GET may ask for, in seconds.
+MAX_WAIT_S = 60.0
+
+# HTTP status for each error type; anything else is a 500.
+_HTTP_STATUS = {
+    InvalidRequest.type: 422,
+    "unsupported_model": 422,
+    NotFound.type: 404,
+    AccessDenied.type: 401,
+    TooLarge.type: 413,
+    "unavailable": 503,
+}
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    redis_url: str = defaults.REDIS_URL
+    token: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    chunk_size: int = defaults.CHUNK_SIZE
+
+
+# -- request size ------------------------------------------------------------------------
+
+
+class BodyLimit:
+    """Refuse bodies over ``max_bytes`` with 413, whether or not they declare a length."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body = await self._read(scope, receive)
+        if body is None:
+            limit = f"the request body is larger than {self.max_bytes} bytes"
+            await _error_response(TooLarge(limit))(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The whole body, or None as soon as it is known to be too large."""
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return None
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return None
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+def _error_response(error: ServiceError, status_code: int | None = None) -> JSONResponse:
+    code = status_code or _HTTP_STATUS.get(error.type, 500)
+    headers = {"WWW-Authenticate": "Bearer"} if code == 401 else None
+    return JSONResponse({"error": error.to_dict()}, status_code=code, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def service_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)
+        return _error_response(exc)
+
+    async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        problems = exc.errors()
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in problems[:5]
+        )
+        malformed = any(e["type"] == "json_invalid" for e in problems)
+        return _error_response(InvalidRequest(message), 400 if malformed else 422)
+
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        kind = NotFound if exc.status_code == 404 else InvalidRequest
+        reply = _error_response(kind(str(exc.detail)), exc.status_code)
+        reply.headers.update(exc.headers or {})  # Allow on a 405
+        return reply
+
+    async def redis_down(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(
+            {"error": {"type": "unavailable", "message": f"Redis is unreachable: {exc}"}},
+            status_code=503,
+        )
+
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(redis.RedisError, redis_down)
+
+
+# -- routes ------------------------------------------------------------------------------
+
+
+async def _known_query_only(request: Request) -> None:
+    """Refuse query parameters the endpoint does not take: ``?wiat=30`` would silently not wait."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    known = _query_names(dependant) if dependant is not None else set()
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        takes = ", ".join(sorted(known)) or "none"
+        raise InvalidRequest(f"unknown query parameters {unknown}; this endpoint takes: {takes}")
+
+
+def _query_names(dependant: Any) -> set[str]:
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+router = APIRouter(
+    prefix="/v1",
+    responses=error_responses(400, 413, 422, 503),
+    dependencies=[Depends(_known_query_only)],
+)
+_bearer = HTTPBearer(auto_error=False, description="Required when the gateway has a token.")
+
+
+def _client(request: Request) -> Client:
+    return request.app.state.client
+
+
+def _hub(request: Request) -> FinishedHub:
+    return request.app.state.hub
+
+
+ClientDep = Annotated[Client, Depends(_client)]
+HubDep = Annotated[FinishedHub, Depends(_hub)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+
+
+def _token_checker(token: str) -> Callable[..., Awaitable[None]]:
+    async def check(credentials: Credentials) -> None:
+        given = "" if credentials is None else credentials.credentials
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise AccessDenied("a valid bearer token is required: Authorization: Bearer <token>")
+
+    return check
+
+
+@router.post("/jobs", status_code=202, response_model=JobOut | JobList)
+def submit(body: Submission, client: ClientDep) -> dict[str, Any]:
+    """Queue one job, or many for one model; returns the records in request order."""
+    if isinstance(body, SubmitOne):
+        job = client.submit(body.uri, model=body.model, top_k=body.top_k, job_id=body.id)
+        return job.to_dict()
+    requests = [SubmitRequest(j.uri, j.id) for j in body.jobs]
+    jobs = client.submit_many(requests, model=body.model, top_k=body.top_k)
+    return {"jobs": [j.to_dict() for j in jobs]}
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=error_responses(404))
+async def get_job(
+    job_id: Annotated[str, Path(max_length=defaults.MAX_JOB_ID_LEN, pattern=JOB_ID_PATTERN)],
+    client: ClientDep,
+    hub: HubDep,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="Seconds to wait.")] = 0.0,
+) -> dict[str, Any]:
+    """A job's record; with ``wait``, once it is final or ``wait`` seconds have passed."""
+    validate_job_id(job_id)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    with hub.watch(job_id) as finished:
+        while True:
+            job = await run_in_threadpool(client.get, job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id!r} (never submitted, or its record expired)")
+            left = deadline - loop.time()
+            if job.is_final or left <= 0:
+                return job.to_dict()
+            # Re-read at least every recheck interval, in case an announcement was missed.
+            with suppress(TimeoutError):
+                await asyncio.wait_for(finished.wait(), min(defaults.WAIT_RECHECK_S, left))
+            finished.clear()
+
+
+@router.get("/models", response_model=ModelList)
+def models(client: ClientDep) -> dict[str, Any]:
+    """Every registered model, with its live workers and queue depth."""
+    found = []
+    for state in status.snapshot(client.redis):
+        info = registry.get_model(client.redis, state.model)
+        if info is not None:
+            found.append(_model_out(info, state))
+    return {"models": found}
+
+
+def _model_out(info: registry.ModelInfo, state: status.ModelStatus) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "weights": info.weights,
+        "random_weights": info.random_weights,
+        "num_classes": info.num_classes,
+        "device": info.device,
+        "workers": list(state.workers),
+        "queue_depth": state.queued,
+        "oldest_queued_age_s": state.oldest_age_s,
+    }
+
+
+def _health_routes(app: FastAPI) -> None:
+    @app.get("/healthz", responses=error_responses(503))
+    def healthz(client: ClientDep) -> dict[str, str]:
+        """200 while Redis answers; no token needed."""
+        client.redis.ping()
+        return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(request: Request) -> Response:
+        """Queue depth and oldest queued age of every model, for scaling from zero workers."""
+        return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
+
+
+# -- the app -----------------------------------------------------------------------------
+
+
+def create_app(
+    settings: GatewaySettings | None = None,
+    client_factory: Callable[[], Client] | None = None,
+) -> FastAPI:
+    """The gateway app; ``client_factory`` lets tests hand in their own ``Client``."""
+    settings = settings or GatewaySettings()
+    factory = client_factory or (
+        lambda: Client.from_url(settings.redis_url, chunk_size=settings.chunk_size)
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = factory()
+        app.state.client = client
+        app.state.hub = FinishedHub(client.redis, asyncio.get_running_loop())
+        app.state.metrics = CollectorRegistry()
+        collector = status.QueueCollector(client.redis, lambda: registry.known_models(client.redis))
+        app.state.metrics.register(collector)
+        app.state.hub.start()
+        try:
+            yield
+        finally:
+            app.state.hub.stop()
+            client.close()
+
+    app = FastAPI(
+        title="imgcls gateway",
+        version="1",
+        summary="Queue images for classification and read their top-k labels.",
+        lifespan=lifespan,
+    )
+    auth = [Security(_token_checker(settings.token))] if settings.token else []
+    app.include_router(router, dependencies=auth, responses=error_responses(401) if auth else None)
+    _health_routes(app)
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

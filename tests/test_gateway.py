@@ -1,0 +1,322 @@
+"""The HTTP gateway over real HTTP: a real redis-server, a real worker, a real uvicorn."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contract import keys
+from contract.errors import InvalidRequest, UnsupportedModel
+from contract.job import JobError, validate_job_id, validate_uri
+from contract.store import JobStore
+from producer.api_schema import JOB_ID_PATTERN, URI_PATTERN
+from producer.client import Client
+from tests.conftest import RedisServer, free_port
+from tests.support import WorkerProcess, write_images
+from tests.support_gateway import GatewayProcess, register_idle_model
+
+MODEL = "mobilenet_v3_small"
+IDLE = "idle-model"
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@dataclass
+class Stack:
+    redis_url: str
+    http: httpx.Client
+    worker: WorkerProcess
+    images: list[Path]
+    workdir: Path
+
+    def client(self) -> Client:
+        return Client.from_url(self.redis_url)
+
+
+@pytest.fixture(scope="module")
+def stack(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory, torch_home: str
+) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("gateway")
+    flush = redis.Redis.from_url(redis_server.url)
+    flush.flushall()
+    flush.close()
+    images = write_images(workdir / "images", 3, width=96, height=80)
+    args = ["--weights", "none", "--device", "cpu", "--allowed-root", str(workdir)]
+    worker = WorkerProcess(
+        redis_server.url, MODEL, args, workdir, env={"TORCH_HOME": torch_home}
+    ).start(wait=False)
+    register_idle_model(redis_server.url, IDLE)
+    gateway = GatewayProcess(redis_server.url, workdir, token=TOKEN).start()
+    http = httpx.Client(base_url=gateway.url, headers=AUTH, timeout=60)
+    try:
+        worker.wait_ready(120)
+        yield Stack(redis_server.url, http, worker, images, workdir)
+    finally:
+        http.close()
+        gateway.stop()
+        worker.stop()
+
+
+def test_one_job_long_polls_to_the_same_record_the_python_api_reads(stack: Stack) -> None:
+    uri = str(stack.images[0])
+    posted = stack.http.post("/v1/jobs", json={"uri": uri, "model": MODEL, "top_k": 3})
+    assert posted.status_code == 202
+    queued = posted.json()
+    assert queued["uri"] == uri and queued["status"] in ("queued", "running", "done")
+
+    got = stack.http.get(f"/v1/jobs/{queued['id']}", params={"wait": 30})
+
+    assert got.status_code == 200
+    record = got.json()
+    assert record["status"] == "done"
+    assert record["worker"] == stack.worker.worker_id
+    assert [p["index"] for p in record["predictions"]] != [] and len(record["predictions"]) == 3
+    client = stack.client()
+    try:
+        assert client.get(queued["id"]).to_dict() == record
+    finally:
+        client.close()
+
+
+def test_many_jobs_keep_request_order_and_failures_carry_the_python_error_contract(
+    stack: Stack,
+) -> None:
+    jobs = [{"uri": str(p), "id": f"many-{i}"} for i, p in enumerate(stack.images)]
+    jobs.append({"uri": str(stack.workdir / "no-such.jpg"), "id": "many-missing"})
+
+    posted = stack.http.post("/v1/jobs", json={"jobs": jobs, "model": MODEL})
+
+    assert posted.status_code == 202
+    assert [j["id"] for j in posted.json()["jobs"]] == [j["id"] for j in jobs]
+    finals = [stack.http.get(f"/v1/jobs/{j['id']}", params={"wait": 30}).json() for j in jobs]
+    assert [f["status"] for f in finals] == ["done", "done", "done", "failed"]
+    client = stack.client()
+    try:
+        via_python = client.wait_many([j["id"] for j in jobs], 30)
+    finally:
+        client.close()
+    assert [j.to_dict() for j in via_python] == finals
+    assert finals[-1]["error"]["type"] == "not_found"
+
+
+def test_resubmitting_an_id_returns_the_existing_record(stack: Stack) -> None:
+    body = {"uri": str(stack.images[1]), "id": "same-id", "model": MODEL}
+    first = stack.http.post("/v1/jobs", json=body).json()
+    stack.http.get("/v1/jobs/same-id", params={"wait": 30})
+
+    again = stack.http.post("/v1/jobs", json={**body, "uri": str(stack.images[2])})
+
+    assert again.status_code == 202
+    assert again.json()["uri"] == first["uri"]
+    assert again.json()["status"] == "done"
+
+
+def test_long_poll_returns_the_record_once_the_job_finishes(stack: Stack) -> None:
+    posted = stack.http.post("/v1/jobs", json={"uri": "never-run.jpg", "model": IDLE}).json()
+    client = redis.Redis.from_url(stack.redis_url)
+    client.config_resetstat()
+    replies: list[httpx.Response] = []
+    url = f"/v1/jobs/{posted['id']}"
+    poll = threading.Thread(target=lambda: replies.append(stack.http.get(url, params={"wait": 60})))
+    poll.start()
+    _wait_for_reads(client, 1)  # the poll has seen the job queued
+    store = JobStore(client)
+    job = store.get(posted["id"])
+    assert job is not None and job.status == "queued"
+    store.finish_many([job.failed(JobError("internal", "finished by the test"), 1.0)])
+    poll.join(timeout=60)
+    client.close()
+
+    assert replies and replies[0].status_code == 200
+    assert replies[0].json()["error"] == {"type": "internal", "message": "finished by the test"}
+
+
+def _reads(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_mget", {}).get("calls", 0))
+
+
+def _wait_for_reads(client: redis.Redis, count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while _reads(client) < count:
+        assert time.monotonic() < deadline, "the gateway never read the job"
+        time.sleep(0.01)
+
+
+def test_long_poll_reads_the_record_about_once_a_second_not_in_a_loop(stack: Stack) -> None:
+    posted = stack.http.post("/v1/jobs", json={"uri": "never-run.jpg", "model": IDLE}).json()
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        client.config_resetstat()
+        got = stack.http.get(f"/v1/jobs/{posted['id']}", params={"wait": 2})
+        reads = _reads(client)
+    finally:
+        client.close()
+
+    assert got.status_code == 200 and got.json()["status"] == "queued"
+    assert 2 <= reads <= 10
+
+
+def test_models_lists_live_workers_and_queue_depth(stack: Stack) -> None:
+    for _ in range(2):
+        stack.http.post("/v1/jobs", json={"uri": "queued.jpg", "model": IDLE})
+
+    models = {m["name"]: m for m in stack.http.get("/v1/models").json()["models"]}
+
+    assert stack.worker.worker_id in models[MODEL]["workers"]
+    assert models[IDLE]["workers"] == []
+    depth = redis.Redis.from_url(stack.redis_url).llen(keys.queue_name(IDLE))
+    assert models[IDLE]["queue_depth"] == depth >= 2
+    assert models[IDLE]["oldest_queued_age_s"] >= 0
+
+
+def test_without_or_with_a_wrong_token_requests_are_refused(stack: Stack) -> None:
+    url = str(stack.http.base_url).rstrip("/")
+    missing = httpx.get(f"{url}/v1/models")
+    wrong = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer nope"})
+
+    for reply in (missing, wrong):
+        assert reply.status_code == 401
+        assert reply.json()["error"]["type"] == "access_denied"
+        assert reply.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_unknown_model_gives_the_same_error_type_as_the_python_api(stack: Stack) -> None:
+    reply = stack.http.post("/v1/jobs", json={"uri": "a.jpg", "model": "no-such-model"})
+
+    client = stack.client()
+    try:
+        with pytest.raises(UnsupportedModel) as raised:
+            client.submit("a.jpg", model="no-such-model")
+    finally:
+        client.close()
+    assert reply.status_code == 422
+    assert reply.json()["error"]["type"] == raised.value.type == "unsupported_model"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"uri": "a.jpg", "id": "has space", "model": MODEL},
+        {"uri": "ftp://host/a.jpg", "model": MODEL},
+        {"uri": "a.jpg", "model": MODEL, "top_k": 0},
+        {"jobs": [], "model": MODEL},
+        {"uri": "a.jpg", "unknown_field": 1},
+        [1, 2],
+    ],
+)
+def test_invalid_requests_are_422_invalid_request_and_queue_nothing(
+    stack: Stack, body: object
+) -> None:
+    before = redis.Redis.from_url(stack.redis_url).llen(keys.queue_name(MODEL))
+
+    reply = stack.http.post("/v1/jobs", json=body)
+
+    assert reply.status_code == 422
+    assert reply.json()["error"]["type"] == InvalidRequest.type
+    assert redis.Redis.from_url(stack.redis_url).llen(keys.queue_name(MODEL)) == before
+
+
+def test_one_bad_uri_refuses_the_whole_batch(stack: Stack) -> None:
+    jobs = [{"uri": "fine.jpg", "id": "batch-ok"}, {"uri": "ftp://x/y.jpg", "id": "batch-bad"}]
+
+    reply = stack.http.post("/v1/jobs", json={"jobs": jobs, "model": IDLE})
+
+    assert reply.status_code == 422
+    assert stack.http.get("/v1/jobs/batch-ok").status_code == 404
+
+
+def test_malformed_json_is_400(stack: Stack) -> None:
+    reply = stack.http.post(
+        "/v1/jobs", content=b'{"uri": ', headers={"Content-Type": "application/json"}
+    )
+
+    assert reply.status_code == 400
+    assert reply.json()["error"]["type"] == "invalid_request"
+
+
+def test_an_unknown_query_parameter_is_refused_rather_than_ignored(stack: Stack) -> None:
+    reply = stack.http.get("/v1/jobs/some-job", params={"wiat": 30})
+
+    assert reply.status_code == 422
+    assert "wiat" in reply.json()["error"]["message"]
+
+
+def test_unknown_job_is_404_and_a_bad_id_422(stack: Stack) -> None:
+    unknown = stack.http.get("/v1/jobs/never-submitted")
+    bad = stack.http.get("/v1/jobs/-bad")
+
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "not_found"
+    assert bad.status_code == 422 and bad.json()["error"]["type"] == "invalid_request"
+
+
+def test_bodies_over_the_limit_are_413_with_or_without_a_length(stack: Stack) -> None:
+    big = b'{"uri": "' + b"a" * (2 * 1024 * 1024) + b'"}'
+    headers = {"Content-Type": "application/json"}
+
+    declared = stack.http.post("/v1/jobs", content=big, headers=headers)
+    chunked = stack.http.post("/v1/jobs", content=iter([big[:1000], big[1000:]]), headers=headers)
+
+    for reply in (declared, chunked):
+        assert reply.status_code == 413
+        assert reply.json()["error"]["type"] == "too_large"
+
+
+def test_openapi_schema_describes_the_endpoints(stack: Stack) -> None:
+    schema = stack.http.get("/openapi.json").json()
+
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/models"} <= set(schema["paths"])
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+def test_redis_down_is_503_unavailable(tmp_path: Path) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    gateway = GatewayProcess(dead, tmp_path).start()
+    try:
+        posted = httpx.post(f"{gateway.url}/v1/jobs", json={"uri": "a.jpg"}, timeout=30)
+        got = httpx.get(f"{gateway.url}/v1/jobs/some-id", timeout=30)
+        health = httpx.get(f"{gateway.url}/healthz", timeout=30)
+    finally:
+        gateway.stop()
+
+    for reply in (posted, got, health):
+        assert reply.status_code == 503
+        assert reply.json()["error"]["type"] == "unavailable"
+
+
+def _accepts(validate: Callable[[str], str], value: str) -> bool:
+    try:
+        validate(value)
+    except InvalidRequest:
+        return False
+    return True
+
+
+_URI_CHARS = st.sampled_from(list("aZs3:/ \t\n\x00.+-hftpie\x1c\u00a0x"))
+_ID_CHARS = st.sampled_from(list("aZ09._:-/ \n\x00é"))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(uri=st.text(_URI_CHARS, max_size=12) | st.text(max_size=12))
+def test_the_schema_uri_pattern_accepts_exactly_what_the_contract_accepts(uri: str) -> None:
+    assert (re.match(URI_PATTERN, uri) is not None) == _accepts(validate_uri, uri)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(job_id=st.text(_ID_CHARS, min_size=1, max_size=8))
+def test_every_job_id_the_schema_allows_is_accepted_by_the_contract(job_id: str) -> None:
+    # Only this direction: contract.job's `$` also lets a trailing newline through ("a\n"),
+    # which the schema rightly refuses.
+    if re.fullmatch(JOB_ID_PATTERN, job_id):
+        assert _accepts(validate_job_id, job_id)
