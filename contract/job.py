@@ -37,9 +37,12 @@ STATUSES = (QUEUED, RUNNING, DONE, FAILED)
 FINAL = (DONE, FAILED)
 
 URI_SCHEMES = ("s3://", "http://", "https://", "file://")
-_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+# Whole-string patterns, also published in the HTTP API's schema.
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_JOB_ID = re.compile(JOB_ID_PATTERN.rstrip("$"))
+_MODEL = re.compile(MODEL_PATTERN.rstrip("$"))
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,7 @@ def new_job_id() -> str:
 def validate_job_id(job_id: str) -> str:
     if not isinstance(job_id, str) or not job_id:
         raise InvalidRequest("job ID must be a non-empty string")
-    if len(job_id) > defaults.MAX_JOB_ID_LEN or not _JOB_ID.match(job_id):
+    if len(job_id) > defaults.MAX_JOB_ID_LEN or not _JOB_ID.fullmatch(job_id):
         raise InvalidRequest(
             f"job ID {job_id[:40]!r} must be at most {defaults.MAX_JOB_ID_LEN} characters of "
             "letters, digits, '.', '_', ':' and '-', starting with a letter or digit"
@@ -180,7 +183,7 @@ def validate_job_id(job_id: str) -> str:
 
 
 def validate_model_name(model: str) -> str:
-    if not isinstance(model, str) or not _MODEL.match(model) or len(model) > 100:
+    if not isinstance(model, str) or not _MODEL.fullmatch(model) or len(model) > 100:
         raise InvalidRequest(f"model name {model!r} is not a valid name")
     return model
 

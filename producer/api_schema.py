@@ -13,7 +13,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field
 
 from contract import defaults
 from contract.errors import InvalidRequest
-from contract.job import STATUSES, validate_job_id, validate_model_name, validate_uri
+from contract.job import (
+    JOB_ID_PATTERN,
+    MODEL_PATTERN,
+    STATUSES,
+    validate_job_id,
+    validate_model_name,
+    validate_uri,
+)
 
 # Most jobs one POST may carry.
 MAX_JOBS_PER_REQUEST = 10_000
@@ -34,8 +41,6 @@ def _checked(validate: Callable[[str], str]) -> AfterValidator:
 # contract.job's rules written as schema patterns, so that clients (and schemathesis) can tell
 # what is accepted; the contract's validators still decide, and the schemathesis test fails if
 # the two drift apart.
-JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
-MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 URI_PATTERN = (
     "^(?:"
     + "|".join(

@@ -9,7 +9,15 @@ import pytest
 
 from contract import keys
 from contract.errors import DecodeError, InvalidRequest
-from contract.job import Job, JobError, Prediction, validate_job_id, validate_top_k, validate_uri
+from contract.job import (
+    Job,
+    JobError,
+    Prediction,
+    validate_job_id,
+    validate_model_name,
+    validate_top_k,
+    validate_uri,
+)
 from contract.store import CLAIMED, FINAL, MISSING, POISONED, SUSPECT, JobStore
 
 
@@ -142,3 +150,11 @@ def test_finishing_announces_the_ids_on_the_channel(store: JobStore) -> None:
     store.finish_many([_job(i).failed(JobError("x", "y"), 1.0) for i in ("a", "b")])
     messages = [pubsub.get_message(timeout=0.5) for _ in range(3)]
     assert [json.loads(m["data"]) for m in messages if m] == [["a", "b"]]
+
+
+@pytest.mark.parametrize("value", ["abc\n", "abc\r\n"])
+def test_ids_and_model_names_with_a_trailing_newline_are_refused(value: str) -> None:
+    with pytest.raises(InvalidRequest):
+        validate_job_id(value)
+    with pytest.raises(InvalidRequest):
+        validate_model_name(value)

@@ -42,7 +42,9 @@ def _fake_runtime(threads: list[threading.Thread]) -> SimpleNamespace:
         redis=fakeredis.FakeRedis(),
         metrics=Metrics("m"),
         info=SimpleNamespace(device="cpu"),
-        pipeline=SimpleNamespace(_threads=threads),
+        pipeline=SimpleNamespace(
+            dead_stages=lambda: [t.name for t in threads if not t.is_alive()]
+        ),
     )
 
 

@@ -184,7 +184,7 @@ def main(**opts: object) -> None:
 
     # Up before the model loads: live but not ready while it warms.
     port = settings.metrics_port
-    health = HealthServer(opts["metrics_host"], port).start() if port else None
+    health = HealthServer(settings.metrics_host, port).start() if port else None
     try:
         runtime = setup(settings)
     except (ModelLoadError, ValueError) as e:
@@ -222,6 +222,7 @@ def _settings(o: dict) -> Settings:
         visibility_timeout_s=o["visibility_timeout"],
         max_attempts=o["max_attempts"],
         metrics_port=o["metrics_port"],
+        metrics_host=o["metrics_host"],
         log_level=o["log_level"].upper(),
         log_json=o["log_json"],
         **extra,

@@ -54,7 +54,7 @@ class Health:
         """Up, and once set up, every pipeline stage thread still running."""
         if self.runtime is None:
             return True, "loading the model"
-        dead = [t.name for t in self.runtime.pipeline._threads if not t.is_alive()]
+        dead = self.runtime.pipeline.dead_stages()
         return (False, f"pipeline threads died: {', '.join(dead)}") if dead else (True, "alive")
 
     def ready(self) -> tuple[bool, str]:

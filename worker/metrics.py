@@ -1,13 +1,13 @@
 """Prometheus metrics of one worker: jobs by outcome, per-stage latency, batch sizes, device memory.
 
-Each worker has its own registry (no module-level state), served by ``serve`` when a port is set.
+Each worker has its own registry (no module-level state), served by ``worker.health``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from contract.job import Job
 
@@ -74,6 +74,3 @@ class Metrics:
         index = torch.device(device)
         gauge = self.device_memory.labels(self.model, device)
         gauge.set_function(lambda: torch.cuda.memory_allocated(index))
-
-    def serve(self, port: int) -> None:
-        start_http_server(port, addr="0.0.0.0", registry=self.registry)

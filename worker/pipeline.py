@@ -97,6 +97,10 @@ class Pipeline:
         for t in self._threads:
             t.join()
 
+    def dead_stages(self) -> list[str]:
+        """Names of stage threads that are no longer running (none while healthy)."""
+        return [t.name for t in self._threads if not t.is_alive()]
+
     def expect(self, count: int) -> None:
         """Say that ``count`` items are being fetched and will be submitted soon."""
         with self._lock:

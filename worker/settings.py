@@ -58,6 +58,7 @@ class Settings:
     visibility_timeout_s: int = defaults.VISIBILITY_TIMEOUT_S
     max_attempts: int = defaults.MAX_ATTEMPTS
     metrics_port: int = METRICS_PORT
+    metrics_host: str = "0.0.0.0"
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     log_level: str = "INFO"
     log_json: bool = False
