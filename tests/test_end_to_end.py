@@ -22,8 +22,8 @@ from torchvision import transforms
 
 from contract import keys
 from contract.errors import InvalidRequest, UnsupportedModel
-from producer import Client, SubmitRequest
 from demo.stack import RedisServer
+from producer import Client, SubmitRequest
 from tests.support import ROOT, WorkerProcess, make_jpeg
 
 BUCKET = "photos"

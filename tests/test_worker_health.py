@@ -42,9 +42,7 @@ def _fake_runtime(threads: list[threading.Thread]) -> SimpleNamespace:
         redis=fakeredis.FakeRedis(),
         metrics=Metrics("m"),
         info=SimpleNamespace(device="cpu"),
-        pipeline=SimpleNamespace(
-            dead_stages=lambda: [t.name for t in threads if not t.is_alive()]
-        ),
+        pipeline=SimpleNamespace(dead_stages=lambda: [t.name for t in threads if not t.is_alive()]),
     )
 
 
