@@ -18,7 +18,10 @@ T0=$SECONDS
 mkdir -p "$OUT/logs"
 exec > >(tee -a "$OUT/device_run.log") 2>&1
 
-if [ -d .devkit ]; then
+# The GPU machine lacks Celery, redis-py, redis-server...: the carried kit brings them. Here
+# they are installed, and the kit's set-up would clash with the shared Redis on 6379.
+if [ -d .devkit ] && ! python3 -c 'import celery, redis, click, tenacity, prometheus_client' \
+  2>/dev/null; then
   # shellcheck disable=SC1091
   source .devkit/setup.sh || { echo "devkit set-up failed"; exit 1; }
 fi

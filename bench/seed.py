@@ -26,6 +26,7 @@ class SeedResult:
     images: int
     seconds: float
     torch_threads: int
+    cpu_ms_per_image: float
 
     @property
     def img_s(self) -> float:
@@ -69,9 +70,10 @@ def seed_loop(
     classify = textbook_classifier(name, device)
     for path in paths[:WARMUP_IMAGES]:
         classify(path)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     done = 0
     while done < max_images and (done == 0 or time.perf_counter() - started < seconds):
         classify(paths[done % len(paths)])
         done += 1
-    return SeedResult(done, time.perf_counter() - started, torch.get_num_threads())
+    cpu_ms = 1000 * (time.process_time() - cpu) / done
+    return SeedResult(done, time.perf_counter() - started, torch.get_num_threads(), cpu_ms)

@@ -183,8 +183,10 @@ class WorkerPool:
     def __enter__(self) -> WorkerPool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        """A run cut short (a timeout's SIGTERM) kills at once: a warm shutdown finishes the
+        messages in hand first, and the next run should not share the GPU with them."""
+        self.stop(graceful=exc_type is None)
 
     def ensure(self, count: int, timeout: float) -> None:
         """Start workers until ``count`` run, each on the next device, and wait for all."""
@@ -215,10 +217,10 @@ class WorkerPool:
     def metrics_ports(self) -> list[int]:
         return [w.metrics_port for w in self.workers]
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = True) -> None:
         for w in self.workers:
             if w.proc is not None and w.proc.poll() is None:
-                w.proc.send_signal(signal.SIGTERM)
+                w.proc.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
         for w in self.workers:
             w.stop()
         self.workers = []
