@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import redis
 
 from contract import defaults, keys
+from contract.errors import DecodeError
 from contract.job import Job
 
 # KEYS[1] job key. ARGV: now, worker, max_attempts, mode ("fresh" | "any"), channel.
@@ -128,7 +129,8 @@ class JobStore:
         for job_id in job_ids:
             args = [now, worker, max_attempts, mode, keys.finished_channel()]
             self._claim(keys=[keys.job_key(job_id), stats], args=args, client=pipe)
-        return [_claim(i, r) for i, r in zip(job_ids, pipe.execute(), strict=True)]
+        replies = pipe.execute(raise_on_error=False)
+        return [_claim(i, r) for i, r in zip(job_ids, replies, strict=True)]
 
     def finish_many(self, jobs: Sequence[Job]) -> list[bool]:
         """Store final records and announce them, in one round trip; True where written."""
@@ -150,8 +152,13 @@ class JobStore:
         return {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in raw.items()}
 
 
-def _claim(job_id: str, reply: Sequence[bytes | str]) -> Claim:
+def _claim(job_id: str, reply: Sequence[bytes | str] | Exception) -> Claim:
+    if isinstance(reply, Exception):  # e.g. WRONGTYPE: the key holds something else
+        return Claim(job_id, CORRUPT, None)
     state, raw = (x.decode() if isinstance(x, bytes) else x for x in reply)
     if state in (MISSING, CORRUPT):
         return Claim(job_id, state, None)
-    return Claim(job_id, state, Job.decode(raw))
+    try:
+        return Claim(job_id, state, Job.decode(raw))
+    except DecodeError:
+        return Claim(job_id, CORRUPT, None)

@@ -18,7 +18,7 @@ from contract.job import (
     validate_top_k,
     validate_uri,
 )
-from contract.store import CLAIMED, FINAL, MISSING, POISONED, SUSPECT, JobStore
+from contract.store import CLAIMED, CORRUPT, FINAL, MISSING, POISONED, SUSPECT, JobStore
 
 
 def _job(job_id: str = "j1") -> Job:
@@ -158,3 +158,11 @@ def test_ids_and_model_names_with_a_trailing_newline_are_refused(value: str) -> 
         validate_job_id(value)
     with pytest.raises(InvalidRequest):
         validate_model_name(value)
+
+
+def test_a_job_key_holding_something_else_is_reported_corrupt_not_raised(store: JobStore) -> None:
+    store.create_many([_job("good")])
+    store.redis.rpush(keys.job_key("list"), "x")
+    store.redis.set(keys.job_key("odd"), '{"id": "odd", "status": "running"}')
+    claims = store.claim_many(["list", "good", "odd"], "m", 1.0, "w", fresh_only=True)
+    assert [c.state for c in claims] == [CORRUPT, CLAIMED, CORRUPT]

@@ -15,9 +15,10 @@ from ipaddress import ip_network
 
 import redis
 import torch
-from celery import Celery
+from celery import Celery, Task
 
 from contract import keys, registry
+from contract.errors import MalformedMessage
 from contract.messaging import TASK_NAME, make_celery
 from contract.registry import ModelInfo
 from contract.store import JobStore
@@ -32,6 +33,10 @@ from worker.service import Service
 from worker.settings import CPU_BATCH_SIZE, GPU_BATCH_SIZE, Settings
 
 log = logging.getLogger(__name__)
+
+# Times a message that failed unexpectedly (not a job's fault, not a Redis outage) is retried
+# before its unfinished jobs are failed as internal errors.
+MESSAGE_RETRIES = 3
 
 
 @dataclass
@@ -126,9 +131,26 @@ def _decode_policy(settings: Settings, classifier: Classifier) -> DecodePolicy:
 
 
 def register_task(app: Celery, service: Service) -> None:
-    @app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-    def classify(job_ids: list[str]) -> None:
-        outcome = service.handle(job_ids)
+    @app.task(
+        name=TASK_NAME,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        max_retries=MESSAGE_RETRIES,
+    )
+    def classify(self: Task, job_ids: list[str]) -> None:
+        try:
+            outcome = service.handle(job_ids)
+        except MalformedMessage:
+            raise  # already dead-lettered: nothing to retry
+        except Exception as e:
+            # Celery acks a task that raises; without this its jobs would stay running forever.
+            if self.request.retries < MESSAGE_RETRIES:
+                log.exception("message failed unexpectedly; retrying it")
+                raise self.retry(exc=e, countdown=2**self.request.retries) from e
+            service.fail_unfinished(job_ids, e)
+            raise
         log.debug("message done: %s", outcome)
 
 

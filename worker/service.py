@@ -11,9 +11,17 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import redis
+
 from contract import keys
-from contract.errors import MalformedMessage, ServiceError, as_service_error
-from contract.job import Job, validate_top_k
+from contract.errors import (
+    DecodeError,
+    InternalError,
+    MalformedMessage,
+    ServiceError,
+    as_service_error,
+)
+from contract.job import Job, JobError, validate_top_k
 from contract.store import CLAIMED, POISONED, SUSPECT, Claim, JobStore
 from worker.decode import (
     JPEG_MAGIC,
@@ -80,6 +88,19 @@ class Service:
         skipped = len(ids) - len(finished)
         done = sum(job.status == "done" for job in finished)
         return Outcome(done=done, failed=len(finished) - done, skipped=skipped)
+
+    def fail_unfinished(self, job_ids: Sequence[str], cause: Exception) -> None:
+        """Last resort for a message that keeps failing: no job of it may stay running."""
+        error = JobError(InternalError.type, f"the worker could not process the job: {cause}")
+        now = self.clock()
+        jobs = [job for job in map(self._readable, job_ids) if job and not job.is_final]
+        retry_redis(lambda: self.store.finish_many([j.failed(error, now) for j in jobs]))
+
+    def _readable(self, job_id: str) -> Job | None:
+        try:
+            return retry_redis(lambda: self.store.get(job_id))
+        except (DecodeError, redis.ResponseError):
+            return None
 
     def _checked_ids(self, job_ids: object) -> list[str]:
         if isinstance(job_ids, list) and all(isinstance(i, str) for i in job_ids):
