@@ -128,7 +128,7 @@ CPU_SIZES = Sizes(
     latency_n=30,
     latency_seconds=15,
     submit_jobs=100_000,
-    repeat=2,
+    repeat=3,
 )
 
 GPU_SIZES = Sizes(
