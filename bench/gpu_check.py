@@ -14,7 +14,8 @@ and probabilities and the median gap between the two best logits, in three compa
     service_path  each side's own decode and preprocessing (CPU: PIL with JPEG draft mode;
                   GPU: nvJPEG and resizing on the device), then its own model
     model_only    the CPU side's input tensors through both models: precision alone
-    inputs        the two sides' input tensors against each other: preprocessing alone
+    inputs        the two sides' input tensors against each other: preprocessing, and the
+                  rounding of the candidate's inputs to its precision
 
 Without a GPU the candidate is the CPU in bf16, so the check still runs end to end.
 """
@@ -164,8 +165,34 @@ def check(model: str, device: str, precision: str, root: Path, sets: list[tuple[
         }
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """One table row per image set and comparison, for the run's summary."""
+    ref, cand = report["reference"], report["candidate"]
+    lines = [
+        f"GPU check, {report['model']}: {cand['device']} {cand['dtype']} against {ref['device']} "
+        f"{ref['dtype']} ({report['weights']}; weights match: {report['weights_match']}).",
+        "",
+        "| images | comparison | top-1 agree | top-5 overlap | max logit diff (relative) "
+        "| max prob diff | median top-2 gap | input max diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, result in report["sets"].items():
+        for kind in ("service_path", "model_only"):
+            c = result[kind]
+            lines.append(
+                f"| {name} ({c['images']}) | {kind} | {c['top1_agreement']:.3f} "
+                f"| {c['top5_overlap']:.3f} | {c['max_abs_logit_diff']:.3g} "
+                f"({c['relative_logit_diff']:.2%}) | {c['max_abs_prob_diff']:.3g} "
+                f"| {c['median_top2_gap']:.3g} | {result['inputs']['max_abs_diff']:.3g} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.summarize:
+        print(markdown(json.loads(args.summarize.read_text())))
+        return 0
     torch.set_flush_denormal(True)  # as in bench/worker_entry.py: random weights make denormals
     device = args.device
     if device == "auto":
@@ -195,6 +222,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=_images, default=_images("imagenet=64,12mp=8"))
     p.add_argument("--image-dir", type=Path)
     p.add_argument("--out", type=Path)
+    p.add_argument("--summarize", type=Path, help="print the table of a saved check and exit")
     return p
 
 
