@@ -161,7 +161,7 @@ class InProcess:
         service, clf = self.runtime.service, self.classifier
         item = WorkItem(job)
         started = time.perf_counter()
-        service._prepare(item)  # the worker's own per-item path: fetch, decode, preprocess
+        service.prepare(item)  # the worker's own per-item path: fetch, decode, preprocess
         if item.payload is None:
             raise RuntimeError(f"in-process prepare failed for {job.uri}: {item.error}")
         inputs, errors = clf.prepare([item.payload])

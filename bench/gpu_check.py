@@ -92,7 +92,7 @@ def run_path(side: InProcess, uris: list[str]) -> Outputs:
     for start in range(0, len(jobs), CHUNK):
         items = [WorkItem(job) for job in jobs[start : start + CHUNK]]
         for item in items:
-            side.runtime.service._prepare(item)  # fetch, decode, preprocess: the worker's path
+            side.runtime.service.prepare(item)  # fetch, decode, preprocess: the worker's path
             if item.payload is None:
                 raise RuntimeError(f"{item.job.uri}: {item.error}")
         x, errors = side.classifier.prepare([i.payload for i in items])

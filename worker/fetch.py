@@ -119,8 +119,12 @@ class Fetcher:
         )
 
     def fetch(self, uri: str) -> bytes:
-        """The source's bytes; transient failures are retried, then reported as Unavailable."""
+        """The source's bytes; transient network failures are retried, then reported as
+        Unavailable. A local read is not retried: it has no throttling or timeouts to wait out,
+        and the retry machinery would cost more than the read on the GPU path's hot loop."""
         read = self._reader(uri)
+        if read == self._read_local:
+            return read(uri)
         attempts = self.policy.retries + 1
         try:
             return self._retrying(attempts)(read, uri)

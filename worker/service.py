@@ -147,10 +147,11 @@ class Service:
         return item
 
     def _prepare_and_submit(self, item: WorkItem) -> None:
-        self._prepare(item)
+        self.prepare(item)
         self.pipeline.submit(item)
 
-    def _prepare(self, item: WorkItem) -> None:
+    def prepare(self, item: WorkItem) -> None:
+        """Fetch and decode one job's image into ``item``: a payload, or the error that ends it."""
         try:
             validate_top_k(item.job.top_k, len(self.classifier.loaded.categories))
             started = time.perf_counter()
@@ -184,7 +185,7 @@ class Service:
             return None
         item = WorkItem(claim.job, alone=True)
         self.pipeline.expect(1)
-        self._prepare(item)
+        self.prepare(item)
         return self.pipeline.submit(item).result()
 
 
