@@ -17,7 +17,9 @@ QUICK=${QUICK:-0}
 BUDGET=${BUDGET:-450}
 IMAGES=${IMAGES:-/tmp/imgcls-bench-images}  # outside $OUT: images must not be sent back
 T0=$SECONDS
-mkdir -p "$OUT/logs"
+# Only 8 files come back from $OUT: the logs travel as one archive, made at the end.
+LOGS=${LOGS:-/tmp/imgcls-logs}
+mkdir -p "$LOGS"
 exec > >(tee -a "$OUT/device_run.log") 2>&1
 
 # The GPU machine lacks Celery, redis-py, redis-server...: the carried kit brings them. Here
@@ -37,7 +39,7 @@ print("python", platform.python_version(), "torch", torch.__version__, "torchvis
       torchvision.__version__, "cuda", torch.version.cuda, "cpus", os.cpu_count())
 print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu only")'
   free -g | head -2
-} 2>&1 | tee "$OUT/machine.txt"
+} 2>&1 | tee "$LOGS/machine.txt"
 echo "== set-up done after $((SECONDS - T0)) s"
 
 left() { echo $((BUDGET - (SECONDS - T0))); }
@@ -55,7 +57,7 @@ stage() {
   ((cap > remaining)) && cap=$remaining
   echo "== $name: at most ${cap} s ($(date +%T))"
   started=$SECONDS
-  timeout -k 15 "$cap" "$@" 2>&1 | tee "$OUT/logs/$name.log"
+  timeout -k 15 "$cap" "$@" 2>&1 | tee "$LOGS/$name.log"
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started)) s"
 }
 
@@ -64,7 +66,7 @@ bench() {
   local name=$1 cap=$2 need=$3
   shift 3
   stage "$name" "$cap" "$need" python3 -m bench --label "$name" --out "$OUT/$name.json" \
-    --image-dir "$IMAGES" --log-dir "$OUT/logs/$name" "$@"
+    --image-dir "$IMAGES" --log-dir "$LOGS/$name" "$@"
 }
 
 if [ "$QUICK" = 1 ]; then
@@ -94,4 +96,5 @@ fi
 if [ -f "$OUT/gpu_check.json" ]; then
   python3 -m bench.gpu_check --summarize "$OUT/gpu_check.json" | tee -a "$OUT/summary.md"
 fi
+tar czf "$OUT/logs.tar.gz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"
 echo "== device_run done after $((SECONDS - T0)) s"
