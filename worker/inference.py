@@ -69,7 +69,9 @@ class Classifier:
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.batch_size = batch_size
-        self.pad_to_batch = compile
+        # On a GPU (cuDNN autotunes each new shape) or compiled (each shape recompiles), batches
+        # are padded to a few fixed sizes, all tuned at warm-up, never while serving.
+        self.pad_sizes = _bucket_sizes(batch_size) if (device.type == "cuda" or compile) else ()
         self.transforms = loaded.transforms.to(device)
         module = loaded.module.to(device=device, dtype=dtype, memory_format=self.memory_format)
         self.module = torch.compile(module) if compile else module
@@ -77,9 +79,11 @@ class Classifier:
         self._prep_stream = torch.cuda.Stream(device) if cuda else None
 
     def warmup(self) -> None:
-        """One forward pass at full batch size: compiles, allocates, and checks the label count."""
-        x = torch.zeros(self.batch_size, 3, self.crop, self.crop, device=self.device)
-        logits = self._forward(self._cast(x))
+        """A forward pass at every batch size served: tunes, compiles, allocates, and checks the
+        label count."""
+        for size in self.pad_sizes or (self.batch_size,):
+            x = torch.zeros(size, 3, self.crop, self.crop, device=self.device)
+            logits = self._forward(self._cast(x))
         if logits.shape[-1] != len(self.loaded.categories):
             raise ModelLoadError(
                 f"model {self.loaded.name} outputs {logits.shape[-1]} classes but has "
@@ -115,8 +119,9 @@ class Classifier:
     @torch.inference_mode()
     def predict(self, x: torch.Tensor, k: int) -> list[TopK]:
         n = x.shape[0]
-        if self.pad_to_batch and n < self.batch_size:
-            pad = x.new_zeros(self.batch_size - n, *x.shape[1:])
+        size = next((s for s in self.pad_sizes if s >= n), n)
+        if size > n:
+            pad = x.new_zeros(size - n, *x.shape[1:])
             x = torch.cat([x, pad]).contiguous(memory_format=self.memory_format)
         probs = self._forward(x)[:n].float().softmax(dim=1)
         top = probs.topk(min(k, probs.shape[1]), dim=1)
@@ -188,3 +193,9 @@ class Classifier:
                 batch = torch.stack([images[i] for i in chunk])
                 out[torch.tensor(chunk, device=self.device)] = self.transforms(batch)
         return out
+
+
+def _bucket_sizes(batch_size: int) -> tuple[int, ...]:
+    """Powers of two below ``batch_size``, then ``batch_size``: at most half a batch of padding."""
+    sizes = [1 << i for i in range(batch_size.bit_length()) if 1 << i < batch_size]
+    return (*sizes, batch_size)
