@@ -85,7 +85,7 @@ def _floats(text: str) -> tuple[float, float, float]:
     "--batch-size",
     envvar="IMGCLS_BATCH_SIZE",
     type=int,
-    help="Most jobs per forward pass [default: 256 on a GPU, 32 on a CPU].",
+    help="Most jobs per forward pass [default: 256 on a GPU, 8 on a CPU].",
 )
 @click.option(
     "--max-wait-ms",
