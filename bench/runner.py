@@ -145,7 +145,7 @@ class Bench:
     def submit(self) -> None:
         assert self.redis is not None
         uri = next(iter(self.pools.values()))[0]
-        rate = submit_rate(self.redis.url(SUBMIT_DB), uri, self.cfg.sizes.submit_jobs, TOP_K)
+        rate = submit_rate(self.redis.db_url(SUBMIT_DB), uri, self.cfg.sizes.submit_jobs, TOP_K)
         self.report["submit"] = record(rate, "jobs_s")
         self.log(f"bulk submission: {rate.jobs_s:,.0f} jobs/s ({rate.jobs:,} jobs)")
         self.save()
@@ -163,7 +163,7 @@ class Bench:
             client, pool = None, None
             if stages & {"e2e", "latency"}:
                 pool = stack.enter_context(self.worker_pool(name))
-                client = Client.from_url(self._redis().url())
+                client = Client.from_url(self._redis().url)
                 stack.callback(client.close)
             for count in sorted(set(self.cfg.scale_out)) if pool else [self.cfg.workers]:
                 if pool is not None:
@@ -196,7 +196,7 @@ class Bench:
         """The worker's runtime in this process, kept (idle) while the workers run, so that the
         ceiling and end-to-end measurements can alternate under the same background load."""
         s = self.cfg.sizes
-        settings = self.cfg.options.settings(name, self._redis().url(), (self.image_root,))
+        settings = self.cfg.options.settings(name, self._redis().url, (self.image_root,))
         ip = InProcess(settings)
         forward = ip.forward_only(s.forward_seconds, TOP_K)
         self.log(f"{name}: forward only {forward.img_s:,.1f} img/s")
@@ -207,7 +207,7 @@ class Bench:
 
     def worker_pool(self, name: str) -> WorkerPool:
         return WorkerPool(
-            self._redis().url(),
+            self._redis().url,
             name,
             self._worker_args(),
             self.log_dir,

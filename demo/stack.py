@@ -3,6 +3,8 @@ benchmark and the tests. Nothing here touches a Redis it did not start."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -18,12 +20,22 @@ import redis
 from contract import registry
 
 ROOT = Path(__file__).resolve().parent.parent
+# Linux prctl option that sends the child a signal when its parent exits.
+_PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec, so a parent killed by a timeout leaves no server or worker
+    behind holding a port or a GPU. The signal follows the thread that forked: spawn from the
+    main thread."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class RedisServer:
@@ -37,7 +49,10 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.db_url(0)
+
+    def db_url(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
 
     def start(self) -> RedisServer:
         exe = shutil.which("redis-server")
@@ -58,7 +73,9 @@ class RedisServer:
             "--appendfsync",
             "always",
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
         self._wait_for_ping()
         return self
 
@@ -89,7 +106,8 @@ class RedisServer:
 
 
 class WorkerProcess:
-    """``python -m worker`` in its own process, exactly as an operator starts it."""
+    """``python -m worker`` in its own process, exactly as an operator starts it (``entry`` names
+    another module that runs the same CLI, such as ``bench.worker_entry``)."""
 
     def __init__(
         self,
@@ -99,17 +117,19 @@ class WorkerProcess:
         workdir: Path,
         env: dict[str, str] | None = None,
         worker_id: str | None = None,
+        *,
+        entry: str = "worker",
+        metrics_port: int | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.model = model
+        self.entry = entry
+        self.metrics_port = metrics_port
         self.worker_id = worker_id or f"local-{os.urandom(3).hex()}"
+        metrics = ["--metrics-port", str(metrics_port)] if metrics_port else []
         self.args = [
-            "--model",
-            model,
-            "--redis-url",
-            redis_url,
-            "--worker-id",
-            self.worker_id,
+            *("--model", model, "--redis-url", redis_url, "--worker-id", self.worker_id),
+            *metrics,
             *args,
         ]
         self.workdir = workdir
@@ -118,33 +138,42 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True, timeout: float = 120) -> WorkerProcess:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", *self.args],
-            cwd=self.workdir,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        env = {**os.environ, **self.env}
+        # The project first, then whatever the caller's path holds (the GPU kit's packages).
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", self.entry, *self.args],
+                cwd=self.workdir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
         if wait:
             self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float) -> None:
+    def ready(self, client: redis.Redis) -> bool:
         """Ready means the model is warm: the worker's heartbeat key exists."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+        return any(self.worker_id in k for k in registry.live_workers(client, self.model))
+
+    def wait_ready(self, timeout: float) -> None:
         client = redis.Redis.from_url(self.redis_url)
         deadline = time.monotonic() + timeout
         try:
-            while time.monotonic() < deadline:
-                if any(self.worker_id in k for k in registry.live_workers(client, self.model)):
-                    return
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+            while not self.ready(client):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log_tail()}")
                 time.sleep(0.1)
         finally:
             client.close()
-        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log()}")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log()[-chars:]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
