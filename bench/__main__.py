@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
         "--flush-denormal",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="flush denormal floats everywhere (random weights produce them, trained ones don't)",
+        help="flush denormal floats in the seed loop and ceiling, as workers always do",
     )
     w.add_argument("--workers", type=int, default=1, help="worker processes for the headline")
     w.add_argument("--scale-out", type=_ints, help="worker counts to measure, e.g. 1,2,4")

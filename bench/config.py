@@ -180,6 +180,6 @@ class BenchConfig:
     workers: int = 1
     image_dir: Path | None = None
     log_dir: Path | None = None
-    # Flush denormal floats to zero everywhere (see bench/worker_entry.py): random weights
-    # produce denormals that trained weights do not, and they slow some CPU kernels 100-fold.
+    # Flush denormal floats to zero in the in-process stages, as workers do at setup: random
+    # weights produce denormals that trained weights do not, and they slow CPU kernels 100-fold.
     flush_denormal: bool = True

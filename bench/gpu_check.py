@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize:
         print(markdown(json.loads(args.summarize.read_text())))
         return 0
-    torch.set_flush_denormal(True)  # as in bench/worker_entry.py: random weights make denormals
+    torch.set_flush_denormal(True)  # as workers do at setup: random weights make denormals
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

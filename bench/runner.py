@@ -213,7 +213,6 @@ class Bench:
             self.log_dir,
             self._worker_env(),
             _devices(self.cfg.options.device),
-            "bench.worker_entry" if self.cfg.flush_denormal else "worker",
         )
 
     def probe(self, pool: WorkerPool | None) -> Probe:

@@ -30,10 +30,8 @@ class WorkerPool:
         log_dir: Path,
         env: dict[str, str],
         devices: Sequence[str],
-        entry: str = "worker",
     ) -> None:
         self.redis_url = redis_url
-        self.entry = entry
         self.model = model
         self.args = list(args)
         self.log_dir = log_dir
@@ -75,7 +73,6 @@ class WorkerPool:
             self.log_dir,
             self.env,
             worker_id,
-            entry=self.entry,
             metrics_port=free_port(),
         )
 

@@ -106,8 +106,7 @@ class RedisServer:
 
 
 class WorkerProcess:
-    """``python -m worker`` in its own process, exactly as an operator starts it (``entry`` names
-    another module that runs the same CLI, such as ``bench.worker_entry``)."""
+    """``python -m worker`` in its own process, exactly as an operator starts it."""
 
     def __init__(
         self,
@@ -118,12 +117,10 @@ class WorkerProcess:
         env: dict[str, str] | None = None,
         worker_id: str | None = None,
         *,
-        entry: str = "worker",
         metrics_port: int | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.model = model
-        self.entry = entry
         self.metrics_port = metrics_port
         self.worker_id = worker_id or f"local-{os.urandom(3).hex()}"
         metrics = ["--metrics-port", str(metrics_port)] if metrics_port else []
@@ -144,7 +141,7 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", self.entry, *self.args],
+                [sys.executable, "-m", "worker", *self.args],
                 cwd=self.workdir,
                 env=env,
                 stdout=log,
