@@ -141,6 +141,7 @@ def register_task(app: Celery, service: Service) -> None:
         reject_on_worker_lost=True,
         ignore_result=True,
         max_retries=MESSAGE_RETRIES,
+        shared=False,  # bound to this app and its service: never handed to other apps
     )
     def classify(self: Task, job_ids: list[str]) -> None:
         try:
