@@ -227,10 +227,10 @@ def test_workers_only_take_their_own_models_jobs(env: dict) -> None:
 
 def test_unknown_models_are_refused_before_anything_is_queued(env: dict) -> None:
     client = env["client"]
-    before = client.redis.dbsize()
+    jobs_before = set(client.redis.scan_iter(match=keys.job_key("*")))
     with pytest.raises(UnsupportedModel, match="python -m worker --model resnet5000"):
         client.submit_many(["a.jpg"], model="resnet5000")
-    assert client.redis.dbsize() == before
+    assert set(client.redis.scan_iter(match=keys.job_key("*"))) == jobs_before
     assert client.redis.llen(keys.queue_name("resnet5000")) == 0
 
 
