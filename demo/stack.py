@@ -41,10 +41,17 @@ def _die_with_parent() -> None:
 class RedisServer:
     """A private redis-server on a free loopback port; never the shared one on 6379."""
 
-    def __init__(self, workdir: Path, appendonly: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        appendonly: bool = False,
+        port: int | None = None,
+        password: str | None = None,
+    ) -> None:
         self.workdir = workdir
         self.appendonly = appendonly
         self.port = port or free_port()
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -52,9 +59,11 @@ class RedisServer:
         return self.db_url(0)
 
     def db_url(self, db: int) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
-    def start(self) -> RedisServer:
+    def start(self, *extra: str) -> RedisServer:
+        """Start the server; ``extra`` are more redis-server options (TLS ports, say)."""
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed: apt-get install redis-server")
@@ -72,6 +81,8 @@ class RedisServer:
             "yes" if self.appendonly else "no",
             "--appendfsync",
             "always",
+            *(("--requirepass", self.password) if self.password else ()),
+            *extra,
         ]
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
@@ -80,7 +91,7 @@ class RedisServer:
         return self
 
     def _wait_for_ping(self, timeout: float = 10) -> None:
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, password=self.password)
         deadline = time.monotonic() + timeout
         try:
             while True:

@@ -8,9 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -212,51 +210,6 @@ class Workers:
     def __exit__(self, *exc: object) -> None:
         for worker in self.started:
             worker.stop()
-
-
-# -- a private redis-server with a password -------------------------------------------------
-
-
-class PasswordRedis:
-    """A redis-server on a free loopback port started with ``--requirepass``."""
-
-    def __init__(self, workdir: Path, port: int, password: str) -> None:
-        self.workdir = workdir
-        self.port = port
-        self.password = password
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
-
-    def start(self, *extra: str) -> PasswordRedis:
-        exe = shutil.which("redis-server") or "redis-server"
-        args = ["--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.workdir)]
-        args += ["--save", "", "--appendonly", "no", "--requirepass", self.password, *extra]
-        self.proc = subprocess.Popen([exe, *args], stdout=subprocess.DEVNULL)
-        wait_for_redis(redis.Redis(port=self.port, password=self.password))
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-
-def wait_for_redis(client: redis.Redis, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-    finally:
-        client.close()
 
 
 # -- accounting -----------------------------------------------------------------------------

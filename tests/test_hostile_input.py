@@ -19,12 +19,11 @@ import redis
 
 from contract import keys
 from contract.messaging import TASK_NAME, make_celery
+from demo.stack import RedisServer, free_port
 from producer.client import Client
-from tests.conftest import free_port
 from tests.faults_support import (
     MODEL,
     SETTLE_S,
-    PasswordRedis,
     Workers,
     account,
     outcome,
@@ -190,7 +189,7 @@ def test_hostile_images_fail_alone_while_the_rest_of_their_batch_succeeds(
 def test_a_password_in_the_redis_url_works_and_stays_out_of_the_log(
     model_args: list[str], tmp_path: Path, torch_home: str
 ) -> None:
-    server = PasswordRedis(tmp_path, free_port(), _PASSWORD).start()
+    server = RedisServer(tmp_path, password=_PASSWORD).start()
     try:
         _classify_through(server.url, model_args, tmp_path, torch_home)
     finally:
@@ -233,7 +232,7 @@ def test_a_rediss_url_with_a_private_ca_works(
 ) -> None:
     tls = _tls_files(tmp_path)
     port = free_port()
-    server = PasswordRedis(tmp_path, free_port(), _PASSWORD)
+    server = RedisServer(tmp_path, password=_PASSWORD)
     server.start(
         "--tls-port", str(port), "--tls-cert-file", str(tls["cert"]), "--tls-key-file",
         str(tls["key"]), "--tls-ca-cert-file", str(tls["ca"]), "--tls-auth-clients", "no",
