@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract import defaults, registry
 from contract.errors import AccessDenied, InvalidRequest, NotFound, ServiceError, TooLarge
+from contract.gauges import QueueCollector
 from contract.job import validate_job_id
 from producer import status
 from producer.api_schema import (
@@ -299,7 +300,7 @@ def create_app(
         app.state.client = client
         app.state.hub = FinishedHub(client.redis, asyncio.get_running_loop())
         app.state.metrics = CollectorRegistry()
-        collector = status.QueueCollector(client.redis, lambda: registry.known_models(client.redis))
+        collector = QueueCollector(client.redis, lambda: registry.known_models(client.redis))
         app.state.metrics.register(collector)
         app.state.hub.start()
         try:
