@@ -160,7 +160,7 @@ class JobStore:
         mode = "fresh" if fresh_only else "any"
         stats = keys.stats_key(model)
         for job_id in job_ids:
-            args = [now, worker, max_attempts, mode, keys.finished_channel()]
+            args: list[str | float] = [now, worker, max_attempts, mode, keys.finished_channel()]
             self._claim(keys=[keys.job_key(job_id), stats], args=args, client=pipe)
         replies = pipe.execute(raise_on_error=False)
         return [_claim(i, r) for i, r in zip(job_ids, replies, strict=True)]
