@@ -166,3 +166,16 @@ def test_a_job_key_holding_something_else_is_reported_corrupt_not_raised(store: 
     store.redis.set(keys.job_key("odd"), '{"id": "odd", "status": "running"}')
     claims = store.claim_many(["list", "good", "odd"], "m", 1.0, "w", fresh_only=True)
     assert [c.state for c in claims] == [CORRUPT, CLAIMED, CORRUPT]
+
+
+def test_the_gateways_job_model_is_the_job_dataclass() -> None:
+    from dataclasses import fields
+
+    from producer.api_schema import JobOut
+
+    done = _job().done([Prediction("cat", 281, 0.75)], "W", False, 1.0)
+    failed = _job().failed(ErrorInfo("not_found", "gone"), 1.0)
+    assert list(JobOut.model_fields) == [f.name for f in fields(Job)]
+    assert all(f.is_required() for f in JobOut.model_fields.values())
+    for job in (_job(), done, failed):
+        assert JobOut.model_validate(job.to_dict()).model_dump(mode="json") == job.to_dict()
