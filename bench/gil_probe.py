@@ -17,7 +17,7 @@ import time
 import torch
 import torchvision
 
-from bench.images import make_jpeg
+from demo.images import make_jpeg
 from worker.decode import DecodePolicy, open_checked
 
 

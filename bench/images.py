@@ -1,13 +1,12 @@
 """Photo-like JPEGs generated on the spot, so every run measures the same pixels on any machine.
 
-``make_jpeg`` is the tests' generator (smooth gradients plus a few shapes). ``make_photo`` adds
-film grain, which gives files the size and entropy of real photos: a clean gradient compresses
-to a fifth of a real photo's bytes and decodes much faster, which would flatter every figure.
+``make_photo`` adds film grain to ``demo.images``' smooth scene (the tests' ``make_jpeg``), which
+gives files the size and entropy of real photos: a clean gradient compresses to a fifth of a real
+photo's bytes and decodes much faster, which would flatter every figure.
 """
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 import os
 from dataclasses import dataclass
@@ -15,6 +14,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from demo.images import encode, make_jpeg, scene
+
+__all__ = ["IMAGE_SETS", "ImageSet", "image_pool", "make_jpeg", "make_photo", "mean_bytes"]
 
 # Largest side the smooth scene is drawn at before being scaled up: a 12-MP scene drawn at full
 # size costs seconds of numpy per image, and the grain added afterwards carries the detail.
@@ -45,44 +48,15 @@ PHONE_12MP = ImageSet("12mp", 4032, 3024, grain=8)
 IMAGE_SETS = {s.name: s for s in (IMAGENET, PHONE_12MP)}
 
 
-def _scene(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
-    """Float HxWx3 pixels: one sine gradient per channel and four filled discs."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    channels = []
-    for _ in range(3):
-        fx, fy = rng.uniform(0.002, 0.03, 2).tolist()
-        phase = rng.uniform(0, 6.28)
-        channels.append(127 + 120 * np.sin(x * fx + y * fy + phase))
-    pixels = np.stack(channels, axis=-1)
-    for _ in range(4):
-        cx, cy, r = rng.integers(0, width), rng.integers(0, height), rng.integers(10, 80)
-        mask = (x - cx) ** 2 + (y - cy) ** 2 < r**2
-        pixels[mask] = rng.integers(0, 255, 3)
-    return pixels
-
-
-def _encode(image: Image.Image, quality: int) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=quality)
-    return out.getvalue()
-
-
-def make_jpeg(width: int = 500, height: int = 375, seed: int = 0, quality: int = 90) -> bytes:
-    """A photo-like JPEG: smooth gradients plus a few shapes, different for each seed."""
-    rng = np.random.default_rng(seed)
-    pixels = _scene(width, height, rng)
-    return _encode(Image.fromarray(pixels.clip(0, 255).astype("uint8")), quality)
-
-
 def make_photo(spec: ImageSet, seed: int) -> bytes:
     """A JPEG of ``spec``'s size with grain, so bytes and decode cost resemble a real photo."""
     rng = np.random.default_rng(seed)
     scale = min(1.0, SCENE_MAX_SIDE / max(spec.width, spec.height))
     small = (int(spec.width * scale), int(spec.height * scale))
-    image = Image.fromarray(_scene(*small, rng).clip(0, 255).astype("uint8"))
+    image = Image.fromarray(scene(*small, rng).clip(0, 255).astype("uint8"))
     if small != (spec.width, spec.height):
         image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-    return _encode(Image.fromarray(_add_grain(np.asarray(image), spec.grain, rng)), spec.quality)
+    return encode(Image.fromarray(_add_grain(np.asarray(image), spec.grain, rng)), spec.quality)
 
 
 def _add_grain(pixels: np.ndarray, grain: float, rng: np.random.Generator) -> np.ndarray:

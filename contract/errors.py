@@ -1,4 +1,4 @@
-"""The service's errors: each has a wire ``type``, and says whether retrying can help.
+"""The service's errors: each has a wire ``type`` that reaches the caller.
 
 A job that fails stores ``{"type", "message"}``; ``JobFailed`` raises it again on the caller's side.
 """
@@ -9,10 +9,9 @@ from typing import ClassVar
 
 
 class ServiceError(Exception):
-    """Base of every error the service reports. Permanent unless a subclass says otherwise."""
+    """Base of every error the service reports."""
 
     type: ClassVar[str] = "internal"
-    transient: ClassVar[bool] = False
 
     def to_dict(self) -> dict[str, str]:
         return {"type": self.type, "message": str(self)}
@@ -58,11 +57,13 @@ class Unavailable(ServiceError):
     """A source timed out, throttled or answered 5xx, and retries with backoff did not help."""
 
     type = "unavailable"
-    transient = True
 
 
 class PoisonJob(ServiceError):
-    """The job was delivered too many times: each attempt ended with its worker dying."""
+    """The job was delivered too many times: each attempt ended with its worker dying.
+
+    Never raised in Python: the claim script in ``contract.store`` writes its ``type``.
+    """
 
     type = "poison"
 
@@ -79,8 +80,8 @@ class InternalError(ServiceError):
     type = "internal"
 
 
-class DecodeError(MalformedMessage):
-    """A job record or message does not follow the contract."""
+class MalformedRecord(MalformedMessage):
+    """A job or model record read from Redis does not follow the contract."""
 
 
 class JobFailed(Exception):

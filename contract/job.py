@@ -1,21 +1,8 @@
 """The job record: one JSON document per job, stored under ``keys.job_key(id)``.
 
-Schema (every field always present; ``null`` where it does not apply yet)::
-
-    id          str    client-supplied or generated (uuid4 hex)
-    uri         str    local path, s3://bucket/key or http(s)://...
-    model       str    model name; also names the Celery queue
-    top_k       int    labels wanted, 1..MAX_TOP_K
-    status      str    queued -> running -> done | failed
-    submitted   float  unix seconds
-    started     float  unix seconds of the latest start, or null
-    finished    float  unix seconds, or null
-    attempts    int    deliveries that started work on the job
-    worker      str    the worker that last started it, or null
-    weights     str    weights identifier of the model that answered, or null
-    random_weights bool  true when the model had random weights: its predictions mean nothing
-    predictions [{label, index, probability}] sorted by probability, descending, or null
-    error       {type, message} when failed, else null
+The ``Job`` dataclass is the schema: its fields are the document's keys, in order, each always
+present (``null`` where it does not apply yet), and each field's ``doc`` says what it holds.
+``to_dict``, ``from_dict`` and the gateway's response model are derived from it.
 """
 
 from __future__ import annotations
@@ -23,18 +10,46 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from enum import Enum
+from operator import attrgetter
 from typing import Any
 
 from contract import defaults
-from contract.errors import DecodeError, InvalidRequest
+from contract.errors import InvalidRequest, MalformedRecord
 
-QUEUED = "queued"
-RUNNING = "running"
-DONE = "done"
-FAILED = "failed"
-STATUSES = (QUEUED, RUNNING, DONE, FAILED)
-FINAL = (DONE, FAILED)
+
+class JobStatus(str, Enum):
+    """A job's status; the value is what the record stores."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+QUEUED = JobStatus.QUEUED
+RUNNING = JobStatus.RUNNING
+DONE = JobStatus.DONE
+FAILED = JobStatus.FAILED
+STATUSES = tuple(JobStatus)
+
+# The job state machine: the statuses a record may move to from each status. Claiming moves a
+# job to running (again after a worker died), or fails it as a poison pill; finishing writes
+# done or failed over any status that is not final. contract.store's Lua scripts are checked
+# against this table by tests/test_contract.py.
+TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
+    QUEUED: frozenset({RUNNING, DONE, FAILED}),
+    RUNNING: frozenset({RUNNING, DONE, FAILED}),
+    DONE: frozenset(),
+    FAILED: frozenset(),
+}
+# Statuses a job never leaves.
+FINAL = frozenset(status for status, after in TRANSITIONS.items() if not after)
 
 URI_SCHEMES = ("s3://", "http://", "https://", "file://")
 # Whole-string patterns, also published in the HTTP API's schema.
@@ -42,68 +57,77 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
 MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 _JOB_ID = re.compile(JOB_ID_PATTERN.rstrip("$"))
 _MODEL = re.compile(MODEL_PATTERN.rstrip("$"))
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# A URI's scheme, when it has one: group 1 is the scheme without "://".
+URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _doc(text: str) -> dict[str, str]:
+    """A field's description; the gateway's schema shows it."""
+    return {"doc": text}
 
 
 @dataclass(frozen=True)
 class Prediction:
-    label: str
-    index: int
-    probability: float
+    label: str = field(metadata=_doc("the class's label, from the model's weights"))
+    index: int = field(metadata=_doc("the class's index in the model's output"))
+    probability: float = field(metadata=_doc("softmax probability, 0..1"))
 
 
 @dataclass(frozen=True)
-class JobError:
-    type: str
-    message: str
+class ErrorInfo:
+    """Why a job failed: a ``contract.errors`` wire type and a message for people."""
+
+    type: str = field(metadata=_doc("wire type of a contract.errors.ServiceError"))
+    message: str = field(metadata=_doc("what went wrong, for people"))
 
 
 @dataclass(frozen=True)
 class Job:
-    id: str
-    uri: str
-    model: str
-    top_k: int
-    status: str = QUEUED
-    submitted: float | None = None
-    started: float | None = None
-    finished: float | None = None
-    attempts: int = 0
-    worker: str | None = None
-    weights: str | None = None
-    random_weights: bool | None = None
-    predictions: tuple[Prediction, ...] | None = None
-    error: JobError | None = field(default=None)
+    id: str = field(metadata=_doc("client-supplied or generated (uuid4 hex)"))
+    uri: str = field(metadata=_doc("local path, s3://bucket/key or http(s)://..."))
+    model: str = field(metadata=_doc("model name; also names the Celery queue"))
+    top_k: int = field(metadata=_doc("labels wanted, 1..MAX_TOP_K"))
+    status: JobStatus = field(default=QUEUED, metadata=_doc("queued -> running -> done | failed"))
+    submitted: float | None = field(default=None, metadata=_doc("unix seconds"))
+    started: float | None = field(
+        default=None, metadata=_doc("unix seconds of the latest start, or null")
+    )
+    finished: float | None = field(default=None, metadata=_doc("unix seconds, or null"))
+    attempts: int = field(default=0, metadata=_doc("deliveries that started work on the job"))
+    worker: str | None = field(
+        default=None, metadata=_doc("the worker that last started it, or null")
+    )
+    weights: str | None = field(
+        default=None, metadata=_doc("weights identifier of the model that answered, or null")
+    )
+    random_weights: bool | None = field(
+        default=None,
+        metadata=_doc("true when the model had random weights: its predictions mean nothing"),
+    )
+    predictions: tuple[Prediction, ...] | None = field(
+        default=None, metadata=_doc("sorted by probability, descending, or null")
+    )
+    error: ErrorInfo | None = field(default=None, metadata=_doc("why it failed, else null"))
 
     @property
     def is_final(self) -> bool:
         return self.status in FINAL
 
     def to_dict(self) -> dict[str, Any]:
-        # Written out rather than dataclasses.asdict: this runs for every job on the hot path.
-        return {
-            "id": self.id,
-            "uri": self.uri,
-            "model": self.model,
-            "top_k": self.top_k,
-            "status": self.status,
-            "submitted": self.submitted,
-            "started": self.started,
-            "finished": self.finished,
-            "attempts": self.attempts,
-            "worker": self.worker,
-            "weights": self.weights,
-            "random_weights": self.random_weights,
-            "predictions": None
+        # Not dataclasses.asdict, which deep-copies: this runs for every job on the hot path.
+        data = dict(zip(_SCALARS, _scalars(self), strict=True))
+        data["predictions"] = (
+            None
             if self.predictions is None
             else [
                 {"label": p.label, "index": p.index, "probability": p.probability}
                 for p in self.predictions
-            ],
-            "error": None
-            if self.error is None
-            else {"type": self.error.type, "message": self.error.message},
-        }
+            ]
+        )
+        data["error"] = (
+            None if self.error is None else {"type": self.error.type, "message": self.error.message}
+        )
+        return data
 
     def encode(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -113,25 +137,25 @@ class Job:
         try:
             preds = data.get("predictions")
             err = data.get("error")
-            job = cls(
-                **{k: data[k] for k in _SCALARS if k in data},
+            scalars = {k: data[k] for k in _SCALARS if k in data}
+            if "status" in scalars:
+                scalars["status"] = _status(scalars["status"])
+            return cls(
+                **scalars,
                 predictions=None if preds is None else tuple(Prediction(**p) for p in preds),
-                error=None if err is None else JobError(**err),
+                error=None if err is None else ErrorInfo(**err),
             )
         except (TypeError, KeyError) as e:
-            raise DecodeError(f"job record does not follow the schema: {e}") from e
-        if job.status not in STATUSES:
-            raise DecodeError(f"job record has unknown status {job.status!r}")
-        return job
+            raise MalformedRecord(f"job record does not follow the schema: {e}") from e
 
     @classmethod
     def decode(cls, raw: str | bytes) -> Job:
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
-            raise DecodeError(f"job record is not JSON: {e}") from e
+            raise MalformedRecord(f"job record is not JSON: {e}") from e
         if not isinstance(data, dict):
-            raise DecodeError("job record is not a JSON object")
+            raise MalformedRecord("job record is not a JSON object")
         return cls.from_dict(data)
 
     def done(
@@ -147,24 +171,20 @@ class Job:
             error=None,
         )
 
-    def failed(self, error: JobError, now: float) -> Job:
+    def failed(self, error: ErrorInfo, now: float) -> Job:
         return replace(self, status=FAILED, finished=now, error=error, predictions=None)
 
 
-_SCALARS = (
-    "id",
-    "uri",
-    "model",
-    "top_k",
-    "status",
-    "submitted",
-    "started",
-    "finished",
-    "attempts",
-    "worker",
-    "weights",
-    "random_weights",
-)
+# Every field but the two nested ones, in schema order; to_dict writes those two itself.
+_SCALARS = tuple(f.name for f in fields(Job) if f.name not in ("predictions", "error"))
+_scalars = attrgetter(*_SCALARS)
+
+
+def _status(value: object) -> JobStatus:
+    try:
+        return JobStatus(value)
+    except ValueError:
+        raise MalformedRecord(f"job record has unknown status {value!r}") from None
 
 
 def new_job_id() -> str:
@@ -203,7 +223,7 @@ def validate_uri(uri: str) -> str:
         raise InvalidRequest(f"uri is longer than {defaults.MAX_URI_LEN} characters")
     if "\x00" in uri:
         raise InvalidRequest("uri contains a NUL byte")
-    scheme = _SCHEME.match(uri)
+    scheme = URI_SCHEME.match(uri)
     if scheme and f"{scheme.group(1).lower()}://" not in URI_SCHEMES:
         raise InvalidRequest(f"uri scheme of {uri[:40]!r} is not one of {', '.join(URI_SCHEMES)}")
     return uri

@@ -48,3 +48,8 @@ def dead_letter_key() -> str:
 def stats_key(model: str) -> str:
     """Hash of counters per model (jobs done, failed, results written)."""
     return f"{KEY_PREFIX}:stats:{model}"
+
+
+def text(value: bytes | str) -> str:
+    """A key or value read back from Redis as str, whether or not the client decodes replies."""
+    return value.decode() if isinstance(value, bytes) else value

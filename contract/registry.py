@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import redis
 
 from contract import defaults, keys
-from contract.errors import DecodeError
+from contract.errors import MalformedRecord
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class ModelInfo:
         try:
             return cls(**json.loads(raw))
         except (ValueError, TypeError) as e:
-            raise DecodeError(f"model record does not follow the schema: {e}") from e
+            raise MalformedRecord(f"model record does not follow the schema: {e}") from e
 
 
 def register_model(client: redis.Redis, info: ModelInfo) -> None:
@@ -60,9 +60,7 @@ def get_model(client: redis.Redis, model: str) -> ModelInfo | None:
 
 
 def known_models(client: redis.Redis) -> list[str]:
-    return sorted(
-        m.decode() if isinstance(m, bytes) else m for m in client.smembers(keys.models_set())
-    )
+    return sorted(keys.text(m) for m in client.smembers(keys.models_set()))
 
 
 def live_workers(client: redis.Redis, model: str = "*") -> dict[str, dict[str, object]]:
@@ -72,9 +70,7 @@ def live_workers(client: redis.Redis, model: str = "*") -> dict[str, dict[str, o
         return {}
     values = client.mget(found)
     return {
-        (k.decode() if isinstance(k, bytes) else k): json.loads(v)
-        for k, v in zip(found, values, strict=True)
-        if v is not None
+        keys.text(k): json.loads(v) for k, v in zip(found, values, strict=True) if v is not None
     }
 
 

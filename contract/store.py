@@ -9,29 +9,69 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
+from string import Template
 
 import redis
 
 from contract import defaults, keys
-from contract.errors import DecodeError
-from contract.job import Job
+from contract.errors import MalformedRecord, PoisonJob
+from contract.job import FAILED, FINAL, RUNNING, Job
+
+
+class ClaimState(str, Enum):
+    """What claiming one job found; the value is what the claim script answers."""
+
+    CLAIMED = "claimed"  # now running on this worker
+    SUSPECT = "suspect"  # started before (its worker may have died on it); not claimed
+    ALREADY_FINAL = "final"  # done or failed already; not claimed
+    POISONED = "poisoned"  # started too often: failed as a poison pill instead
+    MISSING = "missing"  # no record (never created, or expired)
+    CORRUPT = "corrupt"  # the record is not a job
+
+    def __str__(self) -> str:
+        return self.value
+
+
+CLAIMED = ClaimState.CLAIMED
+SUSPECT = ClaimState.SUSPECT
+ALREADY_FINAL = ClaimState.ALREADY_FINAL
+POISONED = ClaimState.POISONED
+MISSING = ClaimState.MISSING
+CORRUPT = ClaimState.CORRUPT
+
+
+def _lua(script: str) -> str:
+    """``script`` with the statuses of contract.job and the error types of contract.errors.
+
+    ``$job_is_final`` tests the decoded record ``job``; ``$running`` and ``$failed`` are
+    status literals, ``$poison`` the poison pill's error type.
+    """
+    is_final = " or ".join(f"job.status == '{status.value}'" for status in sorted(FINAL))
+    return Template(script).substitute(
+        job_is_final=f"({is_final})",
+        running=f"'{RUNNING.value}'",
+        failed=f"'{FAILED.value}'",
+        poison=f"'{PoisonJob.type}'",
+    )
+
 
 # KEYS[1] job key. ARGV: now, worker, max_attempts, mode ("fresh" | "any"), channel.
 # "fresh" claims only never-started jobs and answers "suspect" for the rest, so that a job
 # which may have killed a worker is retried on its own rather than beside its neighbours.
-_CLAIM = """
+_CLAIM = _lua("""
 local raw = redis.call('GET', KEYS[1])
 if not raw then return {'missing', ''} end
 local ok, job = pcall(cjson.decode, raw)
 if not ok or type(job) ~= 'table' then return {'corrupt', raw} end
-if job.status == 'done' or job.status == 'failed' then return {'final', raw} end
+if $job_is_final then return {'final', raw} end
 local attempts = tonumber(job.attempts) or 0
 if ARGV[4] == 'fresh' and attempts > 0 then return {'suspect', raw} end
 if attempts >= tonumber(ARGV[3]) then
-  job.status = 'failed'
+  job.status = $failed
   job.finished = tonumber(ARGV[1])
   job.predictions = cjson.null
-  job.error = {type = 'poison', message = 'the job was started ' .. attempts ..
+  job.error = {type = $poison, message = 'the job was started ' .. attempts ..
     ' times and each time its worker died before finishing it; giving up'}
   raw = cjson.encode(job)
   redis.call('SET', KEYS[1], raw, 'KEEPTTL')
@@ -40,22 +80,22 @@ if attempts >= tonumber(ARGV[3]) then
   return {'poisoned', raw}
 end
 job.attempts = attempts + 1
-job.status = 'running'
+job.status = $running
 job.started = tonumber(ARGV[1])
 job.worker = ARGV[2]
 raw = cjson.encode(job)
 redis.call('SET', KEYS[1], raw, 'KEEPTTL')
 return {'claimed', raw}
-"""
+""")
 
 # KEYS[1] job key, KEYS[2] stats hash. ARGV[1] final record, ARGV[2] its status, ARGV[3] its
 # attempts. Writes only over a job that is not final yet: a result is stored once. If a later
 # delivery started the job again meanwhile, the stored record keeps that higher attempt count.
-_FINISH = """
+_FINISH = _lua("""
 local raw = redis.call('GET', KEYS[1])
 if not raw then return -1 end
 local ok, job = pcall(cjson.decode, raw)
-if ok and type(job) == 'table' and (job.status == 'done' or job.status == 'failed') then
+if ok and type(job) == 'table' and $job_is_final then
   redis.call('HINCRBY', KEYS[2], 'duplicate', 1)
   return 0
 end
@@ -68,22 +108,15 @@ end
 redis.call('SET', KEYS[1], record, 'KEEPTTL')
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 return 1
-"""
-
-CLAIMED = "claimed"
-SUSPECT = "suspect"
-FINAL = "final"
-POISONED = "poisoned"
-MISSING = "missing"
-CORRUPT = "corrupt"
+""")
 
 
 @dataclass(frozen=True)
 class Claim:
-    """What claiming one job found: ``state`` is one of the constants above."""
+    """What claiming one job found; ``job`` is None when the state is MISSING or CORRUPT."""
 
     job_id: str
-    state: str
+    state: ClaimState
     job: Job | None
 
 
@@ -127,7 +160,7 @@ class JobStore:
         mode = "fresh" if fresh_only else "any"
         stats = keys.stats_key(model)
         for job_id in job_ids:
-            args = [now, worker, max_attempts, mode, keys.finished_channel()]
+            args: list[str | float] = [now, worker, max_attempts, mode, keys.finished_channel()]
             self._claim(keys=[keys.job_key(job_id), stats], args=args, client=pipe)
         replies = pipe.execute(raise_on_error=False)
         return [_claim(i, r) for i, r in zip(job_ids, replies, strict=True)]
@@ -148,17 +181,22 @@ class JobStore:
         return [r == 1 for r in pipe.execute()[:-1]]
 
     def stats(self, model: str) -> dict[str, int]:
-        raw = self.redis.hgetall(keys.stats_key(model))
-        return {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in raw.items()}
+        return read_stats(self.redis, model)
+
+
+def read_stats(client: redis.Redis, model: str) -> dict[str, int]:
+    """``model``'s counters: jobs done, failed, duplicate results."""
+    raw = client.hgetall(keys.stats_key(model))
+    return {keys.text(k): int(v) for k, v in raw.items()}
 
 
 def _claim(job_id: str, reply: Sequence[bytes | str] | Exception) -> Claim:
     if isinstance(reply, Exception):  # e.g. WRONGTYPE: the key holds something else
         return Claim(job_id, CORRUPT, None)
-    state, raw = (x.decode() if isinstance(x, bytes) else x for x in reply)
+    state, raw = (keys.text(x) for x in reply)
     if state in (MISSING, CORRUPT):
-        return Claim(job_id, state, None)
+        return Claim(job_id, ClaimState(state), None)
     try:
-        return Claim(job_id, state, Job.decode(raw))
-    except DecodeError:
+        return Claim(job_id, ClaimState(state), Job.decode(raw))
+    except MalformedRecord:
         return Claim(job_id, CORRUPT, None)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
-from bench.images import make_jpeg
 from contract.job import Job
+from demo.images import make_jpeg
 from demo.stack import RedisServer, WorkerProcess
 from producer import Client
 

@@ -6,17 +6,19 @@ gateway refuses exactly what the Python API refuses.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
 
 from contract import defaults
 from contract.errors import InvalidRequest
 from contract.job import (
     JOB_ID_PATTERN,
     MODEL_PATTERN,
-    STATUSES,
+    Job,
     validate_job_id,
     validate_model_name,
     validate_uri,
@@ -111,38 +113,29 @@ Submission = Annotated[
 ]
 
 
-class PredictionOut(BaseModel):
-    label: str
-    index: int
-    probability: float
-
-
 class ErrorBody(BaseModel):
     type: str
     message: str
 
 
-class JobOut(BaseModel):
-    """A job record, exactly as ``contract.job.Job.to_dict`` writes it."""
+def _record_model(record: type[Any], doc: str) -> type[BaseModel]:
+    """A response model with ``record``'s fields, each required, as the record always has all.
 
-    id: str
-    uri: str
-    model: str
-    top_k: int
-    status: Literal[STATUSES]  # type: ignore[valid-type]
-    submitted: float | None
-    started: float | None
-    finished: float | None
-    attempts: int
-    worker: str | None
-    weights: str | None
-    random_weights: bool | None
-    predictions: list[PredictionOut] | None
-    error: ErrorBody | None
+    Nested dataclasses (``Prediction``, ``ErrorInfo``) become schema components of their own.
+    """
+    hints = typing.get_type_hints(record)
+    fields: dict[str, Any] = {
+        f.name: (hints[f.name], Field(description=f.metadata.get("doc")))
+        for f in dataclasses.fields(record)
+    }
+    return create_model(f"{record.__name__}Out", __doc__=doc, **fields)
+
+
+JobOut = _record_model(Job, "A job record, exactly as ``contract.job.Job.to_dict`` writes it.")
 
 
 class JobList(BaseModel):
-    jobs: list[JobOut]
+    jobs: list[JobOut]  # type: ignore[valid-type]
 
 
 class ModelOut(BaseModel):

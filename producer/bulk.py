@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from contract.errors import InvalidRequest, NotFound
 from contract.job import DONE, FAILED, Job
@@ -27,7 +28,7 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def s3_uris(prefix_uri: str, s3_client: object | None = None) -> Iterator[str]:
+def s3_uris(prefix_uri: str, s3_client: Any | None = None) -> Iterator[str]:
     """Every object under an S3 prefix as an ``s3://`` URI, listed page by page."""
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError

@@ -19,6 +19,7 @@ import click
 from contract import defaults
 from contract.errors import ServiceError
 from contract.job import Job
+from contract.logs import configure_logging
 from producer import bulk, export
 from producer.client import Client, SubmitRequest
 
@@ -413,15 +414,3 @@ def _fail(e: ServiceError, log_json: bool) -> None:
         log.error("%s: %s", e.type, e, extra={"error_type": e.type})
         raise SystemExit(1) from e
     raise click.ClickException(f"{e.type}: {e}") from e
-
-
-def configure_logging(level: str, as_json: bool) -> None:
-    """Logs to stderr, as text or as JSON lines, for this process and everything it runs."""
-    handler = logging.StreamHandler(sys.stderr)
-    if as_json:
-        from pythonjsonlogger.json import JsonFormatter
-
-        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

@@ -14,8 +14,8 @@ from celery import Celery
 from contract import defaults, keys, registry
 from contract.errors import JobFailed, ServiceError, Unavailable, UnsupportedModel
 from contract.job import (
+    ErrorInfo,
     Job,
-    JobError,
     Prediction,
     new_job_id,
     validate_job_id,
@@ -41,15 +41,15 @@ class Client:
 
     def __init__(
         self,
-        client: redis.Redis,
+        connection: redis.Redis,
         celery: Celery,
         *,
         ttl_s: int = defaults.JOB_TTL_S,
         chunk_size: int = defaults.CHUNK_SIZE,
     ) -> None:
-        self.redis = client
+        self.redis = connection
         self.celery = celery
-        self.store = JobStore(client, ttl_s)
+        self.store = JobStore(connection, ttl_s)
         self.chunk_size = chunk_size
 
     @classmethod
@@ -136,7 +136,7 @@ class Client:
                     sent = start + len(ids)
         except Exception as e:
             # Records without a message would stay queued forever: fail them visibly instead.
-            error = JobError(Unavailable.type, f"could not enqueue the job: {e}")
+            error = ErrorInfo(Unavailable.type, f"could not enqueue the job: {e}")
             self.store.finish_many([j.failed(error, time.time()) for j in jobs[sent:]])
             raise Unavailable(f"could not enqueue {len(jobs) - sent} jobs: {e}") from e
 

@@ -57,7 +57,7 @@ def all_job_ids(client: redis.Redis) -> Iterator[str]:
     """Every job ID with a record in Redis, by SCAN (no blocking KEYS)."""
     prefix = keys.job_key("")
     for key in client.scan_iter(match=keys.job_key("*"), count=1000):
-        text = key.decode() if isinstance(key, bytes) else key
+        text = keys.text(key)
         yield text[len(prefix) :]
 
 

@@ -26,10 +26,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract import defaults, registry
 from contract.errors import AccessDenied, InvalidRequest, NotFound, ServiceError, TooLarge
-from contract.job import validate_job_id
+from contract.gauges import QueueCollector
+from contract.job import JOB_ID_PATTERN, validate_job_id
 from producer import status
 from producer.api_schema import (
-    JOB_ID_PATTERN,
     JobList,
     JobOut,
     ModelList,
@@ -186,11 +186,13 @@ _bearer = HTTPBearer(auto_error=False, description="Required when the gateway ha
 
 
 def _client(request: Request) -> Client:
-    return request.app.state.client
+    client: Client = request.app.state.client
+    return client
 
 
 def _hub(request: Request) -> FinishedHub:
-    return request.app.state.hub
+    hub: FinishedHub = request.app.state.hub
+    return hub
 
 
 ClientDep = Annotated[Client, Depends(_client)]
@@ -299,7 +301,7 @@ def create_app(
         app.state.client = client
         app.state.hub = FinishedHub(client.redis, asyncio.get_running_loop())
         app.state.metrics = CollectorRegistry()
-        collector = status.QueueCollector(client.redis, lambda: registry.known_models(client.redis))
+        collector = QueueCollector(client.redis, lambda: registry.known_models(client.redis))
         app.state.metrics.register(collector)
         app.state.hub.start()
         try:

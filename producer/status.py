@@ -1,27 +1,19 @@
 """What each model's pool is doing: queue depth, oldest queued job, live workers, throughput.
 
-Read from Redis only, so the same numbers serve ``python -m producer status``, the gateway's
-``/v1/models`` and the Prometheus gauges that autoscaling follows.
+Read from Redis only, so the same numbers serve ``python -m producer status`` and the gateway's
+``/v1/models``; the Prometheus gauges that autoscaling follows are ``contract.gauges``.
 """
 
 from __future__ import annotations
 
-import base64
-import json
-import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
-from contract import keys, registry
-from contract.errors import DecodeError
-from contract.job import Job
-
-log = logging.getLogger(__name__)
+from contract import registry, store
+from contract.gauges import oldest_queued_age
 
 
 @dataclass(frozen=True)
@@ -42,7 +34,7 @@ class ModelStatus:
 
 
 def model_status(client: redis.Redis, model: str, now: float) -> ModelStatus:
-    stats = {_text(k): int(v) for k, v in client.hgetall(keys.stats_key(model)).items()}
+    stats = store.read_stats(client, model)
     beats = registry.live_workers(client, model)
     return ModelStatus(
         model=model,
@@ -70,77 +62,3 @@ def throughput(before: ModelStatus, after: ModelStatus) -> float:
     """Jobs finished (done or failed) per second between two samples of the same model."""
     seconds = after.at - before.at
     return 0.0 if seconds <= 0 else max(0, after.finished - before.finished) / seconds
-
-
-def oldest_queued_age(client: redis.Redis, model: str, now: float) -> float | None:
-    """Seconds since the next job to be delivered was submitted; None for an empty queue.
-
-    Celery LPUSHes and workers BRPOP, so the oldest message sits at the list's tail.
-    """
-    raw = client.lindex(keys.queue_name(model), -1)
-    if raw is None:
-        return None
-    job_id = _first_job_id(raw)
-    record = None if job_id is None else client.get(keys.job_key(job_id))
-    if record is None:
-        return None
-    try:
-        submitted = Job.decode(record).submitted
-    except DecodeError:
-        return None
-    return None if submitted is None else max(0.0, now - submitted)
-
-
-def _first_job_id(raw: bytes | str) -> str | None:
-    """The first job ID of a Celery (protocol 2) message: body is ``[args, kwargs, embed]``."""
-    try:
-        message = json.loads(raw)
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        first = args[0][0]
-    except (ValueError, KeyError, IndexError, TypeError) as e:
-        log.warning("cannot read the head message of a queue: %s", e)
-        return None
-    return first if isinstance(first, str) else None
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-class QueueCollector(Collector):
-    """Queue depth and oldest queued job's age per model, read from Redis at scrape time.
-
-    These two gauges are the autoscaling signal; a scrape that cannot reach Redis yields no
-    samples rather than stale ones.
-    """
-
-    def __init__(self, client: redis.Redis, models: Callable[[], Iterable[str]]) -> None:
-        self.client = client
-        self.models = models
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        depth = GaugeMetricFamily(
-            "imgcls_queue_depth", "Messages waiting in the model's queue.", labels=["model"]
-        )
-        age = GaugeMetricFamily(
-            "imgcls_queue_oldest_age_seconds",
-            "Seconds since the oldest queued job was submitted (0 when the queue is empty).",
-            labels=["model"],
-        )
-        try:
-            now = time.time()
-            for model in self.models():
-                depth.add_metric([model], registry.queue_depth(self.client, model))
-                age.add_metric([model], oldest_queued_age(self.client, model, now) or 0.0)
-        except redis.RedisError as e:
-            log.warning("queue metrics unavailable: %s", e)
-            return
-        yield depth
-        yield age
-
-    def describe(self) -> Iterator[GaugeMetricFamily]:
-        # Describing by collecting would hit Redis at registration time.
-        return iter(())

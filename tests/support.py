@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.images import make_jpeg
-from demo.stack import ROOT, RedisServer, WorkerProcess
+from demo.images import make_jpeg
+from demo.stack import ROOT, RedisServer, WorkerProcess, free_port
 
-__all__ = ["ROOT", "RedisServer", "WorkerProcess", "make_jpeg", "write_images"]
+__all__ = ["ROOT", "RedisServer", "WorkerProcess", "free_port", "make_jpeg", "write_images"]
 
 
 def write_images(directory: Path, count: int, **kwargs: int) -> list[Path]:

@@ -13,8 +13,7 @@ import httpx
 
 from contract import registry
 from contract.registry import ModelInfo
-from tests.conftest import free_port
-from tests.support import ROOT
+from tests.support import ROOT, free_port
 
 
 class GatewayProcess:

@@ -17,8 +17,7 @@ import click
 import pytest
 import redis
 
-from tests.conftest import RedisServer
-from tests.support import ROOT, WorkerProcess, write_images
+from tests.support import ROOT, RedisServer, WorkerProcess, write_images
 from tests.support_gateway import register_idle_model
 
 MODEL = "mobilenet_v3_small"

@@ -8,17 +8,17 @@ import fakeredis
 import pytest
 
 from contract import keys
-from contract.errors import DecodeError, InvalidRequest
+from contract.errors import InvalidRequest, MalformedRecord
 from contract.job import (
+    ErrorInfo,
     Job,
-    JobError,
     Prediction,
     validate_job_id,
     validate_model_name,
     validate_top_k,
     validate_uri,
 )
-from contract.store import CLAIMED, CORRUPT, FINAL, MISSING, POISONED, SUSPECT, JobStore
+from contract.store import ALREADY_FINAL, CLAIMED, CORRUPT, MISSING, POISONED, SUSPECT, JobStore
 
 
 def _job(job_id: str = "j1") -> Job:
@@ -41,7 +41,7 @@ def test_a_done_record_round_trips_through_json() -> None:
 
 
 def test_a_failed_record_carries_type_and_message() -> None:
-    job = _job().failed(JobError("not_found", "no such file"), 2.0)
+    job = _job().failed(ErrorInfo("not_found", "no such file"), 2.0)
     data = json.loads(job.encode())
     assert data["status"] == "failed"
     assert data["error"] == {"type": "not_found", "message": "no such file"}
@@ -57,7 +57,7 @@ def test_a_failed_record_carries_type_and_message() -> None:
     ],
 )
 def test_records_that_break_the_schema_raise_decode_error(raw: bytes) -> None:
-    with pytest.raises(DecodeError):
+    with pytest.raises(MalformedRecord):
         Job.decode(raw)
 
 
@@ -94,7 +94,7 @@ def test_bad_job_ids_are_refused(job_id: str) -> None:
 
 def test_creating_an_existing_id_leaves_the_first_record(store: JobStore) -> None:
     assert store.create_many([_job()]) == [True]
-    assert store.create_many([_job().failed(JobError("x", "y"), 1.0)]) == [False]
+    assert store.create_many([_job().failed(ErrorInfo("x", "y"), 1.0)]) == [False]
     assert store.get("j1") == _job()
     assert 0 < store.redis.ttl(keys.job_key("j1")) <= 60
 
@@ -138,16 +138,16 @@ def test_a_result_is_written_once(store: JobStore) -> None:
 
 def test_final_and_missing_jobs_are_not_claimed(store: JobStore) -> None:
     store.create_many([_job()])
-    store.finish_many([_job().failed(JobError("x", "y"), 1.0)])
+    store.finish_many([_job().failed(ErrorInfo("x", "y"), 1.0)])
     claims = store.claim_many(["j1", "nope"], "m", 2.0, "w", fresh_only=False)
-    assert [c.state for c in claims] == [FINAL, MISSING]
+    assert [c.state for c in claims] == [ALREADY_FINAL, MISSING]
 
 
 def test_finishing_announces_the_ids_on_the_channel(store: JobStore) -> None:
     pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.finished_channel())
     store.create_many([_job("a"), _job("b")])
-    store.finish_many([_job(i).failed(JobError("x", "y"), 1.0) for i in ("a", "b")])
+    store.finish_many([_job(i).failed(ErrorInfo("x", "y"), 1.0) for i in ("a", "b")])
     messages = [pubsub.get_message(timeout=0.5) for _ in range(3)]
     assert [json.loads(m["data"]) for m in messages if m] == [["a", "b"]]
 
@@ -166,3 +166,16 @@ def test_a_job_key_holding_something_else_is_reported_corrupt_not_raised(store: 
     store.redis.set(keys.job_key("odd"), '{"id": "odd", "status": "running"}')
     claims = store.claim_many(["list", "good", "odd"], "m", 1.0, "w", fresh_only=True)
     assert [c.state for c in claims] == [CORRUPT, CLAIMED, CORRUPT]
+
+
+def test_the_gateways_job_model_is_the_job_dataclass() -> None:
+    from dataclasses import fields
+
+    from producer.api_schema import JobOut
+
+    done = _job().done([Prediction("cat", 281, 0.75)], "W", False, 1.0)
+    failed = _job().failed(ErrorInfo("not_found", "gone"), 1.0)
+    assert list(JobOut.model_fields) == [f.name for f in fields(Job)]
+    assert all(f.is_required() for f in JobOut.model_fields.values())
+    for job in (_job(), done, failed):
+        assert JobOut.model_validate(job.to_dict()).model_dump(mode="json") == job.to_dict()

@@ -14,7 +14,6 @@ import pytest
 import redis
 
 from producer.client import Client
-from tests.conftest import RedisServer
 from tests.faults_support import (
     MODEL,
     ImageServer,
@@ -27,7 +26,7 @@ from tests.faults_support import (
     tiny_model_args,
     wait_until,
 )
-from tests.support import write_images
+from tests.support import RedisServer, write_images
 
 _MESSAGES = 8
 _CONCURRENCY = 4

@@ -17,12 +17,11 @@ from hypothesis import strategies as st
 
 from contract import keys
 from contract.errors import InvalidRequest, UnsupportedModel
-from contract.job import JobError, validate_job_id, validate_uri
+from contract.job import ErrorInfo, validate_job_id, validate_uri
 from contract.store import JobStore
 from producer.api_schema import JOB_ID_PATTERN, URI_PATTERN
 from producer.client import Client
-from tests.conftest import RedisServer, free_port
-from tests.support import WorkerProcess, write_images
+from tests.support import RedisServer, WorkerProcess, free_port, write_images
 from tests.support_gateway import GatewayProcess, register_idle_model
 
 MODEL = "mobilenet_v3_small"
@@ -134,7 +133,7 @@ def test_long_poll_returns_the_record_once_the_job_finishes(stack: Stack) -> Non
     store = JobStore(client)
     job = store.get(posted["id"])
     assert job is not None and job.status == "queued"
-    store.finish_many([job.failed(JobError("internal", "finished by the test"), 1.0)])
+    store.finish_many([job.failed(ErrorInfo("internal", "finished by the test"), 1.0)])
     poll.join(timeout=60)
     client.close()
 

@@ -17,7 +17,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from contract import defaults
 from contract.errors import UnsupportedModel
 from producer.gateway import MAX_WAIT_S
-from tests.conftest import RedisServer
+from tests.support import RedisServer
 from tests.support_gateway import GatewayProcess, register_idle_model
 
 TOKEN = "schema-token"

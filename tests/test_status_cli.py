@@ -13,7 +13,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from contract import keys, registry
+from contract import gauges, keys, registry
 from contract.job import Job
 from producer import status
 from producer.cli import main
@@ -43,8 +43,8 @@ def test_oldest_queued_age_is_measured_from_the_job_delivered_next(redis_url: st
     try:
         first = client.submit_many(["a.jpg", "b.jpg"], model=IDLE)[0]
         client.submit_many(["c.jpg"], model=IDLE)
-        age = status.oldest_queued_age(client.redis, IDLE, now=first.submitted + 10)
-        empty = status.oldest_queued_age(client.redis, "no-such-model", now=first.submitted)
+        age = gauges.oldest_queued_age(client.redis, IDLE, now=first.submitted + 10)
+        empty = gauges.oldest_queued_age(client.redis, "no-such-model", now=first.submitted)
     finally:
         client.close()
 
@@ -140,7 +140,7 @@ def test_queue_collector_exports_depth_and_age_for_scaling() -> None:
     job = Job(id="j1", uri="a.jpg", model=IDLE, top_k=5, submitted=0.0)
     fake.set(keys.job_key("j1"), job.encode())
     fake.lpush(keys.queue_name(IDLE), _celery_message(["j1", "j2"]))
-    collector = status.QueueCollector(fake, lambda: [IDLE])
+    collector = gauges.QueueCollector(fake, lambda: [IDLE])
 
     samples = {m.name: m.samples[0] for m in collector.collect()}
 

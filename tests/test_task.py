@@ -6,7 +6,7 @@ import fakeredis
 import pytest
 
 from contract.errors import MalformedMessage
-from contract.job import Job, JobError, Prediction
+from contract.job import ErrorInfo, Job, Prediction
 from contract.messaging import TASK_NAME, make_celery
 from contract.store import JobStore
 from worker.app import MESSAGE_RETRIES, register_task
@@ -70,4 +70,4 @@ def test_failing_unfinished_jobs_leaves_finished_ones_alone(store: JobStore) -> 
     assert (r.status, r.error.type) == ("failed", "internal")
     assert "boom" in r.error.message
     assert d == done
-    assert isinstance(q.error, JobError)
+    assert isinstance(q.error, ErrorInfo)

@@ -17,8 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from contract import keys, registry
 from producer.client import Client
-from tests.conftest import RedisServer, free_port
-from tests.support import WorkerProcess, write_images
+from tests.support import RedisServer, WorkerProcess, free_port, write_images
 from worker.health import HealthServer
 from worker.metrics import Metrics
 

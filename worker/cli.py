@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from contract import defaults
+from contract.logs import configure_logging
 from worker.settings import IO_THREADS, MAX_BYTES, MAX_PIXELS, MAX_WAIT_MS, Preprocess, Settings
 
 log = logging.getLogger("worker")
@@ -177,7 +178,9 @@ def _floats(text: str) -> tuple[float, float, float]:
 def main(**opts: object) -> None:
     """Serve one classification model from its own queue, with the model warm in memory."""
     settings = _settings(opts)
-    configure_logging(settings.log_level, settings.log_json)
+    # Celery logs every message at INFO; at thousands of images a second that drowns the rest.
+    quiet = ("celery.worker.strategy", "celery.app.trace")
+    configure_logging(settings.log_level, settings.log_json, quiet)
     from worker.app import run_worker, setup
     from worker.health import HealthServer
     from worker.models import ModelLoadError
@@ -242,17 +245,3 @@ def _wants_gpu(device: str) -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def configure_logging(level: str, as_json: bool) -> None:
-    handler = logging.StreamHandler()
-    if as_json:
-        from pythonjsonlogger.json import JsonFormatter
-
-        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
-    # Celery logs every message at INFO; at thousands of images a second that drowns the rest.
-    for name in ("celery.worker.strategy", "celery.app.trace"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))

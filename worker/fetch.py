@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import re
 import stat
 import threading
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from contract.errors import (
     TooLarge,
     Unavailable,
 )
+from contract.job import URI_SCHEME as _SCHEME
 from worker.netguard import SafeHttp, shorten
 
 # Longest single wait between two retries, whatever the attempt number.
@@ -48,7 +48,6 @@ MAX_BACKOFF_S = 10.0
 # Connections the default S3 client keeps, enough for one per worker thread.
 S3_POOL_CONNECTIONS = 64
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _S3_NOT_FOUND = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
 _S3_DENIED = frozenset({"AccessDenied", "AllAccessDisabled", "Forbidden", "403"})
 _S3_TRANSIENT = frozenset(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from celery import signals
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from producer.status import QueueCollector
+from contract.gauges import QueueCollector
 
 if TYPE_CHECKING:
     from worker.app import Runtime

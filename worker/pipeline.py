@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from contract.errors import InternalError, NotAnImage, ServiceError, as_service_error
-from contract.job import Job, JobError, Prediction
+from contract.job import ErrorInfo, Job, Prediction
 from contract.store import JobStore
 from worker.inference import Classifier, Payload, TopK
 from worker.metrics import Metrics
@@ -288,4 +288,4 @@ def _final_record(item: WorkItem, now: float) -> Job:
     if item.error is None and item.record is not None:
         return item.record
     error = item.error or InternalError("the job left the pipeline without a result")
-    return item.job.failed(JobError(error.type, str(error)), now)
+    return item.job.failed(ErrorInfo(error.type, str(error)), now)

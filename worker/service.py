@@ -15,13 +15,13 @@ import redis
 
 from contract import keys
 from contract.errors import (
-    DecodeError,
     InternalError,
     MalformedMessage,
+    MalformedRecord,
     ServiceError,
     as_service_error,
 )
-from contract.job import Job, JobError, validate_top_k
+from contract.job import ErrorInfo, Job, validate_top_k
 from contract.store import CLAIMED, POISONED, SUSPECT, Claim, JobStore
 from worker.decode import (
     JPEG_MAGIC,
@@ -91,7 +91,7 @@ class Service:
 
     def fail_unfinished(self, job_ids: Sequence[str], cause: Exception) -> None:
         """Last resort for a message that keeps failing: no job of it may stay running."""
-        error = JobError(InternalError.type, f"the worker could not process the job: {cause}")
+        error = ErrorInfo(InternalError.type, f"the worker could not process the job: {cause}")
         now = self.clock()
         jobs = [job for job in map(self._readable, job_ids) if job and not job.is_final]
         retry_redis(lambda: self.store.finish_many([j.failed(error, now) for j in jobs]))
@@ -99,7 +99,7 @@ class Service:
     def _readable(self, job_id: str) -> Job | None:
         try:
             return retry_redis(lambda: self.store.get(job_id))
-        except (DecodeError, redis.ResponseError):
+        except (MalformedRecord, redis.ResponseError):
             return None
 
     def _checked_ids(self, job_ids: object) -> list[str]:
