@@ -72,7 +72,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--pool", type=_pool, help="distinct images per set, e.g. imagenet=512,12mp=32")
     for name in ("seed_seconds", "ceiling_seconds", "e2e_seconds", "latency_seconds"):
         s.add_argument("--" + name.replace("_", "-"), type=float)
-    for name in ("seed_max", "e2e_jobs", "e2e_max", "latency_n", "submit_jobs", "warmup_jobs"):
+    ints = ("seed_max", "e2e_jobs", "e2e_max", "latency_n", "submit_jobs", "warmup_jobs")
+    for name in (*ints, "hostpath_jobs"):
         s.add_argument("--" + name.replace("_", "-"), type=int)
     return p
 
@@ -88,7 +89,7 @@ def _device(requested: str) -> str:
 def _sizes(args: argparse.Namespace, gpu: bool) -> Sizes:
     base = QUICK_SIZES if args.quick else GPU_SIZES if gpu else CPU_SIZES
     names = ("seed_seconds", "ceiling_seconds", "e2e_seconds", "latency_seconds", "seed_max")
-    names += ("e2e_jobs", "e2e_max", "latency_n", "submit_jobs", "warmup_jobs")
+    names += ("e2e_jobs", "e2e_max", "latency_n", "submit_jobs", "warmup_jobs", "hostpath_jobs")
     given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.pool:
         given["pool"] = {**base.pool, **args.pool}
