@@ -13,6 +13,8 @@ from contract import defaults
 from worker.settings import CPU_BATCH_SIZE, GPU_BATCH_SIZE, IO_THREADS, MAX_WAIT_MS, Settings
 
 STAGES = ("submit", "seed", "ceiling", "e2e", "latency", "hostpath")
+# Stages run only when asked for: the peer needs the ``bench`` extra (LitServe).
+EXTRA_STAGES = ("peer",)
 # Stages that run per model, on the image sets.
 MODEL_STAGES = ("seed", "ceiling", "e2e", "latency")
 MODELS = ("resnet50", "efficientnet_b0", "mobilenet_v3_large")
@@ -115,6 +117,8 @@ class Sizes:
     e2e_jobs: int | None = None
     # Host path (bench/hostpath.py): jobs per measurement, each on its own small JPEG.
     hostpath_jobs: int = 4000
+    # Peer comparison (bench/peer.py): ImageNet-size images per pass.
+    peer_images: int = 384
 
 
 CPU_SIZES = Sizes(
@@ -168,6 +172,7 @@ QUICK_SIZES = Sizes(
     latency_seconds=10,
     submit_jobs=2000,
     hostpath_jobs=60,
+    peer_images=16,
 )
 
 

@@ -138,6 +138,17 @@ def _hostpath(rows: list[dict[str, Any]] | None) -> list[str]:
     return lines
 
 
+def _peer(rows: list[dict[str, Any]] | None) -> list[str]:
+    """LitServe beside this service: mobilenet_v3_large on ImageNet-size JPEGs (bench/peer.py)."""
+    if not rows:
+        return []
+    lines = ["", "| peer comparison: layout | img/s (best) | repeats |", "|---|---:|---|"]
+    for r in rows:
+        repeats = ", ".join(f"{v:.1f}" for v in r["repeats"])
+        lines.append(f"| {r['layout']} | {_num(r['img_s'])} | {repeats} |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     sets = report.get("image_sets", {})
     runs = report.get("runs", [])
@@ -145,6 +156,7 @@ def markdown(report: dict[str, Any]) -> str:
     if runs:
         lines += ["", HEADER, ALIGN, *(_row(r, sets) for r in runs), *_scale_out(runs), "", NOTE]
     lines += _hostpath(report.get("hostpath"))
+    lines += _peer(report.get("peer"))
     return "\n".join(lines) + "\n"
 
 

@@ -98,6 +98,7 @@ def new_report(cfg: BenchConfig) -> dict[str, Any]:
         "submit": None,
         "runs": [],
         "hostpath": None,
+        "peer": None,
     }
 
 
@@ -123,6 +124,8 @@ class Bench:
             self.queue_stages()
         if "hostpath" in stages:
             self.hostpath()
+        if "peer" in stages:
+            self.peer()
         self.report["machine"]["loadavg_end"] = list(os.getloadavg())
         self.save()
         return self.report
@@ -149,6 +152,15 @@ class Bench:
             self.cfg.scale_out,
             s.repeat,
             self.log,
+        )
+        self.save()
+
+    def peer(self) -> None:
+        from bench.peer import run_peer  # LitServe is an optional extra
+
+        s = self.cfg.sizes
+        self.report["peer"] = run_peer(
+            self.workdir / "peer", self.image_root, self.log_dir, s.peer_images, s.repeat, self.log
         )
         self.save()
 
