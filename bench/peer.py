@@ -24,6 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import litserve as ls
+import torch
+import torchvision
+from PIL import Image
+
 from bench.e2e import run_e2e
 from bench.images import IMAGENET, image_pool
 from bench.services import RedisServer, WorkerPool
@@ -67,45 +72,37 @@ LAYOUTS = (
 )
 
 
-def make_api() -> Any:
-    """The LitAPI: decode and preprocess by path, batch, forward, top-5."""
-    import litserve as ls
-    import torch
-    import torchvision
-    from PIL import Image
+class MobileNetAPI(ls.LitAPI):
+    """Decode and preprocess by path, batch, forward, top-5. At module level: LitServe's
+    workers are spawned, and spawn pickles the API by reference."""
 
-    class MobileNetAPI(ls.LitAPI):
-        def setup(self, device: str) -> None:
-            torch.set_flush_denormal(True)  # as the worker does: random weights make denormals
-            weights = torchvision.models.MobileNet_V3_Large_Weights.DEFAULT
-            self.transform = weights.transforms()
-            self.model = torchvision.models.mobilenet_v3_large(weights=None).eval()
+    def setup(self, device: str) -> None:
+        torch.set_flush_denormal(True)  # as the worker does: random weights make denormals
+        self.transform = torchvision.models.MobileNet_V3_Large_Weights.DEFAULT.transforms()
+        self.model = torchvision.models.mobilenet_v3_large(weights=None).eval()
 
-        def decode_request(self, request: dict[str, str]) -> torch.Tensor:
-            with Image.open(request["path"]) as image:
-                return self.transform(image.convert("RGB"))
+    def decode_request(self, request: dict[str, str]) -> torch.Tensor:
+        with Image.open(request["path"]) as image:
+            return self.transform(image.convert("RGB"))
 
-        def batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-            return torch.stack(inputs)
+    def batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(inputs)
 
-        def predict(self, x: torch.Tensor) -> list[list[int]]:
-            with torch.inference_mode():
-                return self.model(x).softmax(-1).topk(5).indices.tolist()
+    def predict(self, x: torch.Tensor) -> list[list[int]]:
+        with torch.inference_mode():
+            return self.model(x).softmax(-1).topk(5).indices.tolist()
 
-        def unbatch(self, output: list[list[int]]) -> list[list[int]]:
-            return output
+    def unbatch(self, output: list[list[int]]) -> list[list[int]]:
+        return output
 
-        def encode_response(self, output: list[int]) -> dict[str, list[int]]:
-            return {"top5": output}
-
-    return MobileNetAPI(max_batch_size=MAX_BATCH, batch_timeout=BATCH_TIMEOUT_S)
+    def encode_response(self, output: list[int]) -> dict[str, list[int]]:
+        return {"top5": output}
 
 
 def serve(port: int, workers: int) -> None:
     """The LitServe server process (``python -m bench.peer --serve PORT --workers N``)."""
-    import litserve as ls
-
-    server = ls.LitServer(make_api(), accelerator="cpu", workers_per_device=workers)
+    api = MobileNetAPI(max_batch_size=MAX_BATCH, batch_timeout=BATCH_TIMEOUT_S)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=workers)
     server.run(host="127.0.0.1", port=port, generate_client_file=False, log_level="warning")
 
 
