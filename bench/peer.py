@@ -89,6 +89,7 @@ class MobileNetAPI(ls.LitAPI):
         return torch.stack(inputs)
 
     def predict(self, x: torch.Tensor) -> list[list[int]]:
+        torch.set_flush_denormal(True)  # per thread: LitServe may predict off setup's thread
         with torch.inference_mode():
             return self.model(x).softmax(-1).topk(5).indices.tolist()
 
