@@ -76,7 +76,8 @@ class HostPathResult:
     worker_cpu_ms: float
     redis_cpu_ms: float
     producer_cpu_ms: float
-    # Redis ``used_memory`` growth over the run, per finished job (queue messages are gone).
+    # Redis ``used_memory`` growth over the run, per finished job (queue messages are gone);
+    # client buffers move it by tens of KB, so it means something over thousands of jobs.
     redis_bytes_per_job: float
     # MEMORY USAGE of a sample of finished records, averaged, and their JSON length.
     record_bytes: float

@@ -64,7 +64,7 @@ def test_quick_benchmark_measures_every_stage_and_every_job_ends_done(
     assert markdown(report) in stdout
 
 
-HOSTPATH_PER_JOB = ("worker_cpu_ms", "redis_cpu_ms", "producer_cpu_ms", "redis_bytes_per_job")
+HOSTPATH_CPU = ("worker_cpu_ms", "redis_cpu_ms", "producer_cpu_ms")
 
 
 def _check_hostpath(rows: list[dict[str, Any]]) -> None:
@@ -72,9 +72,12 @@ def _check_hostpath(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         assert row["done"] == row["jobs"] > 0, row
         assert _positive(row["jobs_s"]) and _positive(row["seconds"]), row
-        for field in HOSTPATH_PER_JOB:
+        for field in HOSTPATH_CPU:
             value = row[field]
             assert isinstance(value, float) and math.isfinite(value) and value >= 0, (field, row)
+        # used_memory moves by tens of KB with client buffers: a sign only over thousands of jobs.
+        assert isinstance(row["redis_bytes_per_job"], float), row
+        assert math.isfinite(row["redis_bytes_per_job"]), row
         assert _positive(row["record_bytes"]) and _positive(row["record_json_bytes"]), row
         assert row["record_bytes"] > row["record_json_bytes"], row
         scripts = row["commandstats"].get("evalsha") or row["commandstats"].get("eval")
