@@ -26,6 +26,7 @@ import torch
 
 from bench.e2e import WAIT_PER_JOB_S, delete_jobs, submit
 from bench.images import ImageSet, image_pool
+from bench.report import record
 from bench.services import RedisServer, WorkerPool
 from contract import defaults, keys
 from contract.job import DONE
@@ -229,8 +230,6 @@ def run_hostpath(
 
 
 def _summary(best: HostPathResult, tries: list[HostPathResult]) -> dict[str, Any]:
-    from bench.report import record
-
     repeats = {
         "jobs_s": [t.jobs_s for t in tries],
         "worker_cpu_ms": [t.worker_cpu_ms for t in tries],
