@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bench.config import (
     CPU_SIZES,
+    EXTRA_STAGES,
     GPU_SIZES,
     MODELS,
     QUICK_MODEL,
@@ -45,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, a few images")
     p.add_argument("--models", type=_list, help=f"comma-separated [default: {','.join(MODELS)}]")
     p.add_argument("--images", type=_list, default=tuple(IMAGE_SETS), help="image sets")
-    p.add_argument("--stages", type=_list, default=STAGES, help="subset of " + ",".join(STAGES))
+    every = ",".join(STAGES + EXTRA_STAGES)
+    p.add_argument("--stages", type=_list, default=STAGES, help=f"subset of {every}")
     p.add_argument("--label", help="names the results file [default: host name]")
     p.add_argument("--out", type=Path, help="JSON path [default: bench/results/LABEL.json]")
     p.add_argument("--image-dir", type=Path, help="keep generated images here and reuse them")
@@ -72,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--pool", type=_pool, help="distinct images per set, e.g. imagenet=512,12mp=32")
     for name in ("seed_seconds", "ceiling_seconds", "e2e_seconds", "latency_seconds"):
         s.add_argument("--" + name.replace("_", "-"), type=float)
-    for name in ("seed_max", "e2e_jobs", "e2e_max", "latency_n", "submit_jobs", "warmup_jobs"):
+    ints = ("seed_max", "e2e_jobs", "e2e_max", "latency_n", "submit_jobs", "warmup_jobs")
+    for name in (*ints, "hostpath_jobs", "peer_images"):
         s.add_argument("--" + name.replace("_", "-"), type=int)
     return p
 
@@ -89,6 +92,7 @@ def _sizes(args: argparse.Namespace, gpu: bool) -> Sizes:
     base = QUICK_SIZES if args.quick else GPU_SIZES if gpu else CPU_SIZES
     names = ("seed_seconds", "ceiling_seconds", "e2e_seconds", "latency_seconds", "seed_max")
     names += ("e2e_jobs", "e2e_max", "latency_n", "submit_jobs", "warmup_jobs")
+    names += ("hostpath_jobs", "peer_images")
     given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.pool:
         given["pool"] = {**base.pool, **args.pool}
@@ -111,9 +115,10 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     unknown = set(args.images) - set(IMAGE_SETS)
     if unknown:
         raise SystemExit(f"unknown image set(s) {sorted(unknown)}; choose from {list(IMAGE_SETS)}")
-    bad = set(args.stages) - set(STAGES)
+    every = STAGES + EXTRA_STAGES
+    bad = set(args.stages) - set(every)
     if bad:
-        raise SystemExit(f"unknown stage(s) {sorted(bad)}; choose from {', '.join(STAGES)}")
+        raise SystemExit(f"unknown stage(s) {sorted(bad)}; choose from {', '.join(every)}")
     label = args.label or socket.gethostname()
     scale_out = tuple(sorted(set(args.scale_out or ()) | {args.workers}))
     return BenchConfig(
@@ -121,7 +126,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         out=args.out or RESULTS / f"{label}.json",
         models=args.models or ((QUICK_MODEL,) if args.quick else MODELS),
         image_sets=args.images,
-        stages=tuple(s for s in STAGES if s in args.stages),
+        stages=tuple(s for s in every if s in args.stages),
         options=options,
         sizes=_sizes(args, options.on_gpu),
         scale_out=scale_out,

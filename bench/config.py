@@ -12,7 +12,11 @@ from pathlib import Path
 from contract import defaults
 from worker.settings import CPU_BATCH_SIZE, GPU_BATCH_SIZE, IO_THREADS, MAX_WAIT_MS, Settings
 
-STAGES = ("submit", "seed", "ceiling", "e2e", "latency")
+STAGES = ("submit", "seed", "ceiling", "e2e", "latency", "hostpath")
+# Stages run only when asked for: the peer needs the ``bench`` extra (LitServe).
+EXTRA_STAGES = ("peer",)
+# Stages that run per model, on the image sets.
+MODEL_STAGES = ("seed", "ceiling", "e2e", "latency")
 MODELS = ("resnet50", "efficientnet_b0", "mobilenet_v3_large")
 # The smallest torchvision classifier: enough to exercise every stage in seconds.
 QUICK_MODEL = "mobilenet_v3_small"
@@ -111,6 +115,10 @@ class Sizes:
     # Measurements of the seed loop, the ceiling and end to end, alternating; the best is kept.
     repeat: int = 1
     e2e_jobs: int | None = None
+    # Host path (bench/hostpath.py): jobs per measurement, each on its own small JPEG.
+    hostpath_jobs: int = 4000
+    # Peer comparison (bench/peer.py): ImageNet-size images per pass.
+    peer_images: int = 384
 
 
 CPU_SIZES = Sizes(
@@ -163,6 +171,8 @@ QUICK_SIZES = Sizes(
     latency_n=4,
     latency_seconds=10,
     submit_jobs=2000,
+    hostpath_jobs=60,
+    peer_images=16,
 )
 
 

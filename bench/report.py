@@ -22,6 +22,10 @@ NOTE = (
     "c/b by CPU: CPU seconds per image in-process over those of the workers and Redis end to "
     "end, i.e. c/b when both saturate the same cores; unlike the rates, it ignores other load."
 )
+HOSTPATH_HEADER = (
+    "| host path: workers | jobs | jobs/s | worker CPU ms/job | Redis CPU ms/job "
+    "| producer CPU ms/job | Redis bytes/job | MEMORY USAGE/record |"
+)
 # Shown where a stage did not run.
 MISSING = "-"
 ALIGN = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -114,11 +118,45 @@ def _context(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _hostpath(rows: list[dict[str, Any]] | None) -> list[str]:
+    """The per-job cost table of issue 10: null model, small JPEGs (bench/hostpath.py)."""
+    if not rows:
+        return []
+    lines = ["", HOSTPATH_HEADER, "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = [
+            str(r["workers"]),
+            f"{r['jobs']:,}",
+            _num(r["jobs_s"], 0),
+            _num(r["worker_cpu_ms"], 3),
+            _num(r["redis_cpu_ms"], 3),
+            _num(r["producer_cpu_ms"], 3),
+            _num(r["redis_bytes_per_job"], 0),
+            _num(r["record_bytes"], 0),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _peer(rows: list[dict[str, Any]] | None) -> list[str]:
+    """LitServe beside this service: mobilenet_v3_large on ImageNet-size JPEGs (bench/peer.py)."""
+    if not rows:
+        return []
+    lines = ["", "| peer comparison: layout | img/s (best) | repeats |", "|---|---:|---|"]
+    for r in rows:
+        repeats = ", ".join(f"{v:.1f}" for v in r["repeats"])
+        lines.append(f"| {r['layout']} | {_num(r['img_s'])} | {repeats} |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     sets = report.get("image_sets", {})
-    rows = [_row(r, sets) for r in report.get("runs", [])]
-    lines = [*_context(report), "", HEADER, ALIGN, *rows, *_scale_out(report.get("runs", []))]
-    lines += ["", NOTE]
+    runs = report.get("runs", [])
+    lines = list(_context(report))
+    if runs:
+        lines += ["", HEADER, ALIGN, *(_row(r, sets) for r in runs), *_scale_out(runs), "", NOTE]
+    lines += _hostpath(report.get("hostpath"))
+    lines += _peer(report.get("peer"))
     return "\n".join(lines) + "\n"
 
 

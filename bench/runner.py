@@ -18,9 +18,10 @@ import torch
 import torchvision
 
 from bench.ceiling import InProcess
-from bench.config import TOP_K, BenchConfig
+from bench.config import MODEL_STAGES, TOP_K, BenchConfig
 from bench.diagnostics import BENCHMARK, Probe
 from bench.e2e import run_e2e, warm_up
+from bench.hostpath import run_hostpath
 from bench.images import IMAGE_SETS, image_pool, mean_bytes
 from bench.latency import measure_latency
 from bench.report import record, save
@@ -96,6 +97,8 @@ def new_report(cfg: BenchConfig) -> dict[str, Any]:
         "image_sets": {},
         "submit": None,
         "runs": [],
+        "hostpath": None,
+        "peer": None,
     }
 
 
@@ -116,17 +119,50 @@ class Bench:
         save(self.report, self.cfg.out)
 
     def run(self) -> dict[str, Any]:
+        stages = set(self.cfg.stages)
+        if stages & {"submit", *MODEL_STAGES}:
+            self.queue_stages()
+        if "hostpath" in stages:
+            self.hostpath()
+        if "peer" in stages:
+            self.peer()
+        self.report["machine"]["loadavg_end"] = list(os.getloadavg())
+        self.save()
+        return self.report
+
+    def queue_stages(self) -> None:
+        """Bulk submission and the per-model stages, on one private Redis."""
         with ExitStack() as stack:
             self.make_images()
             self.redis = RedisServer(self.workdir).start()
             stack.callback(self.redis.stop)
             if "submit" in self.cfg.stages:
                 self.submit()
-            for model in self.cfg.models:
-                self.model(model)
-        self.report["machine"]["loadavg_end"] = list(os.getloadavg())
+            if set(self.cfg.stages) & set(MODEL_STAGES):
+                for model in self.cfg.models:
+                    self.model(model)
+
+    def hostpath(self) -> None:
+        s = self.cfg.sizes
+        self.report["hostpath"] = run_hostpath(
+            self.workdir / "hostpath",
+            self.image_root,
+            self.log_dir,
+            s.hostpath_jobs,
+            self.cfg.scale_out,
+            s.repeat,
+            self.log,
+        )
         self.save()
-        return self.report
+
+    def peer(self) -> None:
+        from bench.peer import run_peer  # LitServe is an optional extra
+
+        s = self.cfg.sizes
+        self.report["peer"] = run_peer(
+            self.workdir / "peer", self.image_root, self.log_dir, s.peer_images, s.repeat, self.log
+        )
+        self.save()
 
     def make_images(self) -> None:
         for name in self.cfg.image_sets:

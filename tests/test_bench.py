@@ -59,8 +59,43 @@ def test_quick_benchmark_measures_every_stage_and_every_job_ends_done(
     assert len(report["runs"]) == 2
     for run in report["runs"]:
         _check_run(run)
+    _check_hostpath(report["hostpath"])
     assert stdout.count("| mobilenet_v3_small |") == 2
     assert markdown(report) in stdout
+
+
+HOSTPATH_CPU = ("worker_cpu_ms", "redis_cpu_ms", "producer_cpu_ms")
+
+
+def _check_hostpath(rows: list[dict[str, Any]]) -> None:
+    assert rows and rows[0]["workers"] == 1
+    for row in rows:
+        assert row["done"] == row["jobs"] > 0, row
+        assert _positive(row["jobs_s"]) and _positive(row["seconds"]), row
+        for field in HOSTPATH_CPU:
+            value = row[field]
+            assert isinstance(value, float) and math.isfinite(value) and value >= 0, (field, row)
+        # used_memory moves by tens of KB with client buffers: a sign only over thousands of jobs.
+        assert isinstance(row["redis_bytes_per_job"], float), row
+        assert math.isfinite(row["redis_bytes_per_job"]), row
+        assert _positive(row["record_bytes"]) and _positive(row["record_json_bytes"]), row
+        assert row["record_bytes"] > row["record_json_bytes"], row
+        scripts = row["commandstats"].get("evalsha") or row["commandstats"].get("eval")
+        assert scripts and _positive(scripts["calls"]) and scripts["usec"] >= 0, row
+        assert len(row["repeats"]["jobs_s"]) >= 1
+
+
+def test_quick_host_path_reports_every_per_job_cost(tmp_path: Path) -> None:
+    out = tmp_path / "hostpath.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "bench.hostpath", "--quick", "--out", str(out)]
+    cmd += ["--log-dir", str(tmp_path / "logs"), "--image-dir", str(tmp_path / "images")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    report = json.loads(out.read_text())
+    _check_hostpath(report["hostpath"])
+    assert report["runs"] == [] and report["submit"] is None
+    assert "| host path: workers |" in proc.stdout
 
 
 def test_percentile_interpolates_between_ranks_like_numpy() -> None:

@@ -1,0 +1,244 @@
+"""The host path: what the job path costs per job when the model costs nothing (issue 10).
+
+A TorchScript null model (mean colour -> 1000 logits through a fixed linear layer, served with
+``--resize 16 --crop 16``) on small JPEGs from local disk; real worker processes with their
+defaults; a private Redis of its own, so that its memory and CPU are the jobs' alone; jobs
+submitted with ``Client.submit_many``. Per job: CPU of the worker processes, of Redis and of
+the producer; Redis bytes a finished record holds; and Redis ``commandstats``.
+
+``python -m bench.hostpath [--quick] [--hostpath-jobs N] [--scale-out 1,2]`` runs this stage
+alone; it is ``python -m bench --stages hostpath``.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+
+from bench.e2e import WAIT_PER_JOB_S, delete_jobs, submit
+from bench.images import ImageSet, image_pool
+from bench.report import record
+from bench.services import RedisServer, WorkerPool
+from contract import defaults, keys
+from contract.job import DONE
+from producer.client import Client
+
+# The queue name the null model is served under.
+NULL_MODEL = "null"
+# Small JPEGs: decoding them costs little, so what remains is the job path.
+SMALL = ImageSet("small", 64, 48, grain=16)
+# The worker flags that make preprocessing nearly free for the null model.
+NULL_PREPROCESS = ("--resize", "16", "--crop", "16")
+# Finished records whose MEMORY USAGE is read and averaged.
+KEY_SAMPLE = 100
+# Commands the benchmark itself sends to read these figures; left out of commandstats.
+PROBE_COMMANDS = {"info", "memory|usage", "memory"}
+# Seconds a worker may take to load the null model.
+READY_TIMEOUT_S = 120
+
+
+class NullModel(torch.nn.Module):
+    """Mean colour -> 1000 logits through fixed weights: a model that takes no time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(3, 1000)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(1000, 3, generator=generator))
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def write_null_model(path: Path) -> Path:
+    torch.jit.save(torch.jit.script(NullModel()), str(path))
+    return path
+
+
+@dataclass(frozen=True)
+class HostPathResult:
+    workers: int
+    jobs: int
+    done: int
+    # From the first submit to the last ``finished`` stamp.
+    seconds: float
+    # CPU milliseconds per job: all worker processes (children included), Redis, the producer.
+    worker_cpu_ms: float
+    redis_cpu_ms: float
+    producer_cpu_ms: float
+    # Redis ``used_memory`` growth over the run, per finished job (queue messages are gone);
+    # client buffers move it by tens of KB, so it means something over thousands of jobs.
+    redis_bytes_per_job: float
+    # MEMORY USAGE of a sample of finished records, averaged, and their JSON length.
+    record_bytes: float
+    record_json_bytes: float
+    # Per command (and script): calls and microseconds of Redis CPU per job.
+    commandstats: dict[str, dict[str, float]]
+
+    @property
+    def jobs_s(self) -> float:
+        return self.done / self.seconds
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of a process and its waited-for children (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def producer_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def redis_cpu_s(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def commandstats(client: redis.Redis) -> dict[str, tuple[int, int]]:
+    """Calls and microseconds per command since the server started."""
+    stats = client.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
+        for name, v in stats.items()
+        if name.removeprefix("cmdstat_") not in PROBE_COMMANDS
+    }
+
+
+def _per_job(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], jobs: int
+) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, (calls, usec) in after.items():
+        calls0, usec0 = before.get(name, (0, 0))
+        if calls > calls0:
+            out[name] = {"calls": (calls - calls0) / jobs, "usec": (usec - usec0) / jobs}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["usec"]))
+
+
+def record_sizes(client: redis.Redis, ids: Sequence[str]) -> tuple[float, float]:
+    """Mean MEMORY USAGE and mean value length of the records of ``ids``."""
+    pipe = client.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.memory_usage(keys.job_key(job_id), samples=0)
+        pipe.strlen(keys.job_key(job_id))
+    sizes = pipe.execute()
+    usage, lengths = sizes[0::2], sizes[1::2]
+    return sum(usage) / len(usage), sum(lengths) / len(lengths)
+
+
+class HostPath:
+    """A private Redis, the null model's workers and a client: measure, grow, measure again."""
+
+    def __init__(self, workdir: Path, uris: Sequence[str], log_dir: Path) -> None:
+        self.uris = list(uris)
+        self.redis = RedisServer(workdir).start()
+        self.admin = redis.Redis.from_url(self.redis.url)
+        self.client = Client.from_url(self.redis.url)
+        model_file = write_null_model(workdir / "null-model.pt")
+        root = Path(uris[0]).parent
+        args = ["--model-file", str(model_file), *NULL_PREPROCESS, "--allowed-root", str(root)]
+        args += ["--log-level", "WARNING"]
+        self.pool = WorkerPool(self.redis.url, NULL_MODEL, args, log_dir, {}, ["auto"])
+
+    def __enter__(self) -> HostPath:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.pool.stop(graceful=exc_type is None)
+        self.client.close()
+        self.admin.close()
+        self.redis.stop()
+
+    def grow(self, workers: int) -> None:
+        self.pool.ensure(workers, READY_TIMEOUT_S)
+
+    def measure(self, n: int) -> HostPathResult:
+        pids = list(self.pool.pids().values())
+        cpu0, redis0, stats0 = self._cpu(pids), redis_cpu_s(self.admin), commandstats(self.admin)
+        memory0 = self.admin.info("memory")["used_memory"]
+        started, producer0 = time.time(), producer_cpu_s()
+        ids = submit(self.client, NULL_MODEL, self.uris, n, defaults.TOP_K)
+        producer = producer_cpu_s() - producer0
+        records = self.client.wait_many(ids, timeout=60 + WAIT_PER_JOB_S * n)
+        cpu, redis_cpu = self._cpu(pids) - cpu0, redis_cpu_s(self.admin) - redis0
+        stats = _per_job(stats0, commandstats(self.admin), n)
+        memory = self.admin.info("memory")["used_memory"] - memory0
+        done = [r for r in records if r is not None and r.status == DONE]
+        record_bytes, json_bytes = record_sizes(self.admin, [r.id for r in done[:KEY_SAMPLE]])
+        delete_jobs(self.admin, ids)
+        finished = max((r.finished or started for r in done), default=time.time())
+        return HostPathResult(
+            workers=len(pids),
+            jobs=n,
+            done=len(done),
+            seconds=finished - started,
+            worker_cpu_ms=1000 * cpu / n,
+            redis_cpu_ms=1000 * redis_cpu / n,
+            producer_cpu_ms=1000 * producer / n,
+            redis_bytes_per_job=memory / max(1, len(done)),
+            record_bytes=record_bytes,
+            record_json_bytes=json_bytes,
+            commandstats=stats,
+        )
+
+    @staticmethod
+    def _cpu(pids: Sequence[int]) -> float:
+        return sum(process_tree_cpu_s(p) for p in pids)
+
+
+def run_hostpath(
+    workdir: Path,
+    image_root: Path,
+    log_dir: Path,
+    jobs: int,
+    worker_counts: Sequence[int],
+    repeat: int,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Best of ``repeat`` (by jobs/s) for each worker count, after a warm-up run."""
+    uris = [str(p) for p in image_pool(image_root, SMALL, jobs)]
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = []
+    with HostPath(workdir, uris, log_dir) as bench:
+        for count in sorted(set(worker_counts)):
+            bench.grow(count)
+            bench.measure(min(jobs, 200))
+            tries = [bench.measure(jobs) for _ in range(repeat)]
+            best = max(tries, key=lambda t: t.jobs_s)
+            out.append(_summary(best, tries))
+            log(
+                f"host path, {count} worker(s): {best.jobs_s:,.0f} jobs/s; CPU ms/job worker "
+                f"{best.worker_cpu_ms:.3f}, Redis {best.redis_cpu_ms:.3f}, producer "
+                f"{best.producer_cpu_ms:.3f}; {best.redis_bytes_per_job:,.0f} Redis bytes/job"
+            )
+    return out
+
+
+def _summary(best: HostPathResult, tries: list[HostPathResult]) -> dict[str, Any]:
+    repeats = {
+        "jobs_s": [t.jobs_s for t in tries],
+        "worker_cpu_ms": [t.worker_cpu_ms for t in tries],
+        "redis_cpu_ms": [t.redis_cpu_ms for t in tries],
+    }
+    return {**record(best, "jobs_s"), "repeats": repeats}
+
+
+if __name__ == "__main__":
+    from bench.__main__ import main
+
+    sys.exit(main(["--stages", "hostpath", *sys.argv[1:]]))

@@ -1,0 +1,114 @@
+"""Where the host path's per-job CPU goes: py-spy on one worker during a host-path run.
+
+``python -m bench.hostpath_profile [--jobs N] [--out DIR]`` writes to DIR: ``worker.raw``
+(py-spy's collapsed stacks), ``summary.json`` (the run's per-job figures, the functions with
+the most samples in µs per job, inclusive and self, and one finished record's bytes). Needs
+``pip install py-spy`` and ptrace (root, or ``kernel.yama.ptrace_scope=0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bench.hostpath import SMALL, HostPath
+from bench.images import image_pool
+from bench.report import record
+from contract import keys
+
+# py-spy samples per second; each sample of each active thread counts 1/RATE s of CPU.
+RATE = 500
+# Functions listed, inclusive and self.
+TOP = 40
+
+
+def collapsed(path: Path) -> Counter[tuple[str, ...]]:
+    """py-spy's raw output: ``frame;frame;... count`` per line, root first."""
+    stacks: Counter[tuple[str, ...]] = Counter()
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack:
+            stacks[tuple(stack.split(";"))] += int(count)
+    return stacks
+
+
+def top_functions(stacks: Counter[tuple[str, ...]], jobs: int) -> dict[str, list[list[Any]]]:
+    """Samples per function as µs of CPU per job: inclusive (once per stack) and self."""
+    inclusive: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    for stack, count in stacks.items():
+        for frame in set(stack):
+            inclusive[frame] += count
+        own[stack[-1]] += count
+    per_job = 1e6 / RATE / jobs
+    return {
+        "inclusive_us_per_job": [[f, round(n * per_job, 1)] for f, n in inclusive.most_common(TOP)],
+        "self_us_per_job": [[f, round(n * per_job, 1)] for f, n in own.most_common(TOP)],
+        "total_us_per_job": [["all samples", round(sum(stacks.values()) * per_job, 1)]],
+    }
+
+
+def record_breakdown(bench: HostPath) -> dict[str, Any]:
+    """One finished top-5 record: key, JSON length per field, and Redis's total for it."""
+    job = bench.client.submit_many(bench.uris[:1], model="null", top_k=5)[0]
+    bench.client.wait_many([job.id], timeout=30)
+    key = keys.job_key(job.id)
+    raw = bench.admin.get(key)
+    assert raw is not None
+    fields = json.loads(raw)
+    sizes = {k: len(json.dumps({k: v}, separators=(",", ":"))) - 2 for k, v in fields.items()}
+    return {
+        "key": key,
+        "key_bytes": len(key),
+        "value_bytes": len(raw),
+        "field_bytes": sizes,
+        "memory_usage": bench.admin.memory_usage(key, samples=0),
+        "ttl_s": bench.admin.ttl(key),
+        "record": fields,
+    }
+
+
+def profile(workdir: Path, out: Path, jobs: int) -> dict[str, Any]:
+    uris = [str(p) for p in image_pool(workdir / "images", SMALL, jobs)]
+    with HostPath(workdir, uris, workdir / "logs") as bench:
+        bench.grow(1)
+        bench.measure(min(jobs, 500))
+        pid = next(iter(bench.pool.pids().values()))
+        raw = out / "worker.raw"
+        cmd = ["py-spy", "record", "-p", str(pid), "-r", str(RATE), "-f", "raw", "-o", str(raw)]
+        spy = subprocess.Popen([*cmd, "--nonblocking", "--function"], stdout=subprocess.DEVNULL)
+        time.sleep(1)  # py-spy attaches
+        result = bench.measure(jobs)
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+        breakdown = record_breakdown(bench)
+    return {
+        "run": record(result, "jobs_s"),
+        "worker_profile": top_functions(collapsed(raw), jobs),
+        "record": breakdown,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.hostpath_profile", description=__doc__)
+    p.add_argument("--jobs", type=int, default=8000)
+    p.add_argument("--out", type=Path, default=Path("hostpath-profile"))
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="imgcls-profile-") as tmp:
+        summary = profile(Path(tmp), args.out.resolve(), args.jobs)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary["run"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
