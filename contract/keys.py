@@ -25,8 +25,13 @@ def model_key(model: str) -> str:
     return f"{KEY_PREFIX}:model:{model}"
 
 
+def declared_key(model: str) -> str:
+    """What an operator declared about ``model`` before any worker serves it (classes)."""
+    return f"{KEY_PREFIX}:declared:{model}"
+
+
 def models_set() -> str:
-    """Set of every model name a worker has ever served."""
+    """Set of every model name a worker has ever served or an operator declared."""
     return f"{KEY_PREFIX}:models"
 
 
@@ -38,6 +43,22 @@ def heartbeat_key(model: str, worker_id: str) -> str:
 def heartbeat_pattern(model: str = "*") -> str:
     """SCAN pattern matching the heartbeat keys of ``model``'s workers."""
     return f"{KEY_PREFIX}:worker:{model}:*"
+
+
+def held_key(model: str, worker_id: str) -> str:
+    """Set of the delivery tags of the queue messages the worker ``worker_id`` holds."""
+    return f"{KEY_PREFIX}:held:{model}:{worker_id}"
+
+
+def held_owner(held: str) -> tuple[str, str]:
+    """The (model, worker_id) whose held set is ``held`` (model names have no colon)."""
+    model, _, worker_id = held.removeprefix(f"{KEY_PREFIX}:held:").partition(":")
+    return model, worker_id
+
+
+def held_pattern() -> str:
+    """SCAN pattern matching every worker's held set."""
+    return f"{KEY_PREFIX}:held:*"
 
 
 def dead_letter_key() -> str:

@@ -39,8 +39,9 @@ def make_celery(
         broker_heartbeat=0,
         broker_transport_options={
             "visibility_timeout": visibility_timeout_s,
-            # Sweep for messages of dead workers often enough to honour the timeout.
-            "unacked_restore_interval": max(1, min(10, visibility_timeout_s // 4)),
+            # Sweep for messages of dead workers often enough to honour the timeout, and to
+            # restore soon the ones a worker's recovery sweep made due (worker/recovery.py).
+            "unacked_restore_interval": max(1, min(5, visibility_timeout_s // 4)),
             "unacked_restore_throttle": 1,
             "socket_keepalive": True,
             "retry_on_timeout": True,

@@ -1,4 +1,12 @@
-"""Which models have workers: what each model declared, and which workers are alive now."""
+"""Which models have workers: what each model declared, and which workers are alive now.
+
+Two records can describe a model. A worker's *registration* (``model_key``) says what it
+serves; every worker rewrites it on each heartbeat, so a Redis that lost its data (a restart
+without persistence) knows the model again within one heartbeat. An operator's *declaration*
+(``declared_key``, ``producer models declare``) lets producers queue jobs for a model before
+any worker runs (a pool scaled to zero). Neither overwrites the other; while a registration
+exists it is the truth, and the declaration is the fallback.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +28,8 @@ class ModelInfo:
     random_weights: bool
     num_classes: int
     device: str = "cpu"
+    # True for an operator's declaration: no worker has said this yet.
+    declared: bool = False
 
     def encode(self) -> str:
         return json.dumps(asdict(self))
@@ -54,8 +64,22 @@ def retire(client: redis.Redis, model: str, worker_id: str) -> None:
     client.delete(keys.heartbeat_key(model, worker_id))
 
 
+def declare_model(client: redis.Redis, name: str, num_classes: int, weights: str = "") -> ModelInfo:
+    """Let producers accept jobs for ``name`` before any worker serves it."""
+    if num_classes < 1:
+        raise ValueError("the number of classes must be at least 1")
+    info = ModelInfo(name, weights or "declared", False, num_classes, "none", declared=True)
+    pipe = client.pipeline(transaction=False)
+    pipe.set(keys.declared_key(name), info.encode())
+    pipe.sadd(keys.models_set(), name)
+    pipe.execute()
+    return info
+
+
 def get_model(client: redis.Redis, model: str) -> ModelInfo | None:
-    raw = client.get(keys.model_key(model))
+    """A worker's registration of ``model``, else its declaration, else None."""
+    registered, declared = client.mget(keys.model_key(model), keys.declared_key(model))
+    raw = registered if registered is not None else declared
     return None if raw is None else ModelInfo.decode(raw)
 
 

@@ -16,9 +16,9 @@ from typing import IO, Any, TypeVar
 
 import click
 
-from contract import defaults
+from contract import defaults, redis_errors, registry
 from contract.errors import ServiceError
-from contract.job import Job
+from contract.job import Job, validate_model_name
 from contract.logs import configure_logging
 from producer import bulk, export
 from producer.client import Client, SubmitRequest
@@ -26,13 +26,34 @@ from producer.client import Client, SubmitRequest
 log = logging.getLogger("producer")
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+def _remember_url(ctx: click.Context, _: click.Parameter, url: str) -> str:
+    """Kept on the root context, so that a Redis failure can name the URL (masked)."""
+    ctx.find_root().meta["redis_url"] = url
+    return url
+
+
 redis_option = click.option(
     "--redis-url",
     envvar="REDIS_URL",
     default=defaults.REDIS_URL,
     show_default=True,
+    callback=_remember_url,
     help="Redis holding the queues and job records (env REDIS_URL).",
 )
+
+
+class _Commands(click.Group):
+    """Turns a Redis failure in any command into one line on stderr and its exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except redis_errors.REDIS_ERRORS as e:
+            url = ctx.meta.get("redis_url", defaults.REDIS_URL)
+            code, line = redis_errors.describe(e, url)
+            click.echo(f"Error: {line}", err=True)
+            ctx.exit(code)
 
 
 def log_options(default_level: str) -> Callable[[F], F]:
@@ -57,9 +78,13 @@ def log_options(default_level: str) -> Callable[[F], F]:
     return decorate
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Submit images for classification and read their results."""
+    """Submit images for classification and read their results.
+
+    Exit status: 0 on success; 1 when a request is refused (an unsupported model, an invalid
+    URI); 2 for a usage error; 3 when Redis is unreachable; 4 when Redis refuses the password.
+    """
 
 
 @main.command()
@@ -327,6 +352,54 @@ def _table(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     cells = (zip(line, widths, strict=True) for line in lines)
     return "\n".join("  ".join(c.ljust(w) for c, w in row).rstrip() for row in cells)
+
+
+@main.group()
+def models() -> None:
+    """Declare a model before any worker serves it, and list what producers accept.
+
+    A declared model is accepted and queued while no worker runs (a pool scaled to zero);
+    a worker's own registration, rewritten on every heartbeat, takes precedence while it
+    exists. Declarations live in Redis: with persistence off, declare again after a restart.
+    """
+
+
+@models.command("declare")
+@redis_option
+@click.option(
+    "--num-classes",
+    type=click.IntRange(min=1),
+    required=True,
+    help="Classes the model's workers will answer with (top_k is checked against it).",
+)
+@click.option("--weights", default="", help="Weights ID to show until a worker registers.")
+@click.argument("name")
+def declare(redis_url: str, num_classes: int, weights: str, name: str) -> None:
+    """Let producers queue jobs for NAME before any worker serves it; prints the record."""
+    try:
+        validate_model_name(name)
+    except ServiceError as e:
+        raise click.BadParameter(str(e), param_hint="NAME") from e
+    client = Client.from_url(redis_url)
+    try:
+        info = registry.declare_model(client.redis, name, num_classes, weights)
+    finally:
+        client.close()
+    click.echo(info.encode())
+
+
+@models.command("list")
+@redis_option
+def list_models(redis_url: str) -> None:
+    """One JSON line per model producers accept: a worker's registration, else a declaration."""
+    client = Client.from_url(redis_url)
+    try:
+        for name in registry.known_models(client.redis):
+            info = registry.get_model(client.redis, name)
+            if info is not None:
+                click.echo(info.encode())
+    finally:
+        client.close()
 
 
 @main.command()

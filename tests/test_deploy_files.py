@@ -251,7 +251,7 @@ def _from_k8s() -> Iterator[Invocation]:
     for path in sorted(K8S.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             template = doc.get("spec", {}).get("template", {}).get("spec", {})
-            for c in template.get("containers", []):
+            for c in [*template.get("initContainers", []), *template.get("containers", [])]:
                 env = {e["name"]: str(e.get("value", "from-a-secret")) for e in c.get("env", [])}
                 argv = [*c.get("command", []), *c.get("args", [])]
                 yield Invocation(f"k8s:{path.name}:{c['name']}", argv, env)
@@ -280,8 +280,11 @@ def _command(invocation: Invocation) -> tuple[click.Command, list[str]]:
     rest = invocation.argv[invocation.argv.index("-m") + 2 :]
     if invocation.module == "worker":
         return worker_cli, rest
-    assert rest and rest[0] in producer_cli.commands, f"{invocation.where}: {rest[:1]}"
-    return producer_cli.commands[rest[0]], rest[1:]
+    command: click.Command = producer_cli
+    while isinstance(command, click.Group):  # down to the subcommand (``models declare``)
+        assert rest and rest[0] in command.commands, f"{invocation.where}: {rest[:1]}"
+        command, rest = command.commands[rest[0]], rest[1:]
+    return command, rest
 
 
 def _envvars(param: click.Parameter) -> list[str]:

@@ -7,6 +7,7 @@ the only process there is and never inherited across a fork.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ import redis
 import torch
 from celery import Celery, Task
 
-from contract import keys, registry
+from contract import defaults, keys, registry
 from contract.errors import MalformedMessage
 from contract.messaging import TASK_NAME, make_celery
 from contract.registry import ModelInfo
@@ -29,6 +30,7 @@ from worker.inference import Classifier, pick_device, pick_dtype
 from worker.metrics import Metrics
 from worker.models import load_model
 from worker.pipeline import Pipeline
+from worker.recovery import Reaper
 from worker.service import Service
 from worker.settings import CPU_BATCH_SIZE, GPU_BATCH_SIZE, Settings
 
@@ -175,14 +177,26 @@ class Heartbeat(threading.Thread):
             "weights": rt.info.weights,
             "started": time.time(),
         }
+        ttl_s = heartbeat_ttl_s(self.interval_s)
         while not self.stopped.is_set():
             try:
+                # Registered again on every beat: a Redis that lost its data knows it at once.
+                registry.register_model(rt.redis, rt.info)
                 registry.heartbeat(
-                    rt.redis, rt.settings.model, rt.settings.worker_id, {**state, "at": time.time()}
+                    rt.redis,
+                    rt.settings.model,
+                    rt.settings.worker_id,
+                    {**state, "at": time.time()},
+                    ttl_s,
                 )
             except redis.RedisError as e:
                 log.warning("heartbeat failed: %s", e)
             self.stopped.wait(self.interval_s)
+
+
+def heartbeat_ttl_s(interval_s: float) -> int:
+    """A heartbeat key outlives two missed beats (15 s for the default 5 s beat)."""
+    return max(2, math.ceil(interval_s * defaults.HEARTBEAT_TTL_S / defaults.HEARTBEAT_S))
 
 
 def run_worker(runtime: Runtime, heartbeat_s: float) -> int:
@@ -194,6 +208,15 @@ def run_worker(runtime: Runtime, heartbeat_s: float) -> int:
     app.steps["consumer"].add(guard_step(DeadLetters(runtime.redis, settings.worker_id)))
     beat = Heartbeat(runtime, heartbeat_s)
     beat.start()
+    reaper = Reaper(
+        runtime.redis,
+        app,
+        settings.model,
+        settings.worker_id,
+        heartbeat_s,
+        held_ttl_s=settings.visibility_timeout_s,
+    )
+    reaper.start()
     runtime.metrics.ready.labels(settings.model).set(1)
     worker = app.Worker(
         pool="threads",
@@ -210,6 +233,7 @@ def run_worker(runtime: Runtime, heartbeat_s: float) -> int:
         worker.start()
     finally:
         runtime.metrics.ready.labels(settings.model).set(0)
+        reaper.stop()
         beat.stopped.set()
         beat.join()
         runtime.close()

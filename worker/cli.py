@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from contract import defaults
+from contract import defaults, redis_errors
 from contract.logs import configure_logging
 from worker.settings import IO_THREADS, MAX_BYTES, MAX_PIXELS, MAX_WAIT_MS, Preprocess, Settings
 
@@ -155,6 +155,15 @@ def _floats(text: str) -> tuple[float, float, float]:
     help="Deliveries of a job before it fails as a poison pill.",
 )
 @click.option(
+    "--heartbeat-s",
+    envvar="IMGCLS_HEARTBEAT_S",
+    type=click.FloatRange(min=0.1),
+    default=float(defaults.HEARTBEAT_S),
+    help="Seconds between heartbeats. A worker whose heartbeat is missed for three of them "
+    "is dead: its messages go back to the queue, and the model is registered again on "
+    "every beat.",
+)
+@click.option(
     "--metrics-port",
     envvar="IMGCLS_METRICS_PORT",
     default=0,
@@ -176,7 +185,12 @@ def _floats(text: str) -> tuple[float, float, float]:
     help="Log JSON lines instead of text.",
 )
 def main(**opts: object) -> None:
-    """Serve one classification model from its own queue, with the model warm in memory."""
+    """Serve one classification model from its own queue, with the model warm in memory.
+
+    Exit status: 0 after a clean shutdown; 2 for a bad option or a model that cannot be
+    loaded; 3 when Redis is unreachable at start-up; 4 when Redis refuses the password;
+    70 when the device broke.
+    """
     settings = _settings(opts)
     # Celery logs every message at INFO; at thousands of images a second that drowns the rest.
     quiet = ("celery.worker.strategy", "celery.app.trace")
@@ -185,6 +199,7 @@ def main(**opts: object) -> None:
     from worker.health import HealthServer
     from worker.models import ModelLoadError
 
+    _check_redis(settings.redis_url)  # before the model: a wrong password fails in a second
     # Up before the model loads: live but not ready while it warms.
     port = settings.metrics_port
     health = HealthServer(settings.metrics_host, port).start() if port else None
@@ -195,7 +210,17 @@ def main(**opts: object) -> None:
         sys.exit(2)
     if health is not None:
         health.attach(runtime)
-    sys.exit(run_worker(runtime, heartbeat_s=defaults.HEARTBEAT_S))
+    sys.exit(run_worker(runtime, heartbeat_s=settings.heartbeat_s))
+
+
+def _check_redis(url: str) -> None:
+    """Exit with one line (password masked) if Redis is unreachable or refuses our password."""
+    try:
+        redis_errors.check(url)
+    except redis_errors.REDIS_ERRORS as e:
+        code, line = redis_errors.describe(e, url)
+        log.critical("worker not started: %s", line)
+        sys.exit(code)
 
 
 def _settings(o: dict) -> Settings:
@@ -224,6 +249,7 @@ def _settings(o: dict) -> Settings:
         http_allowed_networks=o["http_networks"],
         visibility_timeout_s=o["visibility_timeout"],
         max_attempts=o["max_attempts"],
+        heartbeat_s=o["heartbeat_s"],
         metrics_port=o["metrics_port"],
         metrics_host=o["metrics_host"],
         log_level=o["log_level"].upper(),

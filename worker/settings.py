@@ -57,6 +57,7 @@ class Settings:
     http_allowed_networks: tuple[str, ...] = ()
     visibility_timeout_s: int = defaults.VISIBILITY_TIMEOUT_S
     max_attempts: int = defaults.MAX_ATTEMPTS
+    heartbeat_s: float = defaults.HEARTBEAT_S
     metrics_port: int = METRICS_PORT
     metrics_host: str = "0.0.0.0"
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
