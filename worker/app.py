@@ -49,6 +49,7 @@ class Runtime:
     pipeline: Pipeline
     io_pool: ThreadPoolExecutor
     metrics: Metrics
+    dead_letters: DeadLetters
     info: ModelInfo
 
     def close(self) -> None:
@@ -92,6 +93,7 @@ def setup(settings: Settings) -> Runtime:
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=10)
     store = JobStore(client)
     metrics = Metrics(settings.model)
+    dead_letters = DeadLetters(client, settings.worker_id)
     pipeline = Pipeline(
         classifier, store, metrics, max_batch=batch_size, max_wait_s=settings.max_wait_ms / 1000
     )
@@ -104,6 +106,7 @@ def setup(settings: Settings) -> Runtime:
         classifier=classifier,
         pipeline=pipeline,
         metrics=metrics,
+        dead_letters=dead_letters,
         io_pool=io_pool,
         decode_policy=_decode_policy(settings, classifier),
         max_attempts=settings.max_attempts,
@@ -116,7 +119,7 @@ def setup(settings: Settings) -> Runtime:
         str(device),
     )
     pipeline.start()
-    return Runtime(settings, client, service, pipeline, io_pool, metrics, info)
+    return Runtime(settings, client, service, pipeline, io_pool, metrics, dead_letters, info)
 
 
 def _fetch_policy(settings: Settings) -> FetchPolicy:
@@ -191,7 +194,7 @@ def run_worker(runtime: Runtime, heartbeat_s: float) -> int:
     registry.register_model(runtime.redis, runtime.info)
     app = make_celery(settings.redis_url, settings.visibility_timeout_s)
     register_task(app, runtime.service)
-    app.steps["consumer"].add(guard_step(DeadLetters(runtime.redis, settings.worker_id)))
+    app.steps["consumer"].add(guard_step(runtime.dead_letters))
     beat = Heartbeat(runtime, heartbeat_s)
     beat.start()
     runtime.metrics.ready.labels(settings.model).set(1)

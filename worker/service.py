@@ -23,6 +23,7 @@ from contract.errors import (
 )
 from contract.job import Job, JobError, validate_top_k
 from contract.store import CLAIMED, POISONED, SUSPECT, Claim, JobStore
+from worker.deadletter import DeadLetters, is_job_ids
 from worker.decode import (
     JPEG_MAGIC,
     DecodePolicy,
@@ -60,6 +61,7 @@ class Service:
         classifier: Classifier,
         pipeline: Pipeline,
         metrics: Metrics,
+        dead_letters: DeadLetters,
         io_pool: ThreadPoolExecutor,
         decode_policy: DecodePolicy,
         max_attempts: int,
@@ -72,6 +74,7 @@ class Service:
         self.classifier = classifier
         self.pipeline = pipeline
         self.metrics = metrics
+        self.dead_letters = dead_letters
         self.io_pool = io_pool
         self.decode_policy = decode_policy
         self.max_attempts = max_attempts
@@ -103,16 +106,16 @@ class Service:
             return None
 
     def _checked_ids(self, job_ids: object) -> list[str]:
-        if isinstance(job_ids, list) and all(isinstance(i, str) for i in job_ids):
+        """The queue guard already refused a malformed message; this catches other callers."""
+        if is_job_ids(job_ids):
             return job_ids
-        self._dead_letter({"args": job_ids, "reason": "expected a list of job ID strings"})
-        raise MalformedMessage(f"message is not a list of job IDs: {str(job_ids)[:200]}")
+        message = json.dumps(job_ids, default=str)
+        self._dead_letter("arguments are not one list of job ID strings", message)
+        raise MalformedMessage(f"message is not a list of job IDs: {message[:200]}")
 
-    def _dead_letter(self, entry: dict[str, object]) -> None:
-        entry = {**entry, "worker": self.worker_id, "at": self.clock()}
-        retry_redis(
-            lambda: self.store.redis.rpush(keys.dead_letter_key(), json.dumps(entry, default=str))
-        )
+    def _dead_letter(self, reason: str, message: str, job_id: str | None = None) -> None:
+        queue = keys.queue_name(self.model)
+        self.dead_letters.record(reason, queue=queue, message=message, job_id=job_id)
 
     def _claim(self, ids: Sequence[str], *, fresh_only: bool) -> list[Claim]:
         claims = retry_redis(
@@ -126,10 +129,10 @@ class Service:
             )
         )
         for claim in claims:
-            self._note_unclaimed(claim)
+            self._note_unclaimed(claim, ids)
         return claims
 
-    def _note_unclaimed(self, claim: Claim) -> None:
+    def _note_unclaimed(self, claim: Claim, ids: Sequence[str]) -> None:
         if claim.state == POISONED and claim.job is not None:
             log.error(
                 "job %s failed as a poison pill after %d attempts", claim.job_id, claim.job.attempts
@@ -137,7 +140,8 @@ class Service:
             self.metrics.finished([claim.job])
         elif claim.state in ("missing", "corrupt"):
             log.warning("job %s has no usable record (%s); skipped", claim.job_id, claim.state)
-            self._dead_letter({"job_id": claim.job_id, "reason": f"record {claim.state}"})
+            reason = f"record {claim.state}"
+            self._dead_letter(reason, json.dumps(list(ids)), job_id=claim.job_id)
 
     def _start(self, job: Job) -> WorkItem:
         item = WorkItem(job)
