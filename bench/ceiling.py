@@ -161,11 +161,11 @@ class InProcess:
         service, clf = self.runtime.service, self.classifier
         item = WorkItem(job)
         started = time.perf_counter()
-        service.prepare(item)  # the worker's own per-item path: fetch, decode, preprocess
+        service.load_image(item)  # the worker's own per-item path: fetch, decode, preprocess
         if item.payload is None:
-            raise RuntimeError(f"in-process prepare failed for {job.uri}: {item.error}")
-        inputs, errors = clf.prepare([item.payload])
+            raise RuntimeError(f"in-process load_image failed for {job.uri}: {item.error}")
+        inputs, errors = clf.make_batch([item.payload])
         if errors:
-            raise RuntimeError(f"in-process device prepare failed for {job.uri}: {errors}")
+            raise RuntimeError(f"in-process make_batch failed for {job.uri}: {errors}")
         clf.predict(inputs, job.top_k)
         return time.perf_counter() - started

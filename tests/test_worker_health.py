@@ -131,7 +131,7 @@ def test_a_real_worker_exports_jobs_stages_batches_and_queue_gauges(
     }
     assert jobs_by_outcome == {("done", ""): 4.0, ("failed", "not_found"): 1.0}
     stages = {s.labels["stage"] for s in _samples(text, "imgcls_stage_seconds_count")}
-    assert stages == {"queue_wait", "fetch", "decode", "inference", "store"}
+    assert stages == {"queue_wait", "fetch", "decode", "device_preprocess", "inference", "store"}
     assert sum(s.value for s in _samples(text, "imgcls_batch_size_sum")) == 4
     assert [s.value for s in _samples(text, "imgcls_queue_depth")] == [0]
     assert [s.value for s in _samples(text, "imgcls_queue_oldest_age_seconds")] == [0]

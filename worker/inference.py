@@ -93,21 +93,21 @@ class Classifier:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def prepare(self, payloads: list[Payload]) -> tuple[torch.Tensor, dict[int, Exception]]:
+    def make_batch(self, payloads: list[Payload]) -> tuple[torch.Tensor, dict[int, Exception]]:
         """One input batch on the device; items that fail here are returned by position.
 
         On a GPU this runs on a stream of its own, so decoding the next batch overlaps the
         forward pass of the current one; it returns once the batch is ready to use.
         """
         if self._prep_stream is None:
-            return self._prepare(payloads)
+            return self._make_batch(payloads)
         with torch.cuda.stream(self._prep_stream):
-            x, errors = self._prepare(payloads)
+            x, errors = self._make_batch(payloads)
         self._prep_stream.synchronize()
         x.record_stream(torch.cuda.default_stream(self.device))
         return x, errors
 
-    def _prepare(self, payloads: list[Payload]) -> tuple[torch.Tensor, dict[int, Exception]]:
+    def _make_batch(self, payloads: list[Payload]) -> tuple[torch.Tensor, dict[int, Exception]]:
         if not self.device_preprocess:
             return self._cast(torch.stack([p.data for p in payloads])), {}
         images, errors = self._to_device_pixels(payloads)

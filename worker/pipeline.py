@@ -165,7 +165,7 @@ class Pipeline:
     def _assemble(self, items: list[WorkItem]) -> _Batch:
         started = time.perf_counter()
         try:
-            inputs, errors = self.classifier.prepare([i.payload for i in items])
+            inputs, errors = self.classifier.make_batch([i.payload for i in items])
         except Exception as e:
             log.exception("preparing a batch of %d failed", len(items))
             inputs, errors = None, {n: e for n in range(len(items))}
@@ -174,7 +174,7 @@ class Pipeline:
         for n, e in errors.items():
             items[n].error = NotAnImage(f"the device could not decode the image: {e}")
         self._to_store_failed([i for i in items if i.error is not None])
-        self.metrics.stage("decode", time.perf_counter() - started)
+        self.metrics.stage("device_preprocess", time.perf_counter() - started)
         return _Batch([i for i in items if i.error is None], inputs)
 
     def _to_store_failed(self, items: list[WorkItem]) -> None:

@@ -147,14 +147,14 @@ class Service:
         item = WorkItem(job)
         self.pipeline.expect(1)
         self.metrics.stage("queue_wait", max(0.0, (job.started or 0) - (job.submitted or 0)))
-        self.io_pool.submit(self._prepare_and_submit, item)
+        self.io_pool.submit(self._load_and_submit, item)
         return item
 
-    def _prepare_and_submit(self, item: WorkItem) -> None:
-        self.prepare(item)
+    def _load_and_submit(self, item: WorkItem) -> None:
+        self.load_image(item)
         self.pipeline.submit(item)
 
-    def prepare(self, item: WorkItem) -> None:
+    def load_image(self, item: WorkItem) -> None:
         """Fetch and decode one job's image into ``item``: a payload, or the error that ends it."""
         try:
             validate_top_k(item.job.top_k, len(self.classifier.loaded.categories))
@@ -189,7 +189,7 @@ class Service:
             return None
         item = WorkItem(claim.job, alone=True)
         self.pipeline.expect(1)
-        self.prepare(item)
+        self.load_image(item)
         return self.pipeline.submit(item).result()
 
 
