@@ -11,7 +11,7 @@ from torchvision.transforms._presets import ImageClassification
 from contract.errors import NotFound
 from contract.job import Job
 from contract.store import JobStore
-from worker.inference import READY, Classifier, Payload
+from worker.inference import Classifier, Payload, PayloadKind
 from worker.metrics import Metrics
 from worker.models import LoadedModel
 from worker.pipeline import Pipeline, WorkItem
@@ -72,7 +72,7 @@ def _pipeline(model: Tiny, store: JobStore, max_batch: int = 8, wait_s: float = 
 def _item(store: JobStore, n: int, value: float) -> WorkItem:
     job = Job(id=f"j{n}", uri=f"{n}.jpg", model="tiny", top_k=2, submitted=0.0)
     store.create_many([job])
-    return WorkItem(job, payload=Payload(READY, torch.full((3, 4, 4), value)))
+    return WorkItem(job, payload=Payload(PayloadKind.READY, torch.full((3, 4, 4), value)))
 
 
 def _run(pipeline: Pipeline, items: list[WorkItem]) -> list[Job]:

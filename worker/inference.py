@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -13,16 +14,21 @@ from worker.models import LoadedModel, ModelLoadError
 
 log = logging.getLogger(__name__)
 
-# What a decoded item carries to the device: ready float pixels (CPU path), uint8 pixels,
-# or an encoded JPEG for nvJPEG.
-READY, PIXELS, JPEG = "ready", "pixels", "jpeg"
 # Most pixels resized in one call (about 0.8 GB of float32 scratch on the device).
 RESIZE_PIXEL_BUDGET = 64_000_000
 
 
+class PayloadKind(str, Enum):
+    """What a loaded image carries to the device."""
+
+    READY = "ready"  # float pixels, already preprocessed (the CPU path)
+    PIXELS = "pixels"  # uint8 pixels, resized and normalised on the device
+    JPEG = "jpeg"  # encoded JPEG bytes, for nvJPEG on the device
+
+
 @dataclass(frozen=True)
 class Payload:
-    kind: str
+    kind: PayloadKind
     data: torch.Tensor
 
 
@@ -142,9 +148,9 @@ class Classifier:
     ) -> tuple[dict[int, torch.Tensor], dict[int, Exception]]:
         images: dict[int, torch.Tensor] = {}
         errors: dict[int, Exception] = {}
-        jpegs = [i for i, p in enumerate(payloads) if p.kind == JPEG]
+        jpegs = [i for i, p in enumerate(payloads) if p.kind == PayloadKind.JPEG]
         for i, p in enumerate(payloads):
-            if p.kind != JPEG:
+            if p.kind != PayloadKind.JPEG:
                 images[i] = p.data.to(self.device, non_blocking=True)
         images.update(self._decode_jpegs(jpegs, payloads, errors))
         return images, errors

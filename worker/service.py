@@ -33,7 +33,7 @@ from worker.decode import (
     rgb_uint8,
 )
 from worker.fetch import Fetcher
-from worker.inference import JPEG, PIXELS, READY, Classifier, Payload
+from worker.inference import Classifier, Payload, PayloadKind
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline, WorkItem
 from worker.resilience import retry_redis
@@ -174,10 +174,10 @@ class Service:
             started = time.perf_counter()
             pixels = self.classifier.loaded.transforms(decode_rgb(data, policy))
             self.metrics.stage("decode", time.perf_counter() - started)
-            return Payload(READY, pixels)
+            return Payload(PayloadKind.READY, pixels)
         if is_gpu_decodable(data, policy) and _has_end_marker(data):
-            return Payload(JPEG, encoded_tensor(data))
-        return Payload(PIXELS, rgb_uint8(data, policy))
+            return Payload(PayloadKind.JPEG, encoded_tensor(data))
+        return Payload(PayloadKind.PIXELS, rgb_uint8(data, policy))
 
     def _run_alone(self, job_id: str) -> Job | None:
         """A job that was in flight when a worker died: retried by itself, so a poison pill
