@@ -38,7 +38,8 @@ class DeadLetters:
 
     def guard(self, channel: Any) -> None:
         """Check every message ``channel`` pops (a kombu Redis channel) before Celery sees it."""
-        parse: Callable[..., object] = channel.client.response_callbacks["BRPOP"]
+        parse: Callable[..., Sequence[bytes | str] | None]
+        parse = channel.client.response_callbacks["BRPOP"]
 
         def checked(response: object, **options: object) -> object:
             return self._checked(channel, parse(response, **options))

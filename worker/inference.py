@@ -79,7 +79,7 @@ class Classifier:
         # are padded to a few fixed sizes, all tuned at warm-up, never while serving.
         self.pad_sizes = _bucket_sizes(batch_size) if (device.type == "cuda" or compile) else ()
         self.transforms = loaded.transforms.to(device)
-        module = loaded.module.to(device=device, dtype=dtype, memory_format=self.memory_format)
+        module = loaded.module.to(device=device, dtype=dtype).to(memory_format=self.memory_format)
         self.module = torch.compile(module) if compile else module
         self.crop = loaded.transforms.crop_size[0]
         self._prep_stream = torch.cuda.Stream(device) if cuda else None
@@ -137,7 +137,8 @@ class Classifier:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             out = self.module(x)
-        return getattr(out, "logits", out)
+        logits: torch.Tensor = getattr(out, "logits", out)
+        return logits
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)

@@ -84,7 +84,7 @@ class Service:
         """Process one message's jobs. Returns only once every claimed job's record is final."""
         ids = self._checked_ids(job_ids)
         claims = self._claim(ids, fresh_only=True)
-        items = [self._start(c.job) for c in claims if c.state == CLAIMED]
+        items = [self._start(job) for job in _claimed_jobs(claims)]
         suspects = [c.job_id for c in claims if c.state == SUSPECT]
         finished = [item.done.result() for item in items]
         finished += [job for job_id in suspects if (job := self._run_alone(job_id))]
@@ -185,12 +185,18 @@ class Service:
         claim = self._claim([job_id], fresh_only=False)[0]
         if claim.state == POISONED:
             return claim.job
-        if claim.state != CLAIMED:
+        jobs = _claimed_jobs([claim])
+        if not jobs:
             return None
-        item = WorkItem(claim.job, alone=True)
+        item = WorkItem(jobs[0], alone=True)
         self.pipeline.expect(1)
         self.load_image(item)
         return self.pipeline.submit(item).result()
+
+
+def _claimed_jobs(claims: Sequence[Claim]) -> list[Job]:
+    """The jobs this worker now runs: a claimed job always has its record."""
+    return [c.job for c in claims if c.state == CLAIMED and c.job is not None]
 
 
 def _has_end_marker(data: bytes) -> bool:
