@@ -27,7 +27,7 @@ from contract.store import CLAIMED, Claim
 from worker.app import Runtime, setup
 from worker.inference import Classifier
 from worker.pipeline import WorkItem
-from worker.settings import Settings
+from worker.settings import CLOSE_TIMEOUT_S, Settings
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,8 @@ class InProcess:
 
     def close(self) -> None:
         """Stop the pipeline and free the model (not ``Runtime.close``: that talks to Redis)."""
-        self.runtime.pipeline.close()
-        self.runtime.io_pool.shutdown(wait=True)
+        self.runtime.io_pool.shutdown(wait=True)  # the feeder first, then what it feeds
+        self.runtime.pipeline.close(CLOSE_TIMEOUT_S)
         del self.runtime
         gc.collect()
         if torch.cuda.is_available():

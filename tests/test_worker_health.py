@@ -76,6 +76,16 @@ def test_ready_only_once_warm_and_consuming_and_not_while_shutting_down(
     assert draining.status_code == 503
 
 
+def test_a_closed_health_server_no_longer_hears_celery_signals() -> None:
+    server = HealthServer("127.0.0.1", 0).start()
+    server.attach(_fake_runtime([]))
+    server.close()
+
+    signals.worker_ready.send(sender=None)
+
+    assert server.health.consuming is False
+
+
 def test_liveness_fails_when_a_pipeline_thread_dies(server: HealthServer) -> None:
     stop = threading.Event()
     alive, dying = _parked_thread(threading.Event()), _parked_thread(stop)

@@ -30,7 +30,7 @@ from worker.metrics import Metrics
 from worker.models import load_model
 from worker.pipeline import Pipeline
 from worker.service import Service
-from worker.settings import CPU_BATCH_SIZE, GPU_BATCH_SIZE, Settings
+from worker.settings import CLOSE_TIMEOUT_S, CPU_BATCH_SIZE, GPU_BATCH_SIZE, Settings
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,24 @@ class Runtime:
     dead_letters: DeadLetters
     info: ModelInfo
 
-    def close(self) -> None:
-        self.pipeline.close()
-        self.io_pool.shutdown(wait=True)
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Stop feeders before what they feed, all within ``timeout_s``: the I/O pool that
+        submits to the pipeline, then the pipeline, then the Redis client both write with."""
+        deadline = time.monotonic() + timeout_s
+        if not _shutdown_pool(self.io_pool, timeout_s):
+            log.warning("I/O threads still busy after %.0f s; not waiting for them", timeout_s)
+        if not self.pipeline.close(max(0.0, deadline - time.monotonic())):
+            log.warning("pipeline threads still busy after %.0f s; not waiting for them", timeout_s)
         registry.retire(self.redis, self.settings.model, self.settings.worker_id)
         self.redis.close()
+
+
+def _shutdown_pool(pool: ThreadPoolExecutor, timeout_s: float) -> bool:
+    """``pool.shutdown(wait=True)``, bounded: True if its work finished within ``timeout_s``."""
+    closer = threading.Thread(target=pool.shutdown, name="io-shutdown", daemon=True)
+    closer.start()
+    closer.join(timeout_s)
+    return not closer.is_alive()
 
 
 def setup(settings: Settings) -> Runtime:
@@ -170,6 +183,12 @@ class Heartbeat(threading.Thread):
         self.interval_s = interval_s
         self.stopped = threading.Event()
 
+    def stop(self, timeout_s: float) -> None:
+        self.stopped.set()
+        self.join(timeout_s)
+        if self.is_alive():
+            log.warning("heartbeat still running after %.0f s; not waiting for it", timeout_s)
+
     def run(self) -> None:
         rt = self.runtime
         state = {
@@ -213,7 +232,6 @@ def run_worker(runtime: Runtime, heartbeat_s: float) -> int:
         worker.start()
     finally:
         runtime.metrics.ready.labels(settings.model).set(0)
-        beat.stopped.set()
-        beat.join()
+        beat.stop(CLOSE_TIMEOUT_S)
         runtime.close()
     return worker.exitcode or 0

@@ -235,9 +235,14 @@ def main(**opts: object) -> None:
     except (ModelLoadError, ValueError) as e:
         log.critical("worker not started: %s", e)
         sys.exit(2)
-    if health is not None:
-        health.attach(runtime)
-    sys.exit(run_worker(runtime, heartbeat_s=defaults.HEARTBEAT_S))
+    try:
+        if health is not None:
+            health.attach(runtime)
+        code = run_worker(runtime, heartbeat_s=defaults.HEARTBEAT_S)
+    finally:
+        if health is not None:
+            health.close()  # last: /readyz says "shutting down" until the drain is over
+    sys.exit(code)
 
 
 def _settings(o: dict[str, Any]) -> Settings:

@@ -96,11 +96,10 @@ class Pipeline:
         for t in self._threads:
             t.start()
 
-    def close(self) -> None:
-        """Finish what is queued, then stop the threads."""
+    def close(self, timeout_s: float) -> bool:
+        """Finish what is queued, then stop the threads; False if one still ran at the timeout."""
         self._inbox.put(_STOP)
-        for t in self._threads:
-            t.join()
+        return _join_all(self._threads, time.monotonic() + timeout_s)
 
     def dead_stages(self) -> list[str]:
         """Names of stage threads that are no longer running (none while healthy)."""
@@ -284,6 +283,13 @@ def _probe_device(device: torch.device, cause: Exception) -> None:
         torch.ones(1, device=device).sum().item()
     except Exception as e:
         raise DeviceLost(f"device failed a health check ({e}) after: {cause}") from e
+
+
+def _join_all(threads: list[threading.Thread], deadline: float) -> bool:
+    """Join each thread in order, all by one deadline; True if every one has stopped."""
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return not any(t.is_alive() for t in threads)
 
 
 def _exit_worker() -> None:

@@ -20,6 +20,9 @@ IO_THREADS = 16
 MAX_PIXELS = 90_000_000
 # Bytes above which a source is refused.
 MAX_BYTES = 50 * 1024 * 1024
+# Longest wait for the worker's own threads and pools to stop, once Celery has drained its tasks
+# (well inside the deploy files' 120 s grace period).
+CLOSE_TIMEOUT_S = 10.0
 # Port of the Prometheus metrics and health endpoint; 0 turns it off.
 METRICS_PORT = 0
 # Address the metrics and health endpoint listens on.
