@@ -27,7 +27,7 @@ from contract.store import CLAIMED, Claim
 from worker.app import Runtime, setup
 from worker.inference import Classifier
 from worker.pipeline import WorkItem
-from worker.settings import Settings
+from worker.settings import CLOSE_TIMEOUT_S, Settings
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,8 @@ class InProcess:
 
     def close(self) -> None:
         """Stop the pipeline and free the model (not ``Runtime.close``: that talks to Redis)."""
-        self.runtime.pipeline.close()
-        self.runtime.io_pool.shutdown(wait=True)
+        self.runtime.io_pool.shutdown(wait=True)  # the feeder first, then what it feeds
+        self.runtime.pipeline.close(CLOSE_TIMEOUT_S)
         del self.runtime
         gc.collect()
         if torch.cuda.is_available():
@@ -161,11 +161,11 @@ class InProcess:
         service, clf = self.runtime.service, self.classifier
         item = WorkItem(job)
         started = time.perf_counter()
-        service.prepare(item)  # the worker's own per-item path: fetch, decode, preprocess
+        service.load_image(item)  # the worker's own per-item path: fetch, decode, preprocess
         if item.payload is None:
-            raise RuntimeError(f"in-process prepare failed for {job.uri}: {item.error}")
-        inputs, errors = clf.prepare([item.payload])
+            raise RuntimeError(f"in-process load_image failed for {job.uri}: {item.error}")
+        inputs, errors = clf.make_batch([item.payload])
         if errors:
-            raise RuntimeError(f"in-process device prepare failed for {job.uri}: {errors}")
+            raise RuntimeError(f"in-process make_batch failed for {job.uri}: {errors}")
         clf.predict(inputs, job.top_k)
         return time.perf_counter() - started

@@ -92,10 +92,10 @@ def run_path(side: InProcess, uris: list[str]) -> Outputs:
     for start in range(0, len(jobs), CHUNK):
         items = [WorkItem(job) for job in jobs[start : start + CHUNK]]
         for item in items:
-            side.runtime.service.prepare(item)  # fetch, decode, preprocess: the worker's path
+            side.runtime.service.load_image(item)  # fetch, decode, preprocess: the worker's path
             if item.payload is None:
                 raise RuntimeError(f"{item.job.uri}: {item.error}")
-        x, errors = side.classifier.prepare([i.payload for i in items])
+        x, errors = side.classifier.make_batch([i.payload for i in items])
         if errors:
             raise RuntimeError(f"device preparation failed: {errors}")
         inputs.append(x.float().cpu())

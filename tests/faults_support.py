@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 import redis
 import torch
 from PIL import Image
@@ -67,6 +68,16 @@ def tiny_model_args(directory: Path) -> list[str]:
     return [
         "--model-file", str(model), "--labels", str(labels), "--resize", "32", "--crop", "32",
         "--device", "cpu", "--batch-size", "256", "--visibility-timeout", str(VISIBILITY_S),
+    ]  # fmt: skip
+
+
+@pytest.fixture(name="model_args")
+def model_args_fixture(tmp_path: Path, images: list[Path]) -> list[str]:
+    """Worker flags for the fault tests: TinyNet, the test's ``images`` fixture's directory,
+    and the loopback image server."""
+    return [
+        *tiny_model_args(tmp_path / "model"),
+        "--allowed-root", str(images[0].parent), "--http-allow-network", "127.0.0.0/8",
     ]  # fmt: skip
 
 

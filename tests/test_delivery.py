@@ -25,11 +25,11 @@ from tests.faults_support import (
     Supervisor,
     account,
     held_layout,
+    model_args_fixture,  # noqa: F401 (the model_args fixture, shared by the fault tests)
     plain_jpeg,
     settle,
     statuses,
     stuck_in_flight,
-    tiny_model_args,
     wait_until,
 )
 from tests.support import write_images
@@ -43,14 +43,6 @@ _CONCURRENCY = 4
 @pytest.fixture
 def images(tmp_path: Path) -> list[Path]:
     return write_images(tmp_path / "images", 64, width=48, height=48)
-
-
-@pytest.fixture
-def model_args(tmp_path: Path, images: list[Path]) -> list[str]:
-    return [
-        *tiny_model_args(tmp_path / "model"),
-        "--allowed-root", str(images[0].parent), "--http-allow-network", "127.0.0.0/8",
-    ]  # fmt: skip
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import fakeredis
 import pytest
 import torch
@@ -11,7 +13,7 @@ from torchvision.transforms._presets import ImageClassification
 from contract.errors import NotFound
 from contract.job import Job
 from contract.store import JobStore
-from worker.inference import READY, Classifier, Payload
+from worker.inference import Classifier, Payload, PayloadKind
 from worker.metrics import Metrics
 from worker.models import LoadedModel
 from worker.pipeline import Pipeline, WorkItem
@@ -72,7 +74,7 @@ def _pipeline(model: Tiny, store: JobStore, max_batch: int = 8, wait_s: float = 
 def _item(store: JobStore, n: int, value: float) -> WorkItem:
     job = Job(id=f"j{n}", uri=f"{n}.jpg", model="tiny", top_k=2, submitted=0.0)
     store.create_many([job])
-    return WorkItem(job, payload=Payload(READY, torch.full((3, 4, 4), value)))
+    return WorkItem(job, payload=Payload(PayloadKind.READY, torch.full((3, 4, 4), value)))
 
 
 def _run(pipeline: Pipeline, items: list[WorkItem]) -> list[Job]:
@@ -82,7 +84,7 @@ def _run(pipeline: Pipeline, items: list[WorkItem]) -> list[Job]:
         futures = [pipeline.submit(i) for i in items]
         return [f.result(timeout=10) for f in futures]
     finally:
-        pipeline.close()
+        assert pipeline.close(timeout_s=10)
 
 
 def test_waiting_jobs_share_one_forward_pass_and_one_store_round_trip(tiny, store) -> None:
@@ -135,7 +137,7 @@ def test_a_lone_job_at_idle_runs_without_waiting_for_a_batch(tiny, store) -> Non
     try:
         record = pipeline.submit(_item(store, 0, 0.5)).result(timeout=10)
     finally:
-        pipeline.close()
+        assert pipeline.close(timeout_s=10)
     assert record.status == "done"
     assert tiny.calls == [1]
 
@@ -146,3 +148,32 @@ def test_a_job_marked_alone_runs_in_a_batch_of_its_own(tiny, store) -> None:
     _run(_pipeline(tiny, store, wait_s=0.5), items)
     assert 1 in tiny.calls
     assert sum(tiny.calls) == 4
+
+
+class StuckStore(CountingStore):
+    """A store whose write blocks until released: a stage that cannot finish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def finish_many(self, jobs: list[Job]) -> list[bool]:
+        self.entered.set()
+        self.release.wait()
+        return super().finish_many(jobs)
+
+
+def test_close_stops_waiting_for_a_stuck_stage_at_its_timeout(tiny) -> None:
+    store = StuckStore()
+    pipeline = _pipeline(tiny, store)
+    pipeline.start()
+    done = pipeline.submit(_item(store, 0, 0.5))
+    try:
+        assert store.entered.wait(10)
+        assert pipeline.close(timeout_s=0.1) is False
+        assert "pipeline-store_loop" not in pipeline.dead_stages()
+    finally:
+        store.release.set()
+    assert done.result(timeout=10).status == "done"
+    assert pipeline.close(timeout_s=10) is True

@@ -75,6 +75,16 @@ def test_ready_only_once_warm_and_consuming_and_not_while_shutting_down(
     assert draining.status_code == 503
 
 
+def test_a_closed_health_server_no_longer_hears_celery_signals() -> None:
+    server = HealthServer("127.0.0.1", 0).start()
+    server.attach(_fake_runtime([]))
+    server.close()
+
+    signals.worker_ready.send(sender=None)
+
+    assert server.health.consuming is False
+
+
 def test_liveness_fails_when_a_pipeline_thread_dies(server: HealthServer) -> None:
     stop = threading.Event()
     alive, dying = _parked_thread(threading.Event()), _parked_thread(stop)
@@ -130,7 +140,7 @@ def test_a_real_worker_exports_jobs_stages_batches_and_queue_gauges(
     }
     assert jobs_by_outcome == {("done", ""): 4.0, ("failed", "not_found"): 1.0}
     stages = {s.labels["stage"] for s in _samples(text, "imgcls_stage_seconds_count")}
-    assert stages == {"queue_wait", "fetch", "decode", "inference", "store"}
+    assert stages == {"queue_wait", "fetch", "decode", "device_preprocess", "inference", "store"}
     assert sum(s.value for s in _samples(text, "imgcls_batch_size_sum")) == 4
     assert [s.value for s in _samples(text, "imgcls_queue_depth")] == [0]
     assert [s.value for s in _samples(text, "imgcls_queue_oldest_age_seconds")] == [0]

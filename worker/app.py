@@ -32,7 +32,7 @@ from worker.models import load_model
 from worker.pipeline import Pipeline
 from worker.recovery import Reaper
 from worker.service import Service
-from worker.settings import CPU_BATCH_SIZE, GPU_BATCH_SIZE, Settings
+from worker.settings import CLOSE_TIMEOUT_S, CPU_BATCH_SIZE, GPU_BATCH_SIZE, Settings
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,27 @@ class Runtime:
     pipeline: Pipeline
     io_pool: ThreadPoolExecutor
     metrics: Metrics
+    dead_letters: DeadLetters
     info: ModelInfo
 
-    def close(self) -> None:
-        self.pipeline.close()
-        self.io_pool.shutdown(wait=True)
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Stop feeders before what they feed, all within ``timeout_s``: the I/O pool that
+        submits to the pipeline, then the pipeline, then the Redis client both write with."""
+        deadline = time.monotonic() + timeout_s
+        if not _shutdown_pool(self.io_pool, timeout_s):
+            log.warning("I/O threads still busy after %.0f s; not waiting for them", timeout_s)
+        if not self.pipeline.close(max(0.0, deadline - time.monotonic())):
+            log.warning("pipeline threads still busy after %.0f s; not waiting for them", timeout_s)
         registry.retire(self.redis, self.settings.model, self.settings.worker_id)
         self.redis.close()
+
+
+def _shutdown_pool(pool: ThreadPoolExecutor, timeout_s: float) -> bool:
+    """``pool.shutdown(wait=True)``, bounded: True if its work finished within ``timeout_s``."""
+    closer = threading.Thread(target=pool.shutdown, name="io-shutdown", daemon=True)
+    closer.start()
+    closer.join(timeout_s)
+    return not closer.is_alive()
 
 
 def setup(settings: Settings) -> Runtime:
@@ -94,6 +108,7 @@ def setup(settings: Settings) -> Runtime:
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=10)
     store = JobStore(client)
     metrics = Metrics(settings.model)
+    dead_letters = DeadLetters(client, settings.worker_id)
     pipeline = Pipeline(
         classifier, store, metrics, max_batch=batch_size, max_wait_s=settings.max_wait_ms / 1000
     )
@@ -106,6 +121,7 @@ def setup(settings: Settings) -> Runtime:
         classifier=classifier,
         pipeline=pipeline,
         metrics=metrics,
+        dead_letters=dead_letters,
         io_pool=io_pool,
         decode_policy=_decode_policy(settings, classifier),
         max_attempts=settings.max_attempts,
@@ -118,7 +134,7 @@ def setup(settings: Settings) -> Runtime:
         str(device),
     )
     pipeline.start()
-    return Runtime(settings, client, service, pipeline, io_pool, metrics, info)
+    return Runtime(settings, client, service, pipeline, io_pool, metrics, dead_letters, info)
 
 
 def _fetch_policy(settings: Settings) -> FetchPolicy:
@@ -169,6 +185,12 @@ class Heartbeat(threading.Thread):
         self.interval_s = interval_s
         self.stopped = threading.Event()
 
+    def stop(self, timeout_s: float) -> None:
+        self.stopped.set()
+        self.join(timeout_s)
+        if self.is_alive():
+            log.warning("heartbeat still running after %.0f s; not waiting for it", timeout_s)
+
     def run(self) -> None:
         rt = self.runtime
         state = {
@@ -205,7 +227,7 @@ def run_worker(runtime: Runtime, heartbeat_s: float) -> int:
     registry.register_model(runtime.redis, runtime.info)
     app = make_celery(settings.redis_url, settings.visibility_timeout_s)
     register_task(app, runtime.service)
-    app.steps["consumer"].add(guard_step(DeadLetters(runtime.redis, settings.worker_id)))
+    app.steps["consumer"].add(guard_step(runtime.dead_letters))
     beat = Heartbeat(runtime, heartbeat_s)
     beat.start()
     reaper = Reaper(
@@ -234,7 +256,6 @@ def run_worker(runtime: Runtime, heartbeat_s: float) -> int:
     finally:
         runtime.metrics.ready.labels(settings.model).set(0)
         reaper.stop()
-        beat.stopped.set()
-        beat.join()
+        beat.stop(CLOSE_TIMEOUT_S)
         runtime.close()
     return worker.exitcode or 0

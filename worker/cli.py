@@ -6,14 +6,19 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from contract import defaults, redis_errors
 from contract.logs import configure_logging
-from worker.settings import IO_THREADS, MAX_BYTES, MAX_PIXELS, MAX_WAIT_MS, Preprocess, Settings
+from worker import settings as worker_defaults
+from worker.settings import Preprocess, Settings
 
 log = logging.getLogger("worker")
+
+# Every flag's default comes from worker.settings: the one home of the worker's defaults.
+_PREPROCESS = Preprocess()
 
 
 def _floats(text: str) -> tuple[float, float, float]:
@@ -23,6 +28,19 @@ def _floats(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
+def _csv(values: tuple[float, ...]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def _show_envvars(command: click.Command) -> click.Command:
+    """Make every option's ``--help`` line name its environment variable."""
+    for param in command.params:
+        if isinstance(param, click.Option):
+            param.show_envvar = True
+    return command
+
+
+@_show_envvars
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option(
     "--model",
@@ -34,7 +52,7 @@ def _floats(text: str) -> tuple[float, float, float]:
 @click.option(
     "--weights",
     envvar="IMGCLS_WEIGHTS",
-    default="DEFAULT",
+    default=worker_defaults.WEIGHTS,
     help="DEFAULT (torchvision's pretrained weights, from TORCH_HOME or downloaded), a "
     "weights name such as IMAGENET1K_V1, 'none' for random weights, or a state-dict "
     "file path or s3:// URI (loaded with weights_only=True).",
@@ -51,29 +69,54 @@ def _floats(text: str) -> tuple[float, float, float]:
     type=click.Path(path_type=Path),
     help="Text file with one label per line (default: ImageNet-1k categories).",
 )
-@click.option("--resize", default=256, help="TorchScript models: resize the shorter side to this.")
-@click.option("--crop", default=224, help="TorchScript models: center-crop to this square.")
-@click.option("--mean", default="0.485,0.456,0.406", help="TorchScript models: normalise mean.")
-@click.option("--std", default="0.229,0.224,0.225", help="TorchScript models: normalise std.")
+@click.option(
+    "--resize",
+    envvar="IMGCLS_RESIZE",
+    default=_PREPROCESS.resize,
+    help="TorchScript models: resize the shorter side to this.",
+)
+@click.option(
+    "--crop",
+    envvar="IMGCLS_CROP",
+    default=_PREPROCESS.crop,
+    help="TorchScript models: center-crop to this square.",
+)
+@click.option(
+    "--mean",
+    envvar="IMGCLS_MEAN",
+    default=_csv(_PREPROCESS.mean),
+    help="TorchScript models: normalise mean.",
+)
+@click.option(
+    "--std",
+    envvar="IMGCLS_STD",
+    default=_csv(_PREPROCESS.std),
+    help="TorchScript models: normalise std.",
+)
 @click.option(
     "--device",
     envvar="IMGCLS_DEVICE",
-    default="auto",
+    default=worker_defaults.DEVICE,
     help="auto, cpu, cuda or cuda:N. One worker process per GPU.",
 )
 @click.option(
     "--precision",
     envvar="IMGCLS_PRECISION",
-    default="auto",
-    type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+    default=worker_defaults.PRECISION,
+    type=click.Choice(worker_defaults.PRECISIONS),
     help="auto is fp16 on a GPU and fp32 on a CPU.",
 )
-@click.option("--channels-last/--no-channels-last", default=True, help="NHWC memory layout.")
+@click.option(
+    "--channels-last/--no-channels-last",
+    envvar="IMGCLS_CHANNELS_LAST",
+    default=Settings.channels_last,
+    help="NHWC memory layout.",
+)
 @click.option(
     "--compile/--no-compile",
     "compile_",
     envvar="IMGCLS_COMPILE",
-    default=False,
+    default=Settings.compile,
     help="torch.compile the model at startup (slower start, faster batches).",
 )
 @click.option(
@@ -86,25 +129,27 @@ def _floats(text: str) -> tuple[float, float, float]:
     "--batch-size",
     envvar="IMGCLS_BATCH_SIZE",
     type=int,
-    help="Most jobs per forward pass [default: 256 on a GPU, 8 on a CPU].",
+    help="Most jobs per forward pass [default: "
+    f"{worker_defaults.GPU_BATCH_SIZE} on a GPU, {worker_defaults.CPU_BATCH_SIZE} on a CPU].",
 )
 @click.option(
     "--max-wait-ms",
     envvar="IMGCLS_MAX_WAIT_MS",
-    default=MAX_WAIT_MS,
+    default=worker_defaults.MAX_WAIT_MS,
     help="Longest wait for a batch to fill before it runs anyway.",
 )
 @click.option(
     "--io-threads",
     envvar="IMGCLS_IO_THREADS",
-    default=IO_THREADS,
+    default=worker_defaults.IO_THREADS,
     help="Threads fetching and decoding images while the device computes.",
 )
 @click.option(
     "--concurrency",
     envvar="IMGCLS_CONCURRENCY",
     type=int,
-    help="Queue messages handled at once [default: 16 on a GPU, 4 on a CPU].",
+    help="Queue messages handled at once [default: "
+    f"{worker_defaults.GPU_CONCURRENCY} on a GPU, {worker_defaults.CPU_CONCURRENCY} on a CPU].",
 )
 @click.option(
     "--allowed-root",
@@ -118,13 +163,13 @@ def _floats(text: str) -> tuple[float, float, float]:
 @click.option(
     "--max-bytes",
     envvar="IMGCLS_MAX_BYTES",
-    default=MAX_BYTES,
+    default=worker_defaults.MAX_BYTES,
     help="Largest source accepted, in bytes.",
 )
 @click.option(
     "--max-pixels",
     envvar="IMGCLS_MAX_PIXELS",
-    default=MAX_PIXELS,
+    default=worker_defaults.MAX_PIXELS,
     help="Largest image accepted, in pixels (decompression-bomb guard; cannot be off).",
 )
 @click.option(
@@ -166,22 +211,22 @@ def _floats(text: str) -> tuple[float, float, float]:
 @click.option(
     "--metrics-port",
     envvar="IMGCLS_METRICS_PORT",
-    default=0,
+    default=worker_defaults.METRICS_PORT,
     help="Serve /metrics (Prometheus), /healthz (liveness) and /readyz (model warm and "
     "consuming) on this port; 0 turns them off.",
 )
 @click.option(
     "--metrics-host",
     envvar="IMGCLS_METRICS_HOST",
-    default="0.0.0.0",
+    default=worker_defaults.METRICS_HOST,
     help="Address the metrics and health endpoint listens on.",
 )
 @click.option("--worker-id", envvar="IMGCLS_WORKER_ID", help="[default: HOSTNAME-PID]")
-@click.option("--log-level", envvar="IMGCLS_LOG_LEVEL", default="INFO")
+@click.option("--log-level", envvar="IMGCLS_LOG_LEVEL", default=worker_defaults.LOG_LEVEL)
 @click.option(
     "--log-json/--no-log-json",
     envvar="IMGCLS_LOG_JSON",
-    default=False,
+    default=Settings.log_json,
     help="Log JSON lines instead of text.",
 )
 def main(**opts: object) -> None:
@@ -208,9 +253,14 @@ def main(**opts: object) -> None:
     except (ModelLoadError, ValueError) as e:
         log.critical("worker not started: %s", e)
         sys.exit(2)
-    if health is not None:
-        health.attach(runtime)
-    sys.exit(run_worker(runtime, heartbeat_s=settings.heartbeat_s))
+    try:
+        if health is not None:
+            health.attach(runtime)
+        code = run_worker(runtime, heartbeat_s=settings.heartbeat_s)
+    finally:
+        if health is not None:
+            health.close()  # last: /readyz says "shutting down" until the drain is over
+    sys.exit(code)
 
 
 def _check_redis(url: str) -> None:
@@ -223,8 +273,7 @@ def _check_redis(url: str) -> None:
         sys.exit(code)
 
 
-def _settings(o: dict) -> Settings:
-    gpu_default = 16
+def _settings(o: dict[str, Any]) -> Settings:
     roots = _roots(o["allowed_roots"])
     extra = {"worker_id": o["worker_id"]} if o["worker_id"] else {}
     return Settings(
@@ -241,7 +290,7 @@ def _settings(o: dict) -> Settings:
         batch_size=o["batch_size"],
         max_wait_ms=o["max_wait_ms"],
         io_threads=o["io_threads"],
-        concurrency=o["concurrency"] or (gpu_default if _wants_gpu(o["device"]) else 4),
+        concurrency=o["concurrency"] or _default_concurrency(o["device"]),
         allowed_roots=roots,
         max_bytes=o["max_bytes"],
         max_pixels=o["max_pixels"],
@@ -261,6 +310,12 @@ def _settings(o: dict) -> Settings:
 def _roots(given: tuple[Path, ...]) -> tuple[Path, ...]:
     paths = [Path(p) for g in given for p in str(g).split(os.pathsep) if p]
     return tuple(paths) or (Path.cwd(),)
+
+
+def _default_concurrency(device: str) -> int:
+    return (
+        worker_defaults.GPU_CONCURRENCY if _wants_gpu(device) else worker_defaults.CPU_CONCURRENCY
+    )
 
 
 def _wants_gpu(device: str) -> bool:

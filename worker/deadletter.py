@@ -4,7 +4,8 @@ Celery's Redis transport decodes every message it pops before any Celery hook ru
 are not JSON, or JSON that is not a kombu envelope, raise inside the consumer's event loop and
 stop the worker, and the popped message is gone. So each popped message is checked here, while
 the BRPOP reply is parsed; one that is not a well-formed classify task is kept, with the reason,
-under ``keys.dead_letter_key()`` and never reaches Celery.
+under ``keys.dead_letter_key()`` and never reaches Celery. The service records job IDs whose
+records are missing or corrupt here too: one writer, one entry shape.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeGuard
 
 import redis
 from celery import bootsteps
 
 from contract import keys
 from contract.messaging import TASK_NAME
+from worker.resilience import retry_redis
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +38,15 @@ class DeadLetters:
 
     def guard(self, channel: Any) -> None:
         """Check every message ``channel`` pops (a kombu Redis channel) before Celery sees it."""
-        parse: Callable[..., object] = channel.client.response_callbacks["BRPOP"]
+        parse: Callable[..., Sequence[bytes | str] | None]
+        parse = channel.client.response_callbacks["BRPOP"]
 
         def checked(response: object, **options: object) -> object:
             return self._checked(channel, parse(response, **options))
 
         channel.client.set_response_callback("BRPOP", checked)
 
-    def _checked(self, channel: Any, reply: object) -> object:
+    def _checked(self, channel: Any, reply: Sequence[bytes | str] | None) -> object:
         """The BRPOP reply, or None (kombu reads it as "nothing popped") for a bad message."""
         if not reply:
             return reply
@@ -51,22 +54,24 @@ class DeadLetters:
         reason = rejection(raw, channel)
         if reason is None:
             return reply
-        self.record(_text(queue), _text(raw), reason)
+        self.record(reason, queue=_text(queue), message=_text(raw))
         return None
 
-    def record(self, queue: str, raw: str, reason: str) -> None:
-        log.error("dead-lettered a message from %s: %s", queue, reason)
+    def record(self, reason: str, *, queue: str, message: str, job_id: str | None = None) -> None:
+        """Keep what could not be run: the whole message, or one job ID of it (``job_id``)."""
+        log.error("dead-lettered %s from %s: %s", job_id or "a message", queue, reason)
         entry = {
             "reason": reason,
             "queue": queue,
-            "message": raw[:MAX_KEPT_CHARS],
+            "message": message[:MAX_KEPT_CHARS],
+            **({} if job_id is None else {"job_id": job_id}),
             "worker": self.worker_id,
             "at": time.time(),
         }
         try:
-            self.redis.rpush(keys.dead_letter_key(), json.dumps(entry))
+            retry_redis(lambda: self.redis.rpush(keys.dead_letter_key(), json.dumps(entry)))
         except redis.RedisError as e:
-            log.error("could not dead-letter the message (dropped): %s", e)
+            log.error("could not dead-letter %s (dropped): %s", job_id or "the message", e)
 
 
 def rejection(raw: bytes | str, channel: Any) -> str | None:
@@ -93,12 +98,13 @@ def _task_rejection(headers: object, body: object) -> str | None:
     if not (isinstance(body, list) and len(body) == 3):
         return "body is not [args, kwargs, options]"
     args, kwargs, _ = body
-    if kwargs or not isinstance(args, list) or len(args) != 1 or not _is_id_list(args[0]):
+    if kwargs or not isinstance(args, list) or len(args) != 1 or not is_job_ids(args[0]):
         return "arguments are not one list of job ID strings"
     return None
 
 
-def _is_id_list(value: object) -> bool:
+def is_job_ids(value: object) -> TypeGuard[list[str]]:
+    """The one check of a classify task's argument: a list of job ID strings."""
     return isinstance(value, list) and all(isinstance(i, str) for i in value)
 
 

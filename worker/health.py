@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
 from celery import signals
+from celery.utils.dispatch import Signal
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from contract.gauges import QueueCollector
@@ -39,9 +41,20 @@ class Health:
         runtime.metrics.watch_device(runtime.info.device)
         self.registry = runtime.metrics.registry
         self.runtime = runtime
-        signals.worker_ready.connect(self._on_ready, weak=False)
-        signals.worker_shutting_down.connect(self._on_stopping, weak=False)
-        signals.worker_shutdown.connect(self._on_stopping, weak=False)
+        for signal, handler in self._handlers():
+            signal.connect(handler, weak=False)
+
+    def detach(self) -> None:
+        """Stop listening to Celery's signals, which are process-wide."""
+        for signal, handler in self._handlers():
+            signal.disconnect(handler)
+
+    def _handlers(self) -> list[tuple[Signal, Callable[..., None]]]:
+        return [
+            (signals.worker_ready, self._on_ready),
+            (signals.worker_shutting_down, self._on_stopping),
+            (signals.worker_shutdown, self._on_stopping),
+        ]
 
     def _on_ready(self, **_: object) -> None:
         self.consuming = True
@@ -92,6 +105,8 @@ class HealthServer:
         self.health.attach(runtime)
 
     def close(self) -> None:
+        """Stop serving and listening to Celery's signals."""
+        self.health.detach()
         self.httpd.shutdown()
         self.httpd.server_close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -13,16 +14,21 @@ from worker.models import LoadedModel, ModelLoadError
 
 log = logging.getLogger(__name__)
 
-# What a decoded item carries to the device: ready float pixels (CPU path), uint8 pixels,
-# or an encoded JPEG for nvJPEG.
-READY, PIXELS, JPEG = "ready", "pixels", "jpeg"
 # Most pixels resized in one call (about 0.8 GB of float32 scratch on the device).
 RESIZE_PIXEL_BUDGET = 64_000_000
 
 
+class PayloadKind(str, Enum):
+    """What a loaded image carries to the device."""
+
+    READY = "ready"  # float pixels, already preprocessed (the CPU path)
+    PIXELS = "pixels"  # uint8 pixels, resized and normalised on the device
+    JPEG = "jpeg"  # encoded JPEG bytes, for nvJPEG on the device
+
+
 @dataclass(frozen=True)
 class Payload:
-    kind: str
+    kind: PayloadKind
     data: torch.Tensor
 
 
@@ -73,7 +79,7 @@ class Classifier:
         # are padded to a few fixed sizes, all tuned at warm-up, never while serving.
         self.pad_sizes = _bucket_sizes(batch_size) if (device.type == "cuda" or compile) else ()
         self.transforms = loaded.transforms.to(device)
-        module = loaded.module.to(device=device, dtype=dtype, memory_format=self.memory_format)
+        module = loaded.module.to(device=device, dtype=dtype).to(memory_format=self.memory_format)
         self.module = torch.compile(module) if compile else module
         self.crop = loaded.transforms.crop_size[0]
         self._prep_stream = torch.cuda.Stream(device) if cuda else None
@@ -93,21 +99,21 @@ class Classifier:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def prepare(self, payloads: list[Payload]) -> tuple[torch.Tensor, dict[int, Exception]]:
+    def make_batch(self, payloads: list[Payload]) -> tuple[torch.Tensor, dict[int, Exception]]:
         """One input batch on the device; items that fail here are returned by position.
 
         On a GPU this runs on a stream of its own, so decoding the next batch overlaps the
         forward pass of the current one; it returns once the batch is ready to use.
         """
         if self._prep_stream is None:
-            return self._prepare(payloads)
+            return self._make_batch(payloads)
         with torch.cuda.stream(self._prep_stream):
-            x, errors = self._prepare(payloads)
+            x, errors = self._make_batch(payloads)
         self._prep_stream.synchronize()
         x.record_stream(torch.cuda.default_stream(self.device))
         return x, errors
 
-    def _prepare(self, payloads: list[Payload]) -> tuple[torch.Tensor, dict[int, Exception]]:
+    def _make_batch(self, payloads: list[Payload]) -> tuple[torch.Tensor, dict[int, Exception]]:
         if not self.device_preprocess:
             return self._cast(torch.stack([p.data for p in payloads])), {}
         images, errors = self._to_device_pixels(payloads)
@@ -131,7 +137,8 @@ class Classifier:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             out = self.module(x)
-        return getattr(out, "logits", out)
+        logits: torch.Tensor = getattr(out, "logits", out)
+        return logits
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -142,9 +149,9 @@ class Classifier:
     ) -> tuple[dict[int, torch.Tensor], dict[int, Exception]]:
         images: dict[int, torch.Tensor] = {}
         errors: dict[int, Exception] = {}
-        jpegs = [i for i, p in enumerate(payloads) if p.kind == JPEG]
+        jpegs = [i for i, p in enumerate(payloads) if p.kind == PayloadKind.JPEG]
         for i, p in enumerate(payloads):
-            if p.kind != JPEG:
+            if p.kind != PayloadKind.JPEG:
                 images[i] = p.data.to(self.device, non_blocking=True)
         images.update(self._decode_jpegs(jpegs, payloads, errors))
         return images, errors

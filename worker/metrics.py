@@ -13,7 +13,11 @@ from contract.job import Job
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-STAGES = ("queue_wait", "fetch", "decode", "inference", "store")
+# queue_wait: submitted to claimed; fetch: reading one source; decode: one image to model-ready
+# pixels on the CPU (only where the device does not preprocess); device_preprocess: one batch
+# made ready on the device (on a GPU: JPEG decode and resize there); inference: forward, softmax
+# and top-k of one batch; store: one batch's final records written.
+STAGES = ("queue_wait", "fetch", "decode", "device_preprocess", "inference", "store")
 
 
 class Metrics:

@@ -32,7 +32,12 @@ from worker.resilience import retry_redis
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
+
+class _Stop:
+    """The end-of-work marker each stage passes on to the next before it exits."""
+
+
+_STOP = _Stop()
 # Exit status of a worker whose pipeline cannot go on (a stage died, or the device broke):
 # like a killed worker's, its unacknowledged messages go to other workers.
 EXIT_PIPELINE_DEAD = 70
@@ -55,7 +60,7 @@ class WorkItem:
 @dataclass(frozen=True)
 class _Batch:
     items: list[WorkItem]
-    inputs: object = None
+    inputs: torch.Tensor | None = None
 
 
 class Pipeline:
@@ -75,11 +80,11 @@ class Pipeline:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.clock = clock
-        self._inbox: queue.Queue[object] = queue.Queue()
+        self._inbox: queue.Queue[WorkItem | _Stop] = queue.Queue()
         self._lock = threading.Lock()
         self._expected = 0
-        self._to_infer: queue.Queue[object] = queue.Queue(maxsize=2)
-        self._to_store: queue.Queue[object] = queue.Queue()
+        self._to_infer: queue.Queue[_Batch | _Stop] = queue.Queue(maxsize=2)
+        self._to_store: queue.Queue[list[WorkItem] | _Stop] = queue.Queue()
         self._threads = [
             threading.Thread(
                 target=self._guard, args=(f,), name=f"pipeline-{f.__name__[1:]}", daemon=True
@@ -91,11 +96,10 @@ class Pipeline:
         for t in self._threads:
             t.start()
 
-    def close(self) -> None:
-        """Finish what is queued, then stop the threads."""
+    def close(self, timeout_s: float) -> bool:
+        """Finish what is queued, then stop the threads; False if one still ran at the timeout."""
         self._inbox.put(_STOP)
-        for t in self._threads:
-            t.join()
+        return _join_all(self._threads, time.monotonic() + timeout_s)
 
     def dead_stages(self) -> list[str]:
         """Names of stage threads that are no longer running (none while healthy)."""
@@ -143,7 +147,7 @@ class Pipeline:
         The wait is skipped when nothing else is on its way, so a lone job at idle runs at once.
         """
         first = self._inbox.get()
-        if first is _STOP:
+        if isinstance(first, _Stop):
             return None
         items = [first]
         if first.alone:
@@ -156,7 +160,7 @@ class Pipeline:
                 item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if item is _STOP or item.alone:
+            if isinstance(item, _Stop) or item.alone:
                 self._inbox.put(item)  # handled after this batch: a suspect runs by itself
                 break
             items.append(item)
@@ -165,16 +169,18 @@ class Pipeline:
     def _assemble(self, items: list[WorkItem]) -> _Batch:
         started = time.perf_counter()
         try:
-            inputs, errors = self.classifier.prepare([i.payload for i in items])
+            payloads = [i.payload for i in items if i.payload is not None]
+            inputs: torch.Tensor | None
+            inputs, errors = self.classifier.make_batch(payloads)
         except Exception as e:
-            log.exception("preparing a batch of %d failed", len(items))
-            inputs, errors = None, {n: e for n in range(len(items))}
+            log.exception("making a batch of %d failed", len(items))
+            inputs, errors = None, dict.fromkeys(range(len(items)), e)
         if errors:
             _probe_device(self.classifier.device, next(iter(errors.values())))
-        for n, e in errors.items():
-            items[n].error = NotAnImage(f"the device could not decode the image: {e}")
+        for n, error in errors.items():
+            items[n].error = NotAnImage(f"the device could not decode the image: {error}")
         self._to_store_failed([i for i in items if i.error is not None])
-        self.metrics.stage("decode", time.perf_counter() - started)
+        self.metrics.stage("device_preprocess", time.perf_counter() - started)
         return _Batch([i for i in items if i.error is None], inputs)
 
     def _to_store_failed(self, items: list[WorkItem]) -> None:
@@ -184,12 +190,12 @@ class Pipeline:
     # -- infer ------------------------------------------------------------------------------
 
     def _infer_loop(self) -> None:
-        while (batch := self._to_infer.get()) is not _STOP:
-            if batch.items:
+        while not isinstance(batch := self._to_infer.get(), _Stop):
+            if batch.items and batch.inputs is not None:
                 self._to_store.put(self._infer(batch.items, batch.inputs))
         self._to_store.put(_STOP)
 
-    def _infer(self, items: list[WorkItem], inputs: object) -> list[WorkItem]:
+    def _infer(self, items: list[WorkItem], inputs: torch.Tensor) -> list[WorkItem]:
         """Run the batch; if it fails, split it in halves until the failing item is alone."""
         started = time.perf_counter()
         try:
@@ -237,7 +243,7 @@ class Pipeline:
     def _drain(self) -> list[WorkItem] | None:
         """Everything finished so far, so that one round trip stores it all."""
         first = self._to_store.get()
-        if first is _STOP:
+        if isinstance(first, _Stop):
             return None
         items = list(first)
         while True:
@@ -245,7 +251,7 @@ class Pipeline:
                 more = self._to_store.get_nowait()
             except queue.Empty:
                 return items
-            if more is _STOP:
+            if isinstance(more, _Stop):
                 self._to_store.put(_STOP)
                 return items
             items.extend(more)
@@ -277,6 +283,13 @@ def _probe_device(device: torch.device, cause: Exception) -> None:
         torch.ones(1, device=device).sum().item()
     except Exception as e:
         raise DeviceLost(f"device failed a health check ({e}) after: {cause}") from e
+
+
+def _join_all(threads: list[threading.Thread], deadline: float) -> bool:
+    """Join each thread in order, all by one deadline; True if every one has stopped."""
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return not any(t.is_alive() for t in threads)
 
 
 def _exit_worker() -> None:

@@ -27,7 +27,8 @@ REDIS_DOWN = (
 
 
 def _log_retry(state: tenacity.RetryCallState) -> None:
-    log.warning("Redis unavailable (%s); retrying", state.outcome.exception())
+    cause = state.outcome.exception() if state.outcome is not None else None
+    log.warning("Redis unavailable (%s); retrying", cause)
 
 
 def retry_redis(call: Callable[[], T]) -> T:

@@ -23,6 +23,7 @@ from contract.errors import (
 )
 from contract.job import ErrorInfo, Job, validate_top_k
 from contract.store import CLAIMED, POISONED, SUSPECT, Claim, JobStore
+from worker.deadletter import DeadLetters, is_job_ids
 from worker.decode import (
     JPEG_MAGIC,
     DecodePolicy,
@@ -32,7 +33,7 @@ from worker.decode import (
     rgb_uint8,
 )
 from worker.fetch import Fetcher
-from worker.inference import JPEG, PIXELS, READY, Classifier, Payload
+from worker.inference import Classifier, Payload, PayloadKind
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline, WorkItem
 from worker.resilience import retry_redis
@@ -60,6 +61,7 @@ class Service:
         classifier: Classifier,
         pipeline: Pipeline,
         metrics: Metrics,
+        dead_letters: DeadLetters,
         io_pool: ThreadPoolExecutor,
         decode_policy: DecodePolicy,
         max_attempts: int,
@@ -72,6 +74,7 @@ class Service:
         self.classifier = classifier
         self.pipeline = pipeline
         self.metrics = metrics
+        self.dead_letters = dead_letters
         self.io_pool = io_pool
         self.decode_policy = decode_policy
         self.max_attempts = max_attempts
@@ -81,7 +84,7 @@ class Service:
         """Process one message's jobs. Returns only once every claimed job's record is final."""
         ids = self._checked_ids(job_ids)
         claims = self._claim(ids, fresh_only=True)
-        items = [self._start(c.job) for c in claims if c.state == CLAIMED]
+        items = [self._start(job) for job in _claimed_jobs(claims)]
         suspects = [c.job_id for c in claims if c.state == SUSPECT]
         finished = [item.done.result() for item in items]
         finished += [job for job_id in suspects if (job := self._run_alone(job_id))]
@@ -103,16 +106,16 @@ class Service:
             return None
 
     def _checked_ids(self, job_ids: object) -> list[str]:
-        if isinstance(job_ids, list) and all(isinstance(i, str) for i in job_ids):
+        """The queue guard already refused a malformed message; this catches other callers."""
+        if is_job_ids(job_ids):
             return job_ids
-        self._dead_letter({"args": job_ids, "reason": "expected a list of job ID strings"})
-        raise MalformedMessage(f"message is not a list of job IDs: {str(job_ids)[:200]}")
+        message = json.dumps(job_ids, default=str)
+        self._dead_letter("arguments are not one list of job ID strings", message)
+        raise MalformedMessage(f"message is not a list of job IDs: {message[:200]}")
 
-    def _dead_letter(self, entry: dict[str, object]) -> None:
-        entry = {**entry, "worker": self.worker_id, "at": self.clock()}
-        retry_redis(
-            lambda: self.store.redis.rpush(keys.dead_letter_key(), json.dumps(entry, default=str))
-        )
+    def _dead_letter(self, reason: str, message: str, job_id: str | None = None) -> None:
+        queue = keys.queue_name(self.model)
+        self.dead_letters.record(reason, queue=queue, message=message, job_id=job_id)
 
     def _claim(self, ids: Sequence[str], *, fresh_only: bool) -> list[Claim]:
         claims = retry_redis(
@@ -126,10 +129,10 @@ class Service:
             )
         )
         for claim in claims:
-            self._note_unclaimed(claim)
+            self._note_unclaimed(claim, ids)
         return claims
 
-    def _note_unclaimed(self, claim: Claim) -> None:
+    def _note_unclaimed(self, claim: Claim, ids: Sequence[str]) -> None:
         if claim.state == POISONED and claim.job is not None:
             log.error(
                 "job %s failed as a poison pill after %d attempts", claim.job_id, claim.job.attempts
@@ -137,20 +140,21 @@ class Service:
             self.metrics.finished([claim.job])
         elif claim.state in ("missing", "corrupt"):
             log.warning("job %s has no usable record (%s); skipped", claim.job_id, claim.state)
-            self._dead_letter({"job_id": claim.job_id, "reason": f"record {claim.state}"})
+            reason = f"record {claim.state}"
+            self._dead_letter(reason, json.dumps(list(ids)), job_id=claim.job_id)
 
     def _start(self, job: Job) -> WorkItem:
         item = WorkItem(job)
         self.pipeline.expect(1)
         self.metrics.stage("queue_wait", max(0.0, (job.started or 0) - (job.submitted or 0)))
-        self.io_pool.submit(self._prepare_and_submit, item)
+        self.io_pool.submit(self._load_and_submit, item)
         return item
 
-    def _prepare_and_submit(self, item: WorkItem) -> None:
-        self.prepare(item)
+    def _load_and_submit(self, item: WorkItem) -> None:
+        self.load_image(item)
         self.pipeline.submit(item)
 
-    def prepare(self, item: WorkItem) -> None:
+    def load_image(self, item: WorkItem) -> None:
         """Fetch and decode one job's image into ``item``: a payload, or the error that ends it."""
         try:
             validate_top_k(item.job.top_k, len(self.classifier.loaded.categories))
@@ -170,10 +174,10 @@ class Service:
             started = time.perf_counter()
             pixels = self.classifier.loaded.transforms(decode_rgb(data, policy))
             self.metrics.stage("decode", time.perf_counter() - started)
-            return Payload(READY, pixels)
+            return Payload(PayloadKind.READY, pixels)
         if is_gpu_decodable(data, policy) and _has_end_marker(data):
-            return Payload(JPEG, encoded_tensor(data))
-        return Payload(PIXELS, rgb_uint8(data, policy))
+            return Payload(PayloadKind.JPEG, encoded_tensor(data))
+        return Payload(PayloadKind.PIXELS, rgb_uint8(data, policy))
 
     def _run_alone(self, job_id: str) -> Job | None:
         """A job that was in flight when a worker died: retried by itself, so a poison pill
@@ -181,12 +185,18 @@ class Service:
         claim = self._claim([job_id], fresh_only=False)[0]
         if claim.state == POISONED:
             return claim.job
-        if claim.state != CLAIMED:
+        jobs = _claimed_jobs([claim])
+        if not jobs:
             return None
-        item = WorkItem(claim.job, alone=True)
+        item = WorkItem(jobs[0], alone=True)
         self.pipeline.expect(1)
-        self.prepare(item)
+        self.load_image(item)
         return self.pipeline.submit(item).result()
+
+
+def _claimed_jobs(claims: Sequence[Claim]) -> list[Job]:
+    """The jobs this worker now runs: a claimed job always has its record."""
+    return [c.job for c in claims if c.state == CLAIMED and c.job is not None]
 
 
 def _has_end_marker(data: bytes) -> bool:

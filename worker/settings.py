@@ -20,8 +20,23 @@ IO_THREADS = 16
 MAX_PIXELS = 90_000_000
 # Bytes above which a source is refused.
 MAX_BYTES = 50 * 1024 * 1024
+# Longest wait for the worker's own threads and pools to stop, once Celery has drained its tasks
+# (well inside the deploy files' 120 s grace period).
+CLOSE_TIMEOUT_S = 10.0
 # Port of the Prometheus metrics and health endpoint; 0 turns it off.
 METRICS_PORT = 0
+# Address the metrics and health endpoint listens on.
+METRICS_HOST = "0.0.0.0"
+# Queue messages handled at once on a GPU, and on a CPU.
+GPU_CONCURRENCY = 16
+CPU_CONCURRENCY = 4
+# torchvision's pretrained weights for the model.
+WEIGHTS = "DEFAULT"
+# Device and numeric precision chosen at startup ("auto": the GPU if there is one).
+DEVICE = "auto"
+PRECISION = "auto"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+LOG_LEVEL = "INFO"
 
 
 @dataclass(frozen=True)
@@ -37,19 +52,19 @@ class Preprocess:
 @dataclass(frozen=True)
 class Settings:
     model: str
-    weights: str = "DEFAULT"
+    weights: str = WEIGHTS
     model_file: Path | None = None
     labels: Path | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
-    device: str = "auto"
-    precision: str = "auto"
+    device: str = DEVICE
+    precision: str = PRECISION
     channels_last: bool = True
     compile: bool = False
     redis_url: str = defaults.REDIS_URL
     batch_size: int | None = None
     max_wait_ms: float = MAX_WAIT_MS
     io_threads: int = IO_THREADS
-    concurrency: int = 4
+    concurrency: int = CPU_CONCURRENCY
     allowed_roots: tuple[Path, ...] = ()
     max_bytes: int = MAX_BYTES
     max_pixels: int = MAX_PIXELS
@@ -59,9 +74,9 @@ class Settings:
     max_attempts: int = defaults.MAX_ATTEMPTS
     heartbeat_s: float = defaults.HEARTBEAT_S
     metrics_port: int = METRICS_PORT
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = METRICS_HOST
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    log_level: str = "INFO"
+    log_level: str = LOG_LEVEL
     log_json: bool = False
 
     def validate(self) -> None:
@@ -73,10 +88,7 @@ class Settings:
         _check(self.max_attempts >= 1, "--max-attempts must be >= 1")
         _check(self.visibility_timeout_s >= 5, "--visibility-timeout must be at least 5 seconds")
         _check(self.max_pixels >= 10_000, "--max-pixels must be at least 10000")
-        _check(
-            self.precision in ("auto", "fp32", "fp16", "bf16"),
-            "--precision must be one of auto, fp32, fp16, bf16",
-        )
+        _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
         _check(
             self.labels is None or self.labels.is_file(),
             f"--labels {self.labels} is not a file: give a text file with one label per line",

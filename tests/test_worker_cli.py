@@ -1,0 +1,33 @@
+"""The worker's flags: defaults from worker.settings, each settable from the environment."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import click
+from click.testing import CliRunner
+
+from worker.cli import _settings, main
+from worker.settings import Settings
+
+
+def test_flags_left_out_give_the_settings_defaults() -> None:
+    ctx = main.make_context("worker", ["--model", "m", "--device", "cpu"])
+    built = _settings(ctx.params)
+
+    defaults = Settings(model="m", worker_id=built.worker_id, allowed_roots=built.allowed_roots)
+    assert built == replace(defaults, device="cpu")
+
+
+def test_every_flag_has_an_environment_variable_that_help_names() -> None:
+    options = [p for p in main.params if isinstance(p, click.Option) and p.name != "help"]
+    missing = [o.name for o in options if not (o.envvar and o.show_envvar)]
+    assert missing == []
+    shown = CliRunner().invoke(main, ["--help"], terminal_width=1000).output
+    assert all(f"env var: {o.envvar}" in shown for o in options)
+
+
+def test_an_environment_variable_sets_its_flag(monkeypatch) -> None:
+    monkeypatch.setenv("IMGCLS_CROP", "32")
+    ctx = main.make_context("worker", ["--model", "m", "--device", "cpu"])
+    assert _settings(ctx.params).preprocess.crop == 32
