@@ -59,6 +59,17 @@ class Unavailable(ServiceError):
     type = "unavailable"
 
 
+class DeadlineExceeded(ServiceError):
+    """Fetching a source took longer than the overall fetch deadline (a slow or dripping source).
+
+    Not an ``Unavailable``: the fetch's retries are bounded by the same deadline, so retrying
+    inside it cannot help; the source is at fault, never the worker (it is not a poison pill).
+    """
+
+    type = "deadline_exceeded"
+    transient = True
+
+
 class PoisonJob(ServiceError):
     """The job was delivered too many times: each attempt ended with its worker dying.
 

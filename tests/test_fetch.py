@@ -10,8 +10,11 @@ import ipaddress
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
+import tracemalloc
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -26,16 +29,20 @@ from botocore.config import Config
 
 from contract.errors import (
     AccessDenied,
+    DeadlineExceeded,
     InvalidRequest,
     NotFound,
     ServiceError,
     TooLarge,
     Unavailable,
 )
-from worker.fetch import Fetcher, FetchPolicy
+from worker.fetch import Fetcher, FetchPolicy, Opener, open_beneath, walk_beneath
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 IMAGE = b"\xff\xd8\xff\xe0 pretend jpeg " * 10
+SECRET = b"outside the root"
+# Both ways a file is opened beneath a root: the kernel's openat2, and the O_NOFOLLOW walk.
+OPENERS = pytest.mark.parametrize("opener", [open_beneath, walk_beneath], ids=["openat2", "walk"])
 _real_connect = socket.socket.connect
 
 
@@ -82,13 +89,13 @@ def root(tmp_path: Path) -> Path:
     path = tmp_path / "images"
     path.mkdir()
     (path / "cat.jpg").write_bytes(IMAGE)
-    (tmp_path / "secret.txt").write_bytes(b"outside the root")
+    (tmp_path / "secret.txt").write_bytes(SECRET)
     return path
 
 
-@pytest.fixture
-def local(root: Path) -> Fetcher:
-    return Fetcher(_policy((root,), max_bytes=len(IMAGE)))
+@pytest.fixture(params=[open_beneath, walk_beneath], ids=["openat2", "walk"])
+def local(root: Path, request: pytest.FixtureRequest) -> Fetcher:
+    return Fetcher(_policy((root,), max_bytes=len(IMAGE)), opener=request.param)
 
 
 def test_reads_a_file_under_an_allowed_root(local: Fetcher, root: Path) -> None:
@@ -182,9 +189,90 @@ def test_unreadable_file_is_access_denied(
     def denied(*args: Any, **kwargs: Any) -> int:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(os, "open", denied)
+    fetcher = Fetcher(local.policy, opener=denied)
     with pytest.raises(AccessDenied, match="permission denied"):
-        local.fetch(str(root / "cat.jpg"))
+        fetcher.fetch(str(root / "cat.jpg"))
+
+
+def test_a_small_file_is_read_without_allocating_the_byte_cap(root: Path) -> None:
+    fetcher = Fetcher(_policy((root,), max_bytes=64 * 1024 * 1024))
+    tracemalloc.start()
+    try:
+        assert fetcher.fetch(str(root / "cat.jpg")) == IMAGE
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024
+
+
+def test_a_local_read_past_the_deadline_fails_as_deadline_exceeded(root: Path) -> None:
+    fetcher = Fetcher(_policy((root,), deadline_s=1e-9))
+    with pytest.raises(DeadlineExceeded, match="deadline"):
+        fetcher.fetch(str(root / "cat.jpg"))
+
+
+@pytest.mark.parametrize(
+    "target", ["secret.txt", "no-such-file.txt", "nowhere/deeper.txt"], ids=lambda t: t
+)
+def test_refusals_say_the_same_whether_or_not_something_exists_outside(
+    local: Fetcher, root: Path, target: str
+) -> None:
+    (root / "link.jpg").symlink_to(root.parent / target)
+    refusals = []
+    for uri in (str(root / "link.jpg"), str(root.parent / target)):
+        with pytest.raises(ServiceError) as caught:
+            local.fetch(uri)
+        refusals.append((caught.value.type, str(caught.value).replace(uri, "URI")))
+    assert refusals == [("access_denied", "URI is outside the allowed roots")] * 2
+
+
+_SWAPPER = """
+import os, sys
+root, outside = sys.argv[1], sys.argv[2]
+os.symlink(outside, os.path.join(root, "evil"))
+d, parked, evil = (os.path.join(root, n) for n in ("dir", "parked", "evil"))
+while True:
+    os.rename(d, parked)
+    os.rename(evil, d)
+    os.rename(d, evil)
+    os.rename(parked, d)
+"""
+
+
+@OPENERS
+def test_swapping_a_directory_for_a_symlink_never_lets_a_fetch_read_outside(
+    tmp_path: Path, opener: Opener
+) -> None:
+    """A process swaps root/dir for a symlink to a directory outside, as fast as it can, while
+    threads fetch root/dir/*: each fetch reads the file inside or is refused, never outside."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "dir").mkdir(parents=True)
+    outside.mkdir()
+    for name in ("cat.jpg", "big.jpg"):
+        (root / "dir" / name).write_bytes(IMAGE)
+    (outside / "cat.jpg").write_bytes(SECRET)
+    (outside / "big.jpg").write_bytes(SECRET * 1000)  # over the cap: TooLarge would tell its size
+    fetcher = Fetcher(_policy((root,), max_bytes=len(IMAGE)), opener=opener)
+    uris = [str(root / "dir" / name) for name in ("cat.jpg", "big.jpg")] * 3000
+    swapper = subprocess.Popen([sys.executable, "-c", _SWAPPER, str(root), str(outside)])
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = Counter(pool.map(lambda uri: _outcome(fetcher, uri), uris))
+    finally:
+        swapper.kill()
+        swapper.wait()
+    assert set(outcomes) <= {"inside", "access_denied", "not_found"}, outcomes
+    assert outcomes["inside"] > 0 and outcomes["access_denied"] > 0, outcomes
+
+
+def _outcome(fetcher: Fetcher, uri: str) -> str:
+    try:
+        data = fetcher.fetch(uri)
+    except ServiceError as e:
+        return e.type
+    except Exception as e:
+        return f"raised {e.__class__.__name__}"
+    return "inside" if data == IMAGE else f"read {data[:20]!r}"
 
 
 def test_long_uris_are_shortened_in_error_messages(local: Fetcher) -> None:
@@ -366,6 +454,25 @@ class Handler(BaseHTTPRequestHandler):
         time.sleep(1.5)
         self._send(200, IMAGE)
 
+    def route_drip(self, arg: str, count: int) -> None:
+        """Headers at once, then the body a byte every 50 ms: no single read is slow."""
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(IMAGE)))
+        self.end_headers()
+        self._drip(IMAGE)
+
+    def route_drip_headers(self, arg: str, count: int) -> None:
+        """The status line, then a header a byte every 50 ms."""
+        self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        self._drip(b"X-Slow: " + b"z" * 500 + b"\r\n\r\n")
+
+    def _drip(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):  # the client hung up: what the deadline tests want
+            for n in range(len(data)):
+                self.wfile.write(data[n : n + 1])
+                self.wfile.flush()
+                time.sleep(0.05)
+
     def route_slow_body(self, arg: str, count: int) -> None:
         self.send_response(200)
         self.send_header("Content-Length", str(len(IMAGE)))
@@ -488,3 +595,35 @@ def test_many_threads_fetch_from_every_source_at_once(
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(fetcher.fetch, uris))
     assert results == [IMAGE] * len(uris)
+
+
+# One deadline per fetch, whatever the source
+
+
+@pytest.mark.parametrize("route", ["drip", "drip-headers"])
+def test_http_that_drips_a_byte_at_a_time_is_cut_at_the_deadline(
+    server: ImageServer, route: str
+) -> None:
+    fetcher = Fetcher(_policy(timeout_s=5, deadline_s=1))
+    with pytest.raises(DeadlineExceeded, match="1 s deadline"):
+        fetcher.fetch(f"{server.url}/{route}/{uuid.uuid4().hex}")
+
+
+def test_s3_body_that_drips_is_cut_at_the_deadline(aws_env: Any, server: ImageServer) -> None:
+    fetcher = Fetcher(_policy(timeout_s=5, deadline_s=1), s3_client=_s3_client_for(server.url, 5))
+    with pytest.raises(DeadlineExceeded, match="1 s deadline"):
+        fetcher.fetch("s3://drip/cat.jpg")
+
+
+def test_retries_end_at_the_deadline(web: Fetcher, server: ImageServer) -> None:
+    path = f"/status/503?{uuid.uuid4().hex}"
+    fetcher = Fetcher(_policy(retries=20, backoff_s=0.05, deadline_s=0.5))
+    with pytest.raises(DeadlineExceeded):
+        fetcher.fetch(server.url + path)
+    assert 1 <= server.hits[path] < 21
+
+
+def test_the_deadline_error_is_a_source_failure_not_poison() -> None:
+    error = DeadlineExceeded("slow")
+    assert (error.type, error.transient) == ("deadline_exceeded", True)
+    assert not isinstance(error, Unavailable)

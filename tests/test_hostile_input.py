@@ -5,10 +5,12 @@ Redis URLs with passwords and TLS. Nothing crashes the worker; every bad input i
 from __future__ import annotations
 
 import base64
+import io
 import json
 import pickle
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from PIL import Image
 
 from contract import keys
 from contract.messaging import TASK_NAME, make_celery
@@ -24,6 +27,7 @@ from producer.client import Client
 from tests.faults_support import (
     MODEL,
     SETTLE_S,
+    ImageServer,
     Workers,
     account,
     outcome,
@@ -244,3 +248,108 @@ def test_a_rediss_url_with_a_private_ca_works(
         _classify_through(url, model_args, tmp_path, torch_home)
     finally:
         server.stop()
+
+
+def _png(width: int, height: int) -> bytes:
+    """A valid PNG of one colour: a few hundred bytes, however many pixels."""
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (40, 160, 90)).save(out, format="PNG")
+    return out.getvalue()
+
+
+# Thin images: each would become tens of millions of pixels or more once resized (short side 32).
+_THIN = {"1x20000": (1, 20_000), "20000x1": (20_000, 1), "1x100000": (1, 100_000),
+         "100000x1": (100_000, 1)}  # fmt: skip
+
+
+def test_thin_images_fail_fast_as_too_large_and_the_worker_keeps_serving(
+    start_worker, model_args, producer: Client, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    uris = []
+    for name, size in _THIN.items():
+        (root / f"{name}.png").write_bytes(_png(*size))
+        uris.append(str(root / f"{name}.png"))
+    for n in range(20):
+        (root / f"good{n}.jpg").write_bytes(small_jpeg(seed=n))
+        uris.append(str(root / f"good{n}.jpg"))
+    worker = start_worker(MODEL, *model_args, "--allowed-root", str(root))
+    records = settle(producer, [j.id for j in producer.submit_many(uris, model=MODEL)])
+    by_uri = {r.uri: r for r in records}
+    for name in _THIN:
+        record = by_uri[str(root / f"{name}.png")]
+        assert (outcome(record), record.attempts) == ("too_large", 1)
+        assert "aspect ratio" in record.error.message
+    tally = account("thin-images", redis_client, records)
+    assert (tally.done, tally.failed, tally.executed_twice, tally.lost) == (20, len(_THIN), 0, 0)
+    assert worker.proc.poll() is None, worker.log()
+
+
+def test_a_source_that_drips_fails_at_the_fetch_deadline_and_never_as_poison(
+    start_worker, model_args, producer: Client, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Two URLs that send a byte every 0.2 s, on a worker taking two messages at once: each
+    fails at the deadline as deadline_exceeded, once, while the good jobs behind them finish."""
+    root = tmp_path / "images"
+    root.mkdir()
+    good = []
+    for n in range(20):
+        (root / f"good{n}.jpg").write_bytes(small_jpeg(seed=n))
+        good.append(str(root / f"good{n}.jpg"))
+    start_worker(
+        MODEL, *model_args, "--allowed-root", str(root), "--http-allow-network", "127.0.0.0/8",
+        "--concurrency", "2", "--fetch-deadline-s", "2",
+    )  # fmt: skip
+    with ImageServer() as server:
+        drips = [producer.submit(f"{server.base}/hold/{n}", model=MODEL) for n in range(2)]
+        server.wait_arrivals("hold", 2)
+        jobs = [*drips, *producer.submit_many(good, model=MODEL)]
+        records = settle(producer, [j.id for j in jobs])
+        server.release()
+    for record in records[:2]:
+        assert (outcome(record), record.attempts) == ("deadline_exceeded", 1), record
+    assert [outcome(r) for r in records[2:]] == ["done"] * len(good)
+    tally = account("slow-drip", redis_client, records)
+    assert (tally.failed, tally.executed_twice, tally.redelivered, tally.lost) == (2, 0, 0, 0)
+
+
+_SWAPPER = """
+import os, sys
+root, outside = sys.argv[1], sys.argv[2]
+os.symlink(outside, os.path.join(root, "evil"))
+d, parked, evil = (os.path.join(root, n) for n in ("dir", "parked", "evil"))
+while True:
+    os.rename(d, parked)
+    os.rename(evil, d)
+    os.rename(d, evil)
+    os.rename(parked, d)
+"""
+
+
+@pytest.mark.slow
+def test_swapping_a_directory_for_a_symlink_outside_never_lets_a_job_read_outside(
+    start_worker, model_args, producer: Client, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """While a process swaps root/dir for a symlink to a directory outside the root as fast as
+    it can, 300 jobs read root/dir/cat.jpg. The file outside is a bomb (too_large if ever read):
+    every job ends done or refused (access_denied, not_found), none too_large."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "dir").mkdir(parents=True)
+    outside.mkdir()
+    (root / "dir" / "cat.jpg").write_bytes(small_jpeg())
+    (outside / "cat.jpg").write_bytes(_png_claiming(50_000, 50_000))
+    start_worker(MODEL, *model_args, "--allowed-root", str(root))
+    swapper = subprocess.Popen([sys.executable, "-c", _SWAPPER, str(root), str(outside)])
+    try:
+        jobs = producer.submit_many([str(root / "dir" / "cat.jpg")] * 300, model=MODEL)
+        records = settle(producer, [j.id for j in jobs])
+    finally:
+        swapper.kill()
+        swapper.wait()
+    outcomes = {outcome(r) for r in records}
+    assert outcomes <= {"done", "access_denied", "not_found"}, outcomes
+    # A refusal names the job's own URI only: nothing about what lies outside the root.
+    assert not [r for r in records if r.error and str(outside) in r.error.message]
+    tally = account("path-race", redis_client, records)
+    assert (tally.executed_twice, tally.lost) == (0, 0)

@@ -50,7 +50,14 @@ NON_PUBLIC = [
     "::ffff:169.254.169.254",
     "64:ff9b::a9fe:a9fe",
     "2002:a9fe:a9fe::1",
+    "fec0::1",
 ]
+
+
+def _http(**overrides: Any) -> SafeHttp:
+    """A SafeHttp with the limits a worker passes down, small enough for tests."""
+    limits: dict[str, Any] = {"max_bytes": 1024 * 1024, "timeout_s": 2, "max_redirects": 3}
+    return SafeHttp(**{**limits, **overrides})
 
 
 class FakeDns:
@@ -270,7 +277,7 @@ def test_host_resolving_to_non_public_address_is_refused_before_connecting(
 ) -> None:
     dns.set("evil.test", [address])
     with pytest.raises(AccessDenied, match=re.escape("evil.test")):
-        SafeHttp(timeout_s=0.5).get("http://evil.test/cat.jpg")
+        _http(timeout_s=0.5).get("http://evil.test/cat.jpg")
     assert no_connect == []
 
 
@@ -279,19 +286,19 @@ def test_one_non_public_answer_among_several_is_enough_to_refuse(
 ) -> None:
     dns.set("mixed.test", ["93.184.216.34", "169.254.169.254"])
     with pytest.raises(AccessDenied, match=re.escape("169.254.169.254")):
-        SafeHttp(timeout_s=0.5).get("https://mixed.test/cat.jpg")
+        _http(timeout_s=0.5).get("https://mixed.test/cat.jpg")
     assert no_connect == []
 
 
 def test_ip_literal_url_is_vetted_too(no_connect: list[Any]) -> None:
     with pytest.raises(AccessDenied):
-        SafeHttp(timeout_s=0.5).get("http://[::ffff:169.254.169.254]/latest/meta-data/")
+        _http(timeout_s=0.5).get("http://[::ffff:169.254.169.254]/latest/meta-data/")
     assert no_connect == []
 
 
 def test_unresolvable_host_is_not_found(dns: FakeDns, no_connect: list[Any]) -> None:
     with pytest.raises(NotFound, match=re.escape("nowhere.test")):
-        SafeHttp(timeout_s=0.5).get("http://nowhere.test/cat.jpg")
+        _http(timeout_s=0.5).get("http://nowhere.test/cat.jpg")
     assert no_connect == []
 
 
@@ -306,7 +313,7 @@ def test_unresolvable_host_is_not_found(dns: FakeDns, no_connect: list[Any]) -> 
 )
 def test_malformed_or_unsupported_urls_are_invalid(url: str, no_connect: list[Any]) -> None:
     with pytest.raises(InvalidRequest):
-        SafeHttp(allowed_networks=ALLOW_LOOPBACK).get(url)
+        _http(allowed_networks=ALLOW_LOOPBACK).get(url)
     assert no_connect == []
 
 
@@ -317,7 +324,7 @@ def test_request_uses_the_vetted_answer_even_if_dns_changes_afterwards(
     dns: FakeDns, server: LocalServer, connects: list[Any]
 ) -> None:
     dns.set("images.test", ["127.0.0.1"], ["10.0.0.5"])
-    http = SafeHttp(allowed_networks=ALLOW_LOOPBACK, timeout_s=2)
+    http = _http(allowed_networks=ALLOW_LOOPBACK, timeout_s=2)
     assert http.get(f"http://images.test:{server.port}/cat.jpg") == BODY
     assert dns.calls == ["images.test"]
     assert [address[0] for address in connects] == ["127.0.0.1"]
@@ -328,7 +335,7 @@ def test_each_request_vets_the_current_dns_answer(
     dns: FakeDns, server: LocalServer, connects: list[Any]
 ) -> None:
     dns.set("images.test", ["127.0.0.1"], ["10.0.0.5"])
-    http = SafeHttp(allowed_networks=ALLOW_LOOPBACK, timeout_s=2)
+    http = _http(allowed_networks=ALLOW_LOOPBACK, timeout_s=2)
     http.get(f"http://images.test:{server.port}/cat.jpg")
     with pytest.raises(AccessDenied, match=re.escape("10.0.0.5")):
         http.get(f"http://images.test:{server.port}/cat.jpg")
@@ -339,7 +346,7 @@ def test_redirect_to_a_name_resolving_to_the_metadata_address_is_refused(
     dns: FakeDns, server: LocalServer, connects: list[Any]
 ) -> None:
     dns.set("metadata.test", ["169.254.169.254"])
-    http = SafeHttp(allowed_networks=ALLOW_LOOPBACK, timeout_s=2)
+    http = _http(allowed_networks=ALLOW_LOOPBACK, timeout_s=2)
     url = f"http://127.0.0.1:{server.port}/to/http://metadata.test/latest/meta-data/"
     with pytest.raises(AccessDenied, match=re.escape("169.254.169.254")):
         http.get(url)
@@ -348,7 +355,7 @@ def test_redirect_to_a_name_resolving_to_the_metadata_address_is_refused(
 
 
 def test_redirect_to_a_file_uri_is_refused(server: LocalServer) -> None:
-    http = SafeHttp(allowed_networks=ALLOW_LOOPBACK, timeout_s=2)
+    http = _http(allowed_networks=ALLOW_LOOPBACK, timeout_s=2)
     with pytest.raises(InvalidRequest, match="file:///etc/passwd"):
         http.get(f"http://127.0.0.1:{server.port}/to/file:///etc/passwd")
 
@@ -360,7 +367,7 @@ def test_https_verifies_the_certificate_for_the_host_name_while_connecting_to_th
     dns: FakeDns, tls_server: LocalServer, tls_files: dict[str, Path], connects: list[Any]
 ) -> None:
     dns.set("images.test", ["127.0.0.1"])
-    http = SafeHttp(allowed_networks=ALLOW_LOOPBACK, timeout_s=2, ca_bundle=tls_files["ca"])
+    http = _http(allowed_networks=ALLOW_LOOPBACK, timeout_s=2, ca_bundle=tls_files["ca"])
     assert http.get(f"https://images.test:{tls_server.port}/cat.jpg") == BODY
     assert tls_server.sni == ["images.test"]
     assert [address[0] for address in connects] == ["127.0.0.1"]
@@ -370,7 +377,7 @@ def test_https_refuses_a_certificate_issued_for_another_name(
     dns: FakeDns, tls_server: LocalServer, tls_files: dict[str, Path]
 ) -> None:
     dns.set("other.test", ["127.0.0.1"])
-    http = SafeHttp(allowed_networks=ALLOW_LOOPBACK, timeout_s=2, ca_bundle=tls_files["ca"])
+    http = _http(allowed_networks=ALLOW_LOOPBACK, timeout_s=2, ca_bundle=tls_files["ca"])
     with pytest.raises(AccessDenied, match="TLS"):
         http.get(f"https://other.test:{tls_server.port}/cat.jpg")
 
@@ -379,6 +386,12 @@ def test_https_refuses_a_certificate_from_an_unknown_ca(
     dns: FakeDns, tls_server: LocalServer
 ) -> None:
     dns.set("images.test", ["127.0.0.1"])
-    http = SafeHttp(allowed_networks=ALLOW_LOOPBACK, timeout_s=2)
+    http = _http(allowed_networks=ALLOW_LOOPBACK, timeout_s=2)
     with pytest.raises(AccessDenied, match="TLS"):
         http.get(f"https://images.test:{tls_server.port}/cat.jpg")
+
+
+@pytest.mark.parametrize("url", ["http://[::1/x", "http://[::1", "https://[fec0::1/cat.jpg"])
+def test_a_url_with_an_unclosed_ipv6_bracket_is_an_invalid_request(url: str) -> None:
+    with pytest.raises(InvalidRequest, match="malformed URL"):
+        _http().get(url)

@@ -138,17 +138,35 @@ def setup(settings: Settings) -> Runtime:
 
 
 def _fetch_policy(settings: Settings) -> FetchPolicy:
+    if settings.fetch_deadline_s >= settings.visibility_timeout_s:
+        log.warning(
+            "--fetch-deadline-s %g is not below --visibility-timeout %d: a slow source can "
+            "outlive its message, which is then delivered (and fetched) again",
+            settings.fetch_deadline_s,
+            settings.visibility_timeout_s,
+        )
     return FetchPolicy(
         allowed_roots=tuple(p.resolve() for p in settings.allowed_roots),
         max_bytes=settings.max_bytes,
         s3_buckets=settings.s3_buckets,
         http_allowed_networks=tuple(ip_network(n) for n in settings.http_allowed_networks),
+        timeout_s=settings.fetch_timeout_s,
+        deadline_s=settings.fetch_deadline_s,
+        max_redirects=settings.fetch_max_redirects,
+        retries=settings.fetch_retries,
+        backoff_s=settings.fetch_backoff_s,
+        ca_bundle=settings.ca_bundle,
     )
 
 
 def _decode_policy(settings: Settings, classifier: Classifier) -> DecodePolicy:
-    resize = classifier.loaded.transforms.resize_size[0]
-    return DecodePolicy(max_pixels=settings.max_pixels, draft_min_side=2 * resize)
+    resize = tuple(classifier.loaded.transforms.resize_size)
+    return DecodePolicy(
+        max_pixels=settings.max_pixels,
+        draft_min_side=2 * resize[0],
+        resize_size=resize,
+        max_resized_pixels=settings.max_resized_pixels,
+    )
 
 
 def register_task(app: Celery, service: Service) -> None:

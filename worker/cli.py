@@ -173,6 +173,51 @@ def _show_envvars(command: click.Command) -> click.Command:
     help="Largest image accepted, in pixels (decompression-bomb guard; cannot be off).",
 )
 @click.option(
+    "--max-resized-pixels",
+    envvar="IMGCLS_MAX_RESIZED_PIXELS",
+    default=worker_defaults.MAX_RESIZED_PIXELS,
+    help="Most pixels the model's resize may make of one image (refuses very thin images "
+    "from their header, before decoding).",
+)
+@click.option(
+    "--fetch-deadline-s",
+    envvar="IMGCLS_FETCH_DEADLINE_S",
+    default=worker_defaults.FETCH_DEADLINE_S,
+    help="Longest one fetch may take in all, retries and slow bodies included; a source "
+    "that takes longer fails as deadline_exceeded. Keep it below --visibility-timeout.",
+)
+@click.option(
+    "--fetch-timeout-s",
+    envvar="IMGCLS_FETCH_TIMEOUT_S",
+    default=worker_defaults.FETCH_TIMEOUT_S,
+    help="Connect and per-read timeout of one S3 or http(s) request.",
+)
+@click.option(
+    "--fetch-retries",
+    envvar="IMGCLS_FETCH_RETRIES",
+    default=worker_defaults.FETCH_RETRIES,
+    help="Retries of a transient fetch failure (throttling, 5xx, timeouts).",
+)
+@click.option(
+    "--fetch-backoff-s",
+    envvar="IMGCLS_FETCH_BACKOFF_S",
+    default=worker_defaults.FETCH_BACKOFF_S,
+    help="Base of the exponential backoff (full jitter) between fetch retries.",
+)
+@click.option(
+    "--fetch-max-redirects",
+    envvar="IMGCLS_FETCH_MAX_REDIRECTS",
+    default=worker_defaults.FETCH_MAX_REDIRECTS,
+    help="Redirects followed per http(s) fetch, each checked again.",
+)
+@click.option(
+    "--ca-bundle",
+    envvar="IMGCLS_CA_BUNDLE",
+    type=click.Path(path_type=Path),
+    help="PEM file of CA certificates for https sources (e.g. a private CA) "
+    "[default: certifi's bundle].",
+)
+@click.option(
     "--s3-bucket",
     "s3_buckets",
     envvar="IMGCLS_S3_BUCKETS",
@@ -294,6 +339,13 @@ def _settings(o: dict[str, Any]) -> Settings:
         allowed_roots=roots,
         max_bytes=o["max_bytes"],
         max_pixels=o["max_pixels"],
+        max_resized_pixels=o["max_resized_pixels"],
+        fetch_deadline_s=o["fetch_deadline_s"],
+        fetch_timeout_s=o["fetch_timeout_s"],
+        fetch_retries=o["fetch_retries"],
+        fetch_backoff_s=o["fetch_backoff_s"],
+        fetch_max_redirects=o["fetch_max_redirects"],
+        ca_bundle=o["ca_bundle"],
         s3_buckets=frozenset(o["s3_buckets"]) or None,
         http_allowed_networks=o["http_networks"],
         visibility_timeout_s=o["visibility_timeout"],

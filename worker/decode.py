@@ -1,6 +1,9 @@
 """Turning fetched bytes into pixels, with the checks that keep hostile files harmless.
 
-The pixel limit is always applied before any pixel is decoded; truncated or undecodable files
+The pixel limits are always applied before any pixel is decoded: the pixels of the image, and
+the pixels the model's resize would make of it (a 1x20000 image resized to a short side of 256 is
+256x5,120,000), checked from the header on every path, CPU and device alike; truncated or
+undecodable files
 fail as ``not_an_image``. JPEGs for a GPU stay encoded here: nvJPEG decodes them in batches.
 """
 
@@ -25,6 +28,32 @@ class DecodePolicy:
     # Shorter side, in pixels, that JPEG draft mode (DCT scaling) may reduce a large photo to;
     # None decodes at full size. Twice the model's resize keeps the final resize antialiased.
     draft_min_side: int | None = None
+    # The model's resize (torchvision's resize_size: [short side] or [height, width]); () if none.
+    resize_size: tuple[int, ...] = ()
+    # Most pixels that resize may produce from one image; None leaves only max_pixels.
+    max_resized_pixels: int | None = None
+
+
+def resized_size(width: int, height: int, size: tuple[int, ...]) -> tuple[int, int]:
+    """(width, height) after torchvision's resize to ``size``, computed as it computes it."""
+    if len(size) == 2:
+        return size[1], size[0]
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size[0], int(size[0] * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def check_resized(width: int, height: int, policy: DecodePolicy) -> None:
+    """Refuse an image whose resize would make too many pixels: a thin one, whatever its bytes."""
+    if not policy.resize_size or policy.max_resized_pixels is None:
+        return
+    new_w, new_h = resized_size(width, height, policy.resize_size)
+    if new_w * new_h > policy.max_resized_pixels:
+        raise TooLarge(
+            f"image is {width}x{height}: resizing it to {policy.resize_size[0]} pixels on the "
+            f"short side would make {new_w}x{new_h} = {new_w * new_h} pixels, over the limit of "
+            f"{policy.max_resized_pixels} (aspect ratio too extreme)"
+        )
 
 
 def install_pixel_limit(max_pixels: int) -> None:
@@ -47,6 +76,7 @@ def open_checked(data: bytes, policy: DecodePolicy) -> Image.Image:
     width, height = image.size
     if width * height > policy.max_pixels:
         raise TooLarge(f"image is {width}x{height}, over the limit of {policy.max_pixels} pixels")
+    check_resized(width, height, policy)
     return image
 
 

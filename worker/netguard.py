@@ -18,15 +18,19 @@ from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from contract.errors import (
     AccessDenied,
+    DeadlineExceeded,
     InvalidRequest,
     NotFound,
     ServiceError,
     TooLarge,
     Unavailable,
 )
+from worker.deadline import Deadline, cut_at
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -40,6 +44,11 @@ URI_SHOWN = 160
 # Bytes read from a response body at a time.
 CHUNK_BYTES = 64 * 1024
 DEFAULT_PORTS = {"http": 80, "https": 443}
+# Deprecated IPv6 site-local space (RFC 3879): private in practice, though Python calls it global.
+SITE_LOCAL = ipaddress.IPv6Network("fec0::/10")
+
+# The Cutter of the fetch this thread has in flight, so its connection can hand over its socket.
+_in_flight = threading.local()
 
 
 def shorten(uri: str) -> str:
@@ -76,6 +85,7 @@ def is_special(ip: IPAddress) -> bool:
         or ip.is_reserved
         or ip.is_unspecified
         or ip in CGNAT
+        or ip in SITE_LOCAL
     )
 
 
@@ -112,7 +122,10 @@ class Target:
 
 def parse_http_url(url: str) -> SplitResult:
     """Split an http(s) URL, refusing forms this service does not fetch."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # e.g. an unclosed IPv6 bracket: http://[::1/x
+        raise InvalidRequest(f"malformed URL ({e}): {shorten(url)}") from e
     if parts.scheme.lower() not in DEFAULT_PORTS:
         raise InvalidRequest(f"only http and https may be fetched, not {shorten(url)}")
     if not parts.hostname:
@@ -154,11 +167,47 @@ def pin(url: str, allowed: Iterable[IPNetwork]) -> Target:
     return Target(pinned_url=pinned, host_header=_netloc(host, explicit))
 
 
+class _Watched:
+    """Connection mixin: once a request is sent, its socket goes to this thread's Cutter."""
+
+    sock: Any
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        super().request(*args, **kwargs)  # type: ignore[misc]
+        cutter = getattr(_in_flight, "cutter", None)
+        if cutter is not None:
+            cutter.watch(self.sock)
+
+
+class WatchedHTTPConnection(_Watched, HTTPConnection):
+    pass
+
+
+class WatchedHTTPSConnection(_Watched, HTTPSConnection):
+    pass
+
+
+class WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = WatchedHTTPConnection
+
+
+class WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = WatchedHTTPSConnection
+
+
 class PinnedAdapter(HTTPAdapter):
     """Connects to the IP literal in the URL but does TLS (SNI and cert) as the Host header's name.
 
     Pools are keyed on (IP, port, name), so a connection is only reused for the same vetted pair.
+    Its connections hand their socket to the fetch's deadline watchdog.
     """
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": WatchedHTTPPool,
+            "https": WatchedHTTPSPool,
+        }
 
     def build_connection_pool_key_attributes(
         self, request: requests.PreparedRequest, verify: Any, cert: Any = None
@@ -209,14 +258,19 @@ def transport_error(url: str, exc: requests.RequestException) -> ServiceError:
     return InvalidRequest(name)
 
 
-def read_capped(url: str, response: requests.Response, max_bytes: int) -> bytes:
-    """Stream the body, stopping as soon as it passes max_bytes (whatever Content-Length said)."""
+def read_capped(
+    url: str, response: requests.Response, max_bytes: int, deadline: Deadline | None = None
+) -> bytes:
+    """Stream the body, stopping as soon as it passes max_bytes (whatever Content-Length said)
+    or the deadline passes."""
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise TooLarge(f"{shorten(url)} is {declared} bytes; the cap is {max_bytes}")
     chunks: list[bytes] = []
     size = 0
     for chunk in response.iter_content(CHUNK_BYTES):
+        if deadline is not None:
+            deadline.check(shorten(url))
         size += len(chunk)
         if size > max_bytes:
             raise TooLarge(f"{shorten(url)} is larger than the cap of {max_bytes} bytes")
@@ -230,9 +284,10 @@ class SafeHttp:
     def __init__(
         self,
         allowed_networks: tuple[IPNetwork, ...] = (),
-        timeout_s: float = 10.0,
-        max_redirects: int = 3,
-        max_bytes: int = 50 * 1024 * 1024,
+        *,
+        max_bytes: int,
+        timeout_s: float,
+        max_redirects: int,
         ca_bundle: Path | None = None,
     ) -> None:
         self.allowed_networks = allowed_networks
@@ -250,33 +305,59 @@ class SafeHttp:
             self._local.session = new_session()
         return self._local.session
 
-    def get(self, url: str) -> bytes:
-        """The body of url, following at most max_redirects redirects, each hop vetted."""
+    def get(self, url: str, deadline: Deadline | None = None) -> bytes:
+        """The body of url, following at most max_redirects redirects, each hop vetted.
+
+        With a deadline, the whole exchange (every hop, headers and body) ends by it: a watchdog
+        shuts the socket down when it passes, however slowly the server drips bytes.
+        """
+        if deadline is None:
+            return self._follow(url, None)
+        with cut_at(deadline) as cutter:
+            _in_flight.cutter = cutter
+            try:
+                body = self._follow(url, deadline)
+                if cutter.fired:  # a cut can look like a short answer that ended cleanly
+                    raise deadline.exceeded(shorten(url))
+                return body
+            except ServiceError as e:
+                if cutter.fired and not isinstance(e, DeadlineExceeded):
+                    raise deadline.exceeded(shorten(url)) from e
+                raise
+            finally:
+                _in_flight.cutter = None
+                if cutter.fired:  # the cut connection must not go back to the pool
+                    self.session().close()
+
+    def _follow(self, url: str, deadline: Deadline | None) -> bytes:
         hop = url
         for _ in range(self.max_redirects + 1):
             try:
-                with self._send(hop) as response:
+                with self._send(hop, deadline) as response:
                     location = self.session().get_redirect_target(response)
                     if location is None:
-                        return self._body(hop, response)
+                        return self._body(hop, response, deadline)
             except requests.RequestException as e:
                 raise transport_error(hop, e) from e
             hop = urljoin(hop, location)
         raise InvalidRequest(f"more than {self.max_redirects} redirects from {shorten(url)}")
 
-    def _send(self, url: str) -> requests.Response:
+    def _send(self, url: str, deadline: Deadline | None) -> requests.Response:
         target = pin(url, self.allowed_networks)
+        if deadline is not None:
+            deadline.check(shorten(url))
+        timeout = deadline.timeout(self.timeout_s) if deadline else self.timeout_s
         return self.session().get(
             target.pinned_url,
             headers={"Host": target.host_header},
             stream=True,
             allow_redirects=False,
-            timeout=self.timeout_s,
+            timeout=timeout,
             verify=self.verify,
         )
 
-    def _body(self, url: str, response: requests.Response) -> bytes:
+    def _body(self, url: str, response: requests.Response, deadline: Deadline | None) -> bytes:
         error = status_error(url, response.status_code)
         if error is not None:
             raise error
-        return read_capped(url, response, self.max_bytes)
+        return read_capped(url, response, self.max_bytes, deadline)

@@ -18,11 +18,24 @@ MAX_WAIT_MS = 5.0
 IO_THREADS = 16
 # Pixels above which an image is refused as a decompression bomb (about 90 megapixels).
 MAX_PIXELS = 90_000_000
+# Pixels the preprocessing's resize may produce from one image (a 1x20000 PNG resized to a
+# short side of 256 would make 1.3 billion): about 250:1 panoramas at a resize of 256.
+MAX_RESIZED_PIXELS = 16_000_000
 # Bytes above which a source is refused.
 MAX_BYTES = 50 * 1024 * 1024
 # Longest wait for the worker's own threads and pools to stop, once Celery has drained its tasks
 # (well inside the deploy files' 120 s grace period).
 CLOSE_TIMEOUT_S = 10.0
+# Seconds one fetch may take in all (retries, redirects and slow bodies included).
+FETCH_DEADLINE_S = 30.0
+# Connect and per-read timeout of one S3 or http(s) request, in seconds.
+FETCH_TIMEOUT_S = 10.0
+# Retries of a transient fetch failure (throttling, 5xx, timeouts) after the first attempt.
+FETCH_RETRIES = 3
+# Base of the retries' exponential backoff with full jitter, in seconds.
+FETCH_BACKOFF_S = 0.2
+# Redirects followed per http(s) fetch.
+FETCH_MAX_REDIRECTS = 3
 # Port of the Prometheus metrics and health endpoint; 0 turns it off.
 METRICS_PORT = 0
 # Address the metrics and health endpoint listens on.
@@ -68,6 +81,13 @@ class Settings:
     allowed_roots: tuple[Path, ...] = ()
     max_bytes: int = MAX_BYTES
     max_pixels: int = MAX_PIXELS
+    max_resized_pixels: int = MAX_RESIZED_PIXELS
+    fetch_deadline_s: float = FETCH_DEADLINE_S
+    fetch_timeout_s: float = FETCH_TIMEOUT_S
+    fetch_retries: int = FETCH_RETRIES
+    fetch_backoff_s: float = FETCH_BACKOFF_S
+    fetch_max_redirects: int = FETCH_MAX_REDIRECTS
+    ca_bundle: Path | None = None
     s3_buckets: frozenset[str] | None = None
     http_allowed_networks: tuple[str, ...] = ()
     visibility_timeout_s: int = defaults.VISIBILITY_TIMEOUT_S
@@ -88,6 +108,17 @@ class Settings:
         _check(self.max_attempts >= 1, "--max-attempts must be >= 1")
         _check(self.visibility_timeout_s >= 5, "--visibility-timeout must be at least 5 seconds")
         _check(self.max_pixels >= 10_000, "--max-pixels must be at least 10000")
+        _check(self.max_resized_pixels >= 10_000, "--max-resized-pixels must be at least 10000")
+        _check(self.max_bytes >= 1, "--max-bytes must be >= 1")
+        _check(self.fetch_timeout_s > 0, "--fetch-timeout-s must be > 0")
+        _check(self.fetch_deadline_s > 0, "--fetch-deadline-s must be > 0")
+        _check(self.fetch_retries >= 0, "--fetch-retries must be >= 0")
+        _check(self.fetch_backoff_s >= 0, "--fetch-backoff-s must be >= 0")
+        _check(self.fetch_max_redirects >= 0, "--fetch-max-redirects must be >= 0")
+        _check(
+            self.ca_bundle is None or self.ca_bundle.is_file(),
+            f"--ca-bundle {self.ca_bundle} is not a file: give a PEM file of CA certificates",
+        )
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
         _check(
             self.labels is None or self.labels.is_file(),

@@ -1,0 +1,72 @@
+"""The decode checks, from the header only: thin images whose resize would make billions of pixels
+are refused before any pixel is decoded, on the CPU path and the device path alike."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms._presets import ImageClassification
+from torchvision.transforms.functional import resize as tv_resize
+
+from contract.errors import TooLarge
+from worker.decode import DecodePolicy, decode_rgb, is_gpu_decodable, resized_size, rgb_uint8
+
+RESIZE = (256,)
+POLICY = DecodePolicy(max_pixels=10**8, resize_size=RESIZE, max_resized_pixels=16_000_000)
+# Every way a worker turns bytes into pixels: CPU decode, the nvJPEG check, device pixels.
+PATHS: dict[str, Callable[[bytes, DecodePolicy], object]] = {
+    "cpu": decode_rgb,
+    "gpu-jpeg-check": is_gpu_decodable,
+    "device-pixels": rgb_uint8,
+}
+
+
+def png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 120, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("size", [(1, 20_000), (20_000, 1), (3, 70_000)], ids=str)
+@pytest.mark.parametrize("path", PATHS, ids=str)
+def test_a_thin_image_is_refused_from_its_header_on_every_path(
+    size: tuple[int, int], path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = png(*size)
+    assert len(data) < 2000  # a kilobyte or so that would become gigabytes
+
+    def no_decoding(self: Image.Image) -> None:
+        raise AssertionError("pixels were decoded before the size check")
+
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    monkeypatch.setattr(Image.Image, "convert", no_decoding)
+    with pytest.raises(TooLarge, match="aspect ratio") as caught:
+        PATHS[path](data, POLICY)
+    assert f"{size[0]}x{size[1]}" in str(caught.value)
+
+
+@pytest.mark.parametrize("size", [(200, 150), (150, 200), (256, 256), (1, 900), (900, 1)], ids=str)
+def test_a_usual_or_small_image_still_decodes(size: tuple[int, int]) -> None:
+    policy = DecodePolicy(max_pixels=10**8, resize_size=RESIZE, max_resized_pixels=256 * 256 * 900)
+    assert decode_rgb(png(*size), policy).size == size
+
+
+@pytest.mark.parametrize(
+    ("size", "resize"),
+    [((200, 150), 256), ((7, 1000), 256), ((1000, 7), 232), ((33, 17), 518), ((3, 3), 224)],
+    ids=str,
+)
+def test_the_resize_computed_from_the_header_is_the_one_torchvision_makes(
+    size: tuple[int, int], resize: int
+) -> None:
+    width, height = size
+    transforms = ImageClassification(crop_size=8, resize_size=resize)
+    out = tv_resize(torch.zeros(3, height, width), transforms.resize_size, antialias=True)
+    assert resized_size(width, height, tuple(transforms.resize_size)) == (
+        out.shape[-1],
+        out.shape[-2],
+    )
