@@ -54,8 +54,13 @@ class CudaGraphs:
     """
 
     def __init__(
-        self, step: Step, sizes: tuple[int, ...], sample: torch.Tensor, k: int = GRAPH_TOP_K
+        self,
+        step: Step,
+        sizes: tuple[int, ...],
+        blank: Callable[[int], torch.Tensor],
+        k: int = GRAPH_TOP_K,
     ) -> None:
+        """``blank(size)`` makes a zero input batch of ``size``: the graph's static input."""
         self.k = k
         self.sizes = tuple(sorted(sizes))
         self._pool = torch.cuda.graph_pool_handle()
@@ -65,10 +70,10 @@ class CudaGraphs:
         self._host: dict[int, torch.Tensor] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         for size in reversed(self.sizes):  # largest first: the smaller ones reuse its blocks
-            self._capture(step, size, sample)
+            self._capture(step, blank(size))
 
-    def _capture(self, step: Step, size: int, sample: torch.Tensor) -> None:
-        x = sample.new_zeros(size, *sample.shape[1:])
+    def _capture(self, step: Step, x: torch.Tensor) -> None:
+        size = x.shape[0]
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):

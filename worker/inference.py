@@ -76,7 +76,6 @@ class Classifier:
         # On a GPU (cuDNN autotunes each new shape) or compiled (each shape recompiles), batches
         # are padded to a few fixed sizes, all tuned at warm-up, never while serving.
         self.pad_sizes = _bucket_sizes(batch_size) if (device.type == "cuda" or compile) else ()
-        self.transforms = loaded.transforms.to(device)
         module = loaded.module.to(device=device, dtype=dtype, memory_format=self.memory_format)
         self.module = torch.compile(module) if compile else module
         self.crop = loaded.transforms.crop_size[0]
@@ -105,10 +104,13 @@ class Classifier:
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
-        sample = torch.zeros(1, 3, self.crop, self.crop, device=self.device, dtype=self.dtype)
-        sample = sample.contiguous(memory_format=self.memory_format)
         k = min(GRAPH_TOP_K, len(self.loaded.categories))
-        self._graphs = CudaGraphs(self._step(k), self.pad_sizes, sample, k)
+        self._graphs = CudaGraphs(self._step(k), self.pad_sizes, self._blank, k)
+
+    def _blank(self, size: int) -> torch.Tensor:
+        """A zero input batch of ``size`` in the model's dtype and memory format."""
+        x = torch.zeros(size, 3, self.crop, self.crop, device=self.device, dtype=self.dtype)
+        return x.contiguous(memory_format=self.memory_format)
 
     @torch.inference_mode()
     def prepare(self, payloads: list[Payload]) -> tuple[torch.Tensor, dict[int, Exception]]:
