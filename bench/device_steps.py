@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -26,8 +27,8 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.models import get_model_weights
 
-from bench.images import IMAGENET
-from bench.mixed_images import MIXED, any_pool
+from bench.images import IMAGENET, ImageSet
+from bench.mixed_images import MIXED, MixedImageSet, any_pool
 from worker import resize
 from worker.inference import Classifier, pick_dtype
 from worker.models import load_model
@@ -97,7 +98,7 @@ def forward_steps(model: str, device: torch.device, batch: int, repeat: int) -> 
         clf.warmup()
         x = torch.randn(batch, 3, clf.crop, clf.crop, device=device, dtype=clf.dtype)
         name = "graphs_ms" if graphs else "eager_ms"
-        out[name] = _ms_per_call(lambda c=clf, x=x: c.predict(x, 5), device, repeat)
+        out[name] = _ms_per_call(partial(clf.predict, x, 5), device, repeat)
         del clf
     return out
 
@@ -105,7 +106,7 @@ def forward_steps(model: str, device: torch.device, batch: int, repeat: int) -> 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     root = args.image_dir or Path(tempfile.mkdtemp(prefix="imgcls-steps-"))
-    sets = {"uniform": IMAGENET, "mixed": MIXED}
+    sets: dict[str, ImageSet | MixedImageSet] = {"uniform": IMAGENET, "mixed": MIXED}
     report: dict[str, Any] = {"device": str(device), "model": args.model, "resize": {}}
     for name, spec in sets.items():
         images = _decoded(any_pool(root, spec, args.batch), device)

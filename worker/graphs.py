@@ -10,12 +10,10 @@ The read-back waits on a blocking CUDA event: the thread sleeps instead of spinn
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
 
 Step = Callable[[torch.Tensor], torch.Tensor]
 # Largest k the captured graphs compute; a batch asking for more runs eagerly.
@@ -26,7 +24,10 @@ WARMUP_RUNS = 3
 
 
 def make_step(
-    module: torch.nn.Module, dtype: torch.dtype, memory_format: torch.memory_format, k: int
+    module: Callable[[torch.Tensor], Any],
+    dtype: torch.dtype,
+    memory_format: torch.memory_format,
+    k: int,
 ) -> Step:
     """Normalised inputs (N, 3, H, W) -> packed (N, 2k): forward, float softmax, top-k."""
 
