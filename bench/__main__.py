@@ -24,6 +24,7 @@ from bench.config import (
     default_options,
 )
 from bench.images import IMAGE_SETS
+from bench.mixed_images import ALL_IMAGE_SETS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, a few images")
     p.add_argument("--models", type=_list, help=f"comma-separated [default: {','.join(MODELS)}]")
-    p.add_argument("--images", type=_list, default=tuple(IMAGE_SETS), help="image sets")
+    sets = ",".join(ALL_IMAGE_SETS)
+    p.add_argument("--images", type=_list, default=tuple(IMAGE_SETS), help=f"image sets: {sets}")
     every = ",".join(STAGES + EXTRA_STAGES)
     p.add_argument("--stages", type=_list, default=STAGES, help=f"subset of {every}")
     p.add_argument("--label", help="names the results file [default: host name]")
@@ -112,9 +114,11 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         compile=args.compile,
         torch_threads=args.torch_threads,
     )
-    unknown = set(args.images) - set(IMAGE_SETS)
+    unknown = set(args.images) - set(ALL_IMAGE_SETS)
     if unknown:
-        raise SystemExit(f"unknown image set(s) {sorted(unknown)}; choose from {list(IMAGE_SETS)}")
+        raise SystemExit(
+            f"unknown image set(s) {sorted(unknown)}; choose from {list(ALL_IMAGE_SETS)}"
+        )
     every = STAGES + EXTRA_STAGES
     bad = set(args.stages) - set(every)
     if bad:

@@ -122,7 +122,7 @@ class Sizes:
 
 
 CPU_SIZES = Sizes(
-    pool={"imagenet": 64, "12mp": 8},
+    pool={"imagenet": 64, "12mp": 8, "mixed": 64},
     seed_seconds=8,
     seed_max=200,
     ceiling_seconds=8,
@@ -140,7 +140,7 @@ CPU_SIZES = Sizes(
 )
 
 GPU_SIZES = Sizes(
-    pool={"imagenet": 1024, "12mp": 64},
+    pool={"imagenet": 1024, "12mp": 64, "mixed": 1024},
     seed_seconds=10,
     seed_max=300,
     ceiling_seconds=6,
@@ -157,7 +157,7 @@ GPU_SIZES = Sizes(
 )
 
 QUICK_SIZES = Sizes(
-    pool={"imagenet": 6, "12mp": 2},
+    pool={"imagenet": 6, "12mp": 2, "mixed": 6},
     seed_seconds=2,
     seed_max=3,
     ceiling_seconds=2,

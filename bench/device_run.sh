@@ -4,9 +4,11 @@
 #   on the GPU machine (carry .devkit):   bash bench/device_run.sh
 #   here, a tiny rehearsal on the CPU:    QUICK=1 OUT=/tmp/devrun bash bench/device_run.sh
 #
-# Stages: (1) ResNet-50 fp16, ImageNet-size JPEGs, bulk submission, 1/2/4 workers; (2) GPU fp16
-# vs CPU fp32 answers; (3) ResNet-50 fp16, 12-MP photos; (4) EfficientNet-B0 and
-# MobileNetV3-Large, ImageNet-size; (5) ResNet-50 with --compile, if time is left. Then
+# Stages: (0) the device's batch steps alone: resize calls and ms per batch on uniform and mixed
+# sizes, forward eager vs CUDA graphs; (1) ResNet-50 fp16, ImageNet-size JPEGs, bulk submission,
+# 1/2/4 workers; (2) GPU fp16 vs CPU fp32 answers, mixed sizes included; (3) ResNet-50 fp16,
+# 12-MP photos and mixed sizes; (4) EfficientNet-B0 and MobileNetV3-Large,
+# ImageNet-size; (5) ResNet-50 with --compile, if time is left. Then
 # summary.md. Each stage's JSON is rewritten after every measurement, so a stage cut short by its
 # time cap still leaves what it measured.
 set -uo pipefail
@@ -70,17 +72,20 @@ bench() {
 }
 
 if [ "$QUICK" = 1 ]; then
-  big=mobilenet_v3_small small=mobilenet_v3_small scale=1,2 gpu=(--quick) check=(imagenet=4,12mp=1)
+  big=mobilenet_v3_small small=mobilenet_v3_small scale=1,2 gpu=(--quick) check=(imagenet=4,12mp=1,mixed=4)
+  steps=(--batch 8 --repeat 2)
 else
   big=resnet50 small=efficientnet_b0,mobilenet_v3_large scale=1,2,4 gpu=(--precision fp16)
-  check=(imagenet=64,12mp=8)
+  check=(imagenet=64,12mp=8,mixed=64) steps=(--batch 256 --repeat 20)
 fi
 rest=(--stages seed,ceiling,e2e,latency)
 
+stage device-steps 60 20 python3 -m bench.device_steps --model "$big" "${steps[@]}" \
+  --image-dir "$IMAGES" --out "$LOGS/device_steps.json"
 bench r50-imagenet 190 60 --models "$big" --images imagenet --scale-out "$scale" "${gpu[@]}"
 stage gpu-check 60 25 python3 -m bench.gpu_check --model "$big" --images "${check[@]}" \
   --image-dir "$IMAGES" --out "$OUT/gpu_check.json"
-bench r50-12mp 110 50 --models "$big" --images 12mp "${rest[@]}" "${gpu[@]}"
+bench r50-12mp-mixed 170 50 --models "$big" --images 12mp,mixed "${rest[@]}" "${gpu[@]}"
 bench small-imagenet 130 50 --models "$small" --images imagenet "${rest[@]}" "${gpu[@]}"
 if [ "$QUICK" = 1 ]; then
   echo "== skip r50-compile: torch.compile takes minutes on a CPU"
@@ -95,6 +100,10 @@ if ((${#results[@]})); then
 fi
 if [ -f "$OUT/gpu_check.json" ]; then
   python3 -m bench.gpu_check --summarize "$OUT/gpu_check.json" | tee -a "$OUT/summary.md"
+fi
+if [ -f "$LOGS/device_steps.json" ]; then
+  { echo; echo "Device steps alone (bench/device_steps.py):"; echo '```'
+    cat "$LOGS/device_steps.json"; echo '```'; } | tee -a "$OUT/summary.md"
 fi
 tar czf "$OUT/logs.tar.gz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"
 echo "== device_run done after $((SECONDS - T0)) s"

@@ -59,10 +59,16 @@ def _headline(run: dict[str, Any]) -> dict[str, Any] | None:
     return next((e for e in run.get("e2e", []) if e["workers"] == wanted), None)
 
 
+def _size(spec: dict[str, Any]) -> str:
+    if "min_side" in spec:  # a mixed-size set
+        return f"{spec['min_side']}-{spec['max_side']} px"
+    return f"{spec.get('width', '?')}x{spec.get('height', '?')}"
+
+
 def _row(run: dict[str, Any], sets: dict[str, Any]) -> str:
     e2e, lat = _headline(run), run.get("latency") or {}
     spec = sets.get(run["images"], {})
-    images = f"{run['images']} {spec.get('width', '?')}x{spec.get('height', '?')}"
+    images = f"{run['images']} {_size(spec)}"
     e2e_text = MISSING if e2e is None else f"{_num(e2e['img_s'])} ({e2e['workers']}w)"
     ratios = run.get("ratios", {})
     cells = [

@@ -22,8 +22,9 @@ from bench.config import MODEL_STAGES, TOP_K, BenchConfig
 from bench.diagnostics import BENCHMARK, Probe
 from bench.e2e import run_e2e, warm_up
 from bench.hostpath import run_hostpath
-from bench.images import IMAGE_SETS, image_pool, mean_bytes
+from bench.images import mean_bytes
 from bench.latency import measure_latency
+from bench.mixed_images import ALL_IMAGE_SETS, any_pool
 from bench.report import record, save
 from bench.seed import seed_loop
 from bench.services import RedisServer, WorkerPool
@@ -166,9 +167,9 @@ class Bench:
 
     def make_images(self) -> None:
         for name in self.cfg.image_sets:
-            spec = IMAGE_SETS[name]
+            spec = ALL_IMAGE_SETS[name]
             started = time.perf_counter()
-            paths = image_pool(self.image_root, spec, self.cfg.sizes.pool[name])
+            paths = any_pool(self.image_root, spec, self.cfg.sizes.pool[name])
             self.pools[name] = [str(p) for p in paths]
             self.report["image_sets"][name] = {
                 **record(spec),

@@ -95,6 +95,7 @@ def setup(settings: Settings) -> Runtime:
         channels_last=settings.channels_last,
         compile=settings.compile,
         batch_size=batch_size,
+        cuda_graphs=settings.cuda_graphs,
     )
     started = time.perf_counter()
     classifier.warmup()

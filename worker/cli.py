@@ -120,6 +120,12 @@ def _show_envvars(command: click.Command) -> click.Command:
     help="torch.compile the model at startup (slower start, faster batches).",
 )
 @click.option(
+    "--cuda-graphs/--no-cuda-graphs",
+    envvar="IMGCLS_CUDA_GRAPHS",
+    default=True,
+    help="On CUDA, replay the forward pass as a graph captured at start-up (not with --compile).",
+)
+@click.option(
     "--redis-url",
     envvar="REDIS_URL",
     default=defaults.REDIS_URL,
@@ -331,6 +337,7 @@ def _settings(o: dict[str, Any]) -> Settings:
         precision=o["precision"],
         channels_last=o["channels_last"],
         compile=o["compile_"],
+        cuda_graphs=o["cuda_graphs"],
         redis_url=o["redis_url"],
         batch_size=o["batch_size"],
         max_wait_ms=o["max_wait_ms"],

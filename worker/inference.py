@@ -1,21 +1,23 @@
-"""The warm model on its device: batched preprocessing on the device, forward, softmax, top-k."""
+"""The warm model on its device: batched preprocessing on the device, forward, softmax, top-k.
+
+The batched mixed-size resize is in ``worker.resize``; the forward step and its CUDA graphs in
+``worker.graphs``.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
 from enum import Enum
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from worker.graphs import GRAPH_TOP_K, CudaGraphs, Step, make_step, unpack
 from worker.models import LoadedModel, ModelLoadError
+from worker.resize import ResizeCrop, resize_crop_normalize
 
 log = logging.getLogger(__name__)
-
-# Most pixels resized in one call (about 0.8 GB of float32 scratch on the device).
-RESIZE_PIXEL_BUDGET = 64_000_000
 
 
 class PayloadKind(str, Enum):
@@ -66,6 +68,7 @@ class Classifier:
         compile: bool,
         batch_size: int,
         device_preprocess: bool | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         self.loaded = loaded
         self.device = device
@@ -78,11 +81,15 @@ class Classifier:
         # On a GPU (cuDNN autotunes each new shape) or compiled (each shape recompiles), batches
         # are padded to a few fixed sizes, all tuned at warm-up, never while serving.
         self.pad_sizes = _bucket_sizes(batch_size) if (device.type == "cuda" or compile) else ()
-        self.transforms = loaded.transforms.to(device)
         module = loaded.module.to(device=device, dtype=dtype).to(memory_format=self.memory_format)
         self.module = torch.compile(module) if compile else module
         self.crop = loaded.transforms.crop_size[0]
+        self.resize_spec = ResizeCrop.of(loaded.transforms)
         self._prep_stream = torch.cuda.Stream(device) if cuda else None
+        # The forward pass as one replayed graph per padded size, captured at warm-up (CUDA only;
+        # a compiled module is left to torch.compile).
+        self.cuda_graphs = cuda and cuda_graphs and not compile
+        self._graphs: CudaGraphs | None = None
 
     def warmup(self) -> None:
         """A forward pass at every batch size served: tunes, compiles, allocates, and checks the
@@ -95,8 +102,20 @@ class Classifier:
                 f"model {self.loaded.name} outputs {logits.shape[-1]} classes but has "
                 f"{len(self.loaded.categories)} labels: give --labels with one line per class"
             )
+        if self.cuda_graphs:
+            self._capture_graphs()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        k = min(GRAPH_TOP_K, len(self.loaded.categories))
+        self._graphs = CudaGraphs(self._step(k), self.pad_sizes, self._blank, k)
+
+    def _blank(self, size: int) -> torch.Tensor:
+        """A zero input batch of ``size`` in the model's dtype and memory format."""
+        x = torch.zeros(size, 3, self.crop, self.crop, device=self.device, dtype=self.dtype)
+        return x.contiguous(memory_format=self.memory_format)
 
     @torch.inference_mode()
     def make_batch(self, payloads: list[Payload]) -> tuple[torch.Tensor, dict[int, Exception]]:
@@ -120,19 +139,32 @@ class Classifier:
         good = [i for i in range(len(payloads)) if i not in errors]
         if not good:
             return torch.empty(0, 3, self.crop, self.crop, device=self.device), errors
-        return self._cast(self._transform_by_shape([images[i] for i in good])), errors
+        x = resize_crop_normalize([images[i] for i in good], self.resize_spec)
+        return self._cast(x), errors
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor, k: int) -> list[TopK]:
+        """Top-k of each input: a replayed graph where one was captured for this k, else the
+        same step run eagerly on the padded batch."""
+        n = x.shape[0]
+        k = min(k, len(self.loaded.categories))
+        if self._graphs is not None and k <= self._graphs.k:
+            packed = self._graphs.run(x)
+        else:
+            packed = self._step(k)(self._pad(x))[:n].cpu()
+        return [TopK(v, i) for v, i in unpack(packed, k)]
+
+    def _step(self, k: int) -> Step:
+        return make_step(self.module, self.dtype, self.memory_format, k)
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """x padded with zeros to the next of ``pad_sizes`` (shapes tuned at warm-up)."""
         n = x.shape[0]
         size = next((s for s in self.pad_sizes if s >= n), n)
-        if size > n:
-            pad = x.new_zeros(size - n, *x.shape[1:])
-            x = torch.cat([x, pad]).contiguous(memory_format=self.memory_format)
-        probs = self._forward(x)[:n].float().softmax(dim=1)
-        top = probs.topk(min(k, probs.shape[1]), dim=1)
-        values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
-        return [TopK(v, i) for v, i in zip(values, indices, strict=True)]
+        if size == n:
+            return x
+        pad = x.new_zeros(size - n, *x.shape[1:])
+        return torch.cat([x, pad]).contiguous(memory_format=self.memory_format)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -183,23 +215,6 @@ class Classifier:
         except RuntimeError as e:
             errors[i] = e
             return None
-
-    def _transform_by_shape(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Resize and crop images of one shape together: one kernel per shape, not per image.
-
-        Groups are cut to a pixel budget, since resizing works on a float copy of its input.
-        """
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, image in enumerate(images):
-            groups[tuple(image.shape)].append(i)
-        out = torch.empty(len(images), 3, self.crop, self.crop, device=self.device)
-        for shape, members in groups.items():
-            step = max(1, RESIZE_PIXEL_BUDGET // (shape[-1] * shape[-2]))
-            for start in range(0, len(members), step):
-                chunk = members[start : start + step]
-                batch = torch.stack([images[i] for i in chunk])
-                out[torch.tensor(chunk, device=self.device)] = self.transforms(batch)
-        return out
 
 
 def _bucket_sizes(batch_size: int) -> tuple[int, ...]:

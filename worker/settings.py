@@ -73,6 +73,8 @@ class Settings:
     precision: str = PRECISION
     channels_last: bool = True
     compile: bool = False
+    # CUDA only: the forward pass as one captured graph per padded batch size.
+    cuda_graphs: bool = True
     redis_url: str = defaults.REDIS_URL
     batch_size: int | None = None
     max_wait_ms: float = MAX_WAIT_MS
