@@ -130,6 +130,7 @@ class JobStore:
             args = [now, worker, max_attempts, mode, keys.finished_channel()]
             self._claim(keys=[keys.job_key(job_id), stats], args=args, client=pipe)
         replies = pipe.execute(raise_on_error=False)
+        _raise_unless_wrongtype(replies)
         return [_claim(i, r) for i, r in zip(job_ids, replies, strict=True)]
 
     def finish_many(self, jobs: Sequence[Job]) -> list[bool]:
@@ -152,8 +153,16 @@ class JobStore:
         return {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in raw.items()}
 
 
+def _raise_unless_wrongtype(replies: Sequence[object]) -> None:
+    """Only WRONGTYPE says something about the record; any other error (out of memory, a
+    read-only replica, a lost connection, a busy script) says the claim did not happen."""
+    for reply in replies:
+        if isinstance(reply, Exception) and not str(reply).startswith("WRONGTYPE"):
+            raise reply
+
+
 def _claim(job_id: str, reply: Sequence[bytes | str] | Exception) -> Claim:
-    if isinstance(reply, Exception):  # e.g. WRONGTYPE: the key holds something else
+    if isinstance(reply, Exception):  # WRONGTYPE: the key holds something else
         return Claim(job_id, CORRUPT, None)
     state, raw = (x.decode() if isinstance(x, bytes) else x for x in reply)
     if state in (MISSING, CORRUPT):
