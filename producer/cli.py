@@ -79,7 +79,8 @@ def main() -> None:
 @click.option(
     "--file",
     "from_file",
-    type=click.File("r"),
+    # Bytes that are not UTF-8 become surrogate escapes, which the URI check refuses by line.
+    type=click.File("r", encoding="utf-8", errors="surrogateescape"),
     help="Read URIs from this file, one per line ('-' for standard input).",
 )
 @click.option(
@@ -390,7 +391,7 @@ def _uris(
     args: tuple[str, ...], from_file: IO[str] | None, s3_prefix: str | None = None
 ) -> Iterator[SubmitRequest]:
     if args == ("-",):
-        args, from_file = (), sys.stdin
+        args, from_file = (), click.get_text_stream("stdin", "utf-8", "surrogateescape")
     lines: Iterable[str] = from_file if from_file is not None else ()
     listed: Iterable[str] = bulk.s3_uris(s3_prefix) if s3_prefix else ()
     for uri in (*args, *lines):

@@ -123,6 +123,26 @@ def test_a_refused_submission_exits_non_zero_with_the_error_type(served: Served)
     ]
 
 
+def test_a_name_that_is_not_utf8_is_refused_in_one_line_and_nothing_is_queued(
+    served: Served, tmp_path: Path
+) -> None:
+    register_idle_model(served.redis_url, IDLE)
+    listing = tmp_path / "latin1.txt"
+    listing.write_bytes(b"caf\xe9.jpg\n")
+    argument = os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 file name given on the command line
+
+    runs = [
+        producer(served.redis_url, "submit", "--model", IDLE, "--file", str(listing)),
+        producer(served.redis_url, "submit", "--model", IDLE, argument),
+    ]
+
+    for run in runs:
+        assert run.returncode == 1 and run.stdout == ""
+        assert "invalid_request" in run.stderr and "not valid UTF-8" in run.stderr
+        assert "Traceback" not in run.stderr
+    assert redis.Redis.from_url(served.redis_url).llen(f"imgcls.{IDLE}") == 0
+
+
 def test_submit_from_an_s3_prefix_queues_every_object_under_it(
     served: Served, s3_client, aws_env: dict[str, str]
 ) -> None:

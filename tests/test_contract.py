@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import fakeredis
 import pytest
@@ -90,6 +91,14 @@ def test_supported_uris_pass(uri: str) -> None:
 def test_bad_job_ids_are_refused(job_id: str) -> None:
     with pytest.raises(InvalidRequest):
         validate_job_id(job_id)
+
+
+@pytest.mark.parametrize("validate", [validate_uri, validate_job_id])
+def test_text_that_is_not_utf8_is_refused_with_the_reason(validate) -> None:
+    latin1_name = os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 file name on a UTF-8 system
+
+    with pytest.raises(InvalidRequest, match="not valid UTF-8"):
+        validate(latin1_name)
 
 
 def test_creating_an_existing_id_leaves_the_first_record(store: JobStore) -> None:
