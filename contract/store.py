@@ -17,14 +17,34 @@ from contract.errors import DecodeError
 from contract.job import Job
 
 # KEYS[1] job key. ARGV: now, worker, max_attempts, mode ("fresh" | "any"), channel.
+# A record that is JSON but cannot become a Job (no uri, say) is failed at once, naming the field.
 # "fresh" claims only never-started jobs and answers "suspect" for the rest, so that a job
 # which may have killed a worker is retried on its own rather than beside its neighbours.
 _CLAIM = """
 local raw = redis.call('GET', KEYS[1])
 if not raw then return {'missing', ''} end
 local ok, job = pcall(cjson.decode, raw)
-if not ok or type(job) ~= 'table' then return {'corrupt', raw} end
+if not ok or type(job) ~= 'table' or job[1] ~= nil then return {'corrupt', raw} end
 if job.status == 'done' or job.status == 'failed' then return {'final', raw} end
+local missing = nil
+for _, f in ipairs({'id', 'uri', 'model'}) do
+  if type(job[f]) ~= 'string' then missing = missing or f; job[f] = job[f] or '' end
+end
+if type(job.top_k) ~= 'number' then missing = missing or 'top_k'; job.top_k = 0 end
+if job.status ~= 'queued' and job.status ~= 'running' then missing = missing or 'status' end
+if missing then
+  if job.id == '' then job.id = string.match(KEYS[1], ':job:(.*)$') end
+  job.status = 'failed'
+  job.finished = tonumber(ARGV[1])
+  job.predictions = cjson.null
+  job.error = {type = 'invalid_request', message = 'the job record has no valid "' ..
+    missing .. '" field, so it cannot be run'}
+  raw = cjson.encode(job)
+  redis.call('SET', KEYS[1], raw, 'KEEPTTL')
+  redis.call('HINCRBY', KEYS[2], 'failed', 1)
+  redis.call('PUBLISH', ARGV[5], cjson.encode({job.id}))
+  return {'final', raw}
+end
 local attempts = tonumber(job.attempts) or 0
 if ARGV[4] == 'fresh' and attempts > 0 then return {'suspect', raw} end
 if attempts >= tonumber(ARGV[3]) then
