@@ -67,7 +67,11 @@ def _with_body(envelope: dict, body: bytes, content_type: str = "application/jso
 
 
 def _with_task(envelope: dict, task: str) -> str:
-    return json.dumps({**envelope, "headers": {**envelope["headers"], "task": task}})
+    return _with_headers(envelope, task=task)
+
+
+def _with_headers(envelope: dict, **headers: object) -> str:
+    return json.dumps({**envelope, "headers": {**envelope["headers"], **headers}})
 
 
 class _RunsCode:
@@ -103,6 +107,9 @@ def _bad_messages(envelope: dict, marker: Path) -> list[tuple[bytes | str, str]]
         (_with_body(envelope, _call([["a"], ["b"]])), wrong_args),
         (_with_body(envelope, _call([["a"]], {"x": 1})), wrong_args),
         (_with_body(envelope, b'{"args": 1}'), "not [args, kwargs, options]"),
+        # Celery would drop the first silently and hold the second for a year.
+        (_with_headers(envelope, expires="2000-01-01T00:00:00+00:00"), "sets expires="),
+        (_with_headers(envelope, eta="2099-01-01T00:00:00+00:00"), "sets eta="),
     ]
 
 

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 # Characters of a rejected message kept in its dead-letter entry.
 MAX_KEPT_CHARS = 10_000
+# Celery message headers that delay or expire a task.
+_TIMING = ("eta", "countdown", "expires")
 
 
 class DeadLetters:
@@ -90,6 +92,11 @@ def _task_rejection(headers: object, body: object) -> str | None:
     task = headers.get("task") if isinstance(headers, dict) else None
     if task != TASK_NAME:
         return f"unknown task {str(task)[:100]!r}"
+    timed = [f"{k}={str(headers[k])[:40]}" for k in _TIMING if headers.get(k) is not None]
+    if timed:
+        # Celery would hold a message with an eta and silently drop an expired one: either way
+        # its jobs would stay queued. The producer never sets these.
+        return f"sets {', '.join(timed)}; jobs are never delayed or expired by their message"
     if not (isinstance(body, list) and len(body) == 3):
         return "body is not [args, kwargs, options]"
     args, kwargs, _ = body
