@@ -141,6 +141,22 @@ def test_garbage_on_the_queue_is_dead_lettered_and_the_worker_keeps_serving(
     assert worker.proc.poll() is None, worker.log()
 
 
+def test_a_message_of_thousands_of_unknown_ids_writes_one_dead_letter_entry(
+    start_worker, model_args, producer: Client, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    start_worker(MODEL, *model_args, "--allowed-root", str(tmp_path))
+    unknown = [f"unknown-{n}" for n in range(5000)]
+    producer.celery.send_task(TASK_NAME, args=[unknown], queue=keys.queue_name(MODEL))
+
+    (entry,) = _dead_letters(redis_client, 1)
+
+    assert entry["missing"] == 5000 and entry["job_ids"] == unknown[:100]
+    image = tmp_path / "good.jpg"
+    image.write_bytes(small_jpeg())
+    assert settle(producer, [producer.submit(str(image), model=MODEL).id])[0].status == "done"
+    assert redis_client.llen(keys.dead_letter_key()) == 1
+
+
 def _png_claiming(width: int, height: int) -> bytes:
     """A few hundred bytes whose header claims ``width`` x ``height`` pixels."""
 

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 from celery import bootsteps
 
-from contract import keys
+from contract import deadletter
 from contract.messaging import TASK_NAME
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class DeadLetters:
             "at": time.time(),
         }
         try:
-            self.redis.rpush(keys.dead_letter_key(), json.dumps(entry))
+            deadletter.append(self.redis, entry)
         except redis.RedisError as e:
             log.error("could not dead-letter the message (dropped): %s", e)
 

@@ -4,7 +4,6 @@ hand them to the pipeline, and return once every job has its final record stored
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -13,7 +12,7 @@ from dataclasses import dataclass
 
 import redis
 
-from contract import keys
+from contract import deadletter, defaults
 from contract.errors import (
     DecodeError,
     InternalError,
@@ -110,9 +109,7 @@ class Service:
 
     def _dead_letter(self, entry: dict[str, object]) -> None:
         entry = {**entry, "worker": self.worker_id, "at": self.clock()}
-        retry_redis(
-            lambda: self.store.redis.rpush(keys.dead_letter_key(), json.dumps(entry, default=str))
-        )
+        retry_redis(lambda: deadletter.append(self.store.redis, entry, now=entry["at"]))
 
     def _claim(self, ids: Sequence[str], *, fresh_only: bool) -> list[Claim]:
         claims = retry_redis(
@@ -127,6 +124,7 @@ class Service:
         )
         for claim in claims:
             self._note_unclaimed(claim)
+        self._dead_letter_unusable(claims)
         return claims
 
     def _note_unclaimed(self, claim: Claim) -> None:
@@ -135,9 +133,16 @@ class Service:
                 "job %s failed as a poison pill after %d attempts", claim.job_id, claim.job.attempts
             )
             self.metrics.finished([claim.job])
-        elif claim.state in ("missing", "corrupt"):
-            log.warning("job %s has no usable record (%s); skipped", claim.job_id, claim.state)
-            self._dead_letter({"job_id": claim.job_id, "reason": f"record {claim.state}"})
+
+    def _dead_letter_unusable(self, claims: Sequence[Claim]) -> None:
+        """One entry per message for its jobs without a usable record, however many."""
+        unusable = [c for c in claims if c.state in ("missing", "corrupt")]
+        if not unusable:
+            return
+        counts = {s: sum(c.state == s for c in unusable) for s in ("missing", "corrupt")}
+        log.warning("%d jobs have no usable record (%s); skipped", len(unusable), counts)
+        ids = [c.job_id for c in unusable[: defaults.DEAD_LETTER_MAX_IDS]]
+        self._dead_letter({"reason": "records missing or corrupt", "job_ids": ids, **counts})
 
     def _start(self, job: Job) -> WorkItem:
         item = WorkItem(job)
