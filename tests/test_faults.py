@@ -235,3 +235,37 @@ def test_claims_refused_by_a_full_redis_are_retried_not_read_as_corrupt_records(
     assert (tally.done, tally.failed, tally.lost) == (len(ids), 0, 0)
     assert redis_client.lrange(keys.dead_letter_key(), 0, -1) == []
     producer.close()
+
+
+def _rejected(client: redis.Redis, command: str) -> int:
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("rejected_calls", 0))
+
+
+@pytest.mark.slow
+def test_messages_popped_while_redis_is_full_wait_for_memory_instead_of_being_lost(
+    start_worker, model_args, images, redis_url, redis_client
+) -> None:
+    """kombu records a popped message as unacked before the task runs: with Redis full, that
+    write is refused just after the message left the queue."""
+    producer = Client.from_url(redis_url)
+    start_worker(MODEL, *model_args, "--concurrency", str(_CONCURRENCY))
+    staging = keys.queue_name("staging")  # a queue no worker takes, moved over below
+    jobs = [Job(id=new_job_id(), uri=str(p), model=MODEL, top_k=5) for p in images[:128]]
+    producer.store.create_many(jobs)
+    for start in range(0, len(jobs), 32):
+        ids = [j.id for j in jobs[start : start + 32]]
+        producer.celery.send_task(TASK_NAME, args=[ids], queue=staging, routing_key=staging)
+
+    redis_client.config_resetstat()
+    used = int(redis_client.info("memory")["used_memory"])
+    redis_client.config_set("maxmemory", used - 1024)
+    try:
+        redis_client.rename(staging, keys.queue_name(MODEL))  # RENAME needs no memory
+        wait_until(lambda: _rejected(redis_client, "zadd") >= 3, "unacked bookkeeping refused")
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    records = settle(producer, [j.id for j in jobs])
+
+    tally = account("redis-out-of-memory-pop", redis_client, records)
+    assert (tally.done, tally.failed, tally.lost) == (len(jobs), 0, 0)
+    producer.close()

@@ -20,6 +20,7 @@ from celery import bootsteps
 
 from contract import deadletter
 from contract.messaging import TASK_NAME
+from worker.resilience import retry_redis
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class DeadLetters:
             return self._checked(channel, parse(response, **options))
 
         channel.client.set_response_callback("BRPOP", checked)
+        _retry_unacked_writes(channel.qos)
 
     def _checked(self, channel: Any, reply: object) -> object:
         """The BRPOP reply, or None (kombu reads it as "nothing popped") for a bad message."""
@@ -69,6 +71,21 @@ class DeadLetters:
             deadletter.append(self.redis, entry)
         except redis.RedisError as e:
             log.error("could not dead-letter the message (dropped): %s", e)
+
+
+def _retry_unacked_writes(qos: Any) -> None:
+    """kombu records each popped message as unacked (ZADD, HSET) before Celery runs it; a
+    refused write (out of memory) would raise in the event loop, stop the worker and lose the
+    popped message. Retried instead, until Redis takes it."""
+    append = qos.append
+    if getattr(append, "retried", False):
+        return
+
+    def retried(message: Any, delivery_tag: str) -> None:
+        retry_redis(lambda: append(message, delivery_tag))
+
+    retried.retried = True  # type: ignore[attr-defined]
+    qos.append = retried
 
 
 def rejection(raw: bytes | str, channel: Any) -> str | None:
