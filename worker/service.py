@@ -21,7 +21,7 @@ from contract.errors import (
     as_service_error,
 )
 from contract.job import Job, JobError, validate_top_k
-from contract.store import CLAIMED, POISONED, SUSPECT, Claim, JobStore
+from contract.store import CLAIMED, CORRUPT, MISSING, POISONED, SUSPECT, Claim, JobStore
 from worker.decode import (
     JPEG_MAGIC,
     DecodePolicy,
@@ -136,10 +136,10 @@ class Service:
 
     def _dead_letter_unusable(self, claims: Sequence[Claim]) -> None:
         """One entry per message for its jobs without a usable record, however many."""
-        unusable = [c for c in claims if c.state in ("missing", "corrupt")]
+        unusable = [c for c in claims if c.state in (MISSING, CORRUPT)]
         if not unusable:
             return
-        counts = {s: sum(c.state == s for c in unusable) for s in ("missing", "corrupt")}
+        counts = {str(s): sum(c.state == s for c in unusable) for s in (MISSING, CORRUPT)}
         log.warning("%d jobs have no usable record (%s); skipped", len(unusable), counts)
         ids = [c.job_id for c in unusable[: defaults.DEAD_LETTER_MAX_IDS]]
         self._dead_letter({"reason": "records missing or corrupt", "job_ids": ids, **counts})
