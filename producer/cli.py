@@ -8,6 +8,7 @@ would want one.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import sys
@@ -393,7 +394,8 @@ def _uris(
     args: tuple[str, ...], from_file: IO[str] | None, s3_prefix: str | None = None
 ) -> Iterator[SubmitRequest]:
     if args == ("-",):
-        args, from_file = (), click.get_text_stream("stdin", "utf-8", "surrogateescape")
+        stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
+        args, from_file = (), stdin
     lines: Iterable[str] = from_file if from_file is not None else ()
     listed: Iterable[str] = bulk.s3_uris(s3_prefix) if s3_prefix else ()
     for uri in (*args, *lines):

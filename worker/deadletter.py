@@ -109,7 +109,7 @@ def _task_rejection(headers: object, body: object) -> str | None:
     task = headers.get("task") if isinstance(headers, dict) else None
     if task != TASK_NAME:
         return f"unknown task {str(task)[:100]!r}"
-    timed = [f"{k}={str(headers[k])[:40]}" for k in _TIMING if headers.get(k) is not None]
+    timed = [f"{k}={str(v)[:40]}" for k in _TIMING if (v := _header(headers, k)) is not None]
     if timed:
         # Celery would hold a message with an eta and silently drop an expired one: either way
         # its jobs would stay queued. The producer never sets these.
@@ -120,6 +120,10 @@ def _task_rejection(headers: object, body: object) -> str | None:
     if kwargs or not isinstance(args, list) or len(args) != 1 or not _is_id_list(args[0]):
         return "arguments are not one list of job ID strings"
     return None
+
+
+def _header(headers: object, name: str) -> object:
+    return headers.get(name) if isinstance(headers, dict) else None
 
 
 def _is_id_list(value: object) -> bool:
