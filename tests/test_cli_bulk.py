@@ -57,6 +57,7 @@ def producer(
         input=stdin,
         capture_output=True,
         text=True,
+        errors="surrogateescape",  # stdin may carry bytes that are not UTF-8
         timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
         check=False,
@@ -134,6 +135,7 @@ def test_a_name_that_is_not_utf8_is_refused_in_one_line_and_nothing_is_queued(
     runs = [
         producer(served.redis_url, "submit", "--model", IDLE, "--file", str(listing)),
         producer(served.redis_url, "submit", "--model", IDLE, argument),
+        producer(served.redis_url, "submit", "--model", IDLE, "-", stdin=argument + "\n"),
     ]
 
     for run in runs:
