@@ -28,3 +28,9 @@ HEARTBEAT_S = 5
 HEARTBEAT_TTL_S = 15
 # Seconds a waiting client blocks on the finished-jobs channel before re-reading records.
 WAIT_RECHECK_S = 1.0
+# Most entries the dead-letter list keeps; the oldest go first.
+DEAD_LETTER_MAX_ENTRIES = 10_000
+# Seconds a dead-letter entry is kept (7 days); older ones are trimmed as new ones are written.
+DEAD_LETTER_MAX_AGE_S = 7 * 24 * 3600
+# Job IDs listed in one dead-letter entry; the entry also counts them all.
+DEAD_LETTER_MAX_IDS = 100

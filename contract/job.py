@@ -191,9 +191,23 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+def _check_utf8(text: str, what: str) -> None:
+    """Refuse text Redis and JSON cannot carry: lone surrogates, e.g. a file name that was not
+    UTF-8 (os.fsdecode turns its bytes into surrogate escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        shown = text[:40].encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+        raise InvalidRequest(
+            f"{what} {shown!r} is not valid UTF-8 (character {e.start}); "
+            "give the name as UTF-8 text"
+        ) from e
+
+
 def validate_job_id(job_id: str) -> str:
     if not isinstance(job_id, str) or not job_id:
         raise InvalidRequest("job ID must be a non-empty string")
+    _check_utf8(job_id, "job ID")
     if len(job_id) > defaults.MAX_JOB_ID_LEN or not _JOB_ID.fullmatch(job_id):
         raise InvalidRequest(
             f"job ID {job_id[:40]!r} must be at most {defaults.MAX_JOB_ID_LEN} characters of "
@@ -223,6 +237,7 @@ def validate_uri(uri: str) -> str:
         raise InvalidRequest(f"uri is longer than {defaults.MAX_URI_LEN} characters")
     if "\x00" in uri:
         raise InvalidRequest("uri contains a NUL byte")
+    _check_utf8(uri, "uri")
     scheme = URI_SCHEME.match(uri)
     if scheme and f"{scheme.group(1).lower()}://" not in URI_SCHEMES:
         raise InvalidRequest(f"uri scheme of {uri[:40]!r} is not one of {', '.join(URI_SCHEMES)}")

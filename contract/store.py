@@ -15,8 +15,8 @@ from string import Template
 import redis
 
 from contract import defaults, keys
-from contract.errors import MalformedRecord, PoisonJob
-from contract.job import FAILED, FINAL, RUNNING, Job
+from contract.errors import InvalidRequest, MalformedRecord, PoisonJob
+from contract.job import FAILED, FINAL, QUEUED, RUNNING, Job
 
 
 class ClaimState(str, Enum):
@@ -44,27 +44,49 @@ CORRUPT = ClaimState.CORRUPT
 def _lua(script: str) -> str:
     """``script`` with the statuses of contract.job and the error types of contract.errors.
 
-    ``$job_is_final`` tests the decoded record ``job``; ``$running`` and ``$failed`` are
-    status literals, ``$poison`` the poison pill's error type.
+    ``$job_is_final`` tests the decoded record ``job``; ``$queued``, ``$running`` and ``$failed``
+    are status literals, ``$poison`` and ``$invalid`` error types.
     """
     is_final = " or ".join(f"job.status == '{status.value}'" for status in sorted(FINAL))
     return Template(script).substitute(
         job_is_final=f"({is_final})",
+        queued=f"'{QUEUED.value}'",
         running=f"'{RUNNING.value}'",
         failed=f"'{FAILED.value}'",
         poison=f"'{PoisonJob.type}'",
+        invalid=f"'{InvalidRequest.type}'",
     )
 
 
 # KEYS[1] job key. ARGV: now, worker, max_attempts, mode ("fresh" | "any"), channel.
+# A record that is JSON but cannot become a Job (no uri, say) is failed at once, naming the field.
 # "fresh" claims only never-started jobs and answers "suspect" for the rest, so that a job
 # which may have killed a worker is retried on its own rather than beside its neighbours.
 _CLAIM = _lua("""
 local raw = redis.call('GET', KEYS[1])
 if not raw then return {'missing', ''} end
 local ok, job = pcall(cjson.decode, raw)
-if not ok or type(job) ~= 'table' then return {'corrupt', raw} end
+if not ok or type(job) ~= 'table' or job[1] ~= nil then return {'corrupt', raw} end
 if $job_is_final then return {'final', raw} end
+local missing = nil
+for _, f in ipairs({'id', 'uri', 'model'}) do
+  if type(job[f]) ~= 'string' then missing = missing or f; job[f] = job[f] or '' end
+end
+if type(job.top_k) ~= 'number' then missing = missing or 'top_k'; job.top_k = 0 end
+if job.status ~= $queued and job.status ~= $running then missing = missing or 'status' end
+if missing then
+  if job.id == '' then job.id = string.match(KEYS[1], ':job:(.*)$$') end
+  job.status = $failed
+  job.finished = tonumber(ARGV[1])
+  job.predictions = cjson.null
+  job.error = {type = $invalid, message = 'the job record has no valid "' ..
+    missing .. '" field, so it cannot be run'}
+  raw = cjson.encode(job)
+  redis.call('SET', KEYS[1], raw, 'KEEPTTL')
+  redis.call('HINCRBY', KEYS[2], 'failed', 1)
+  redis.call('PUBLISH', ARGV[5], cjson.encode({job.id}))
+  return {'final', raw}
+end
 local attempts = tonumber(job.attempts) or 0
 if ARGV[4] == 'fresh' and attempts > 0 then return {'suspect', raw} end
 if attempts >= tonumber(ARGV[3]) then
@@ -163,6 +185,7 @@ class JobStore:
             args: list[str | float] = [now, worker, max_attempts, mode, keys.finished_channel()]
             self._claim(keys=[keys.job_key(job_id), stats], args=args, client=pipe)
         replies = pipe.execute(raise_on_error=False)
+        _raise_unless_wrongtype(replies)
         return [_claim(i, r) for i, r in zip(job_ids, replies, strict=True)]
 
     def finish_many(self, jobs: Sequence[Job]) -> list[bool]:
@@ -190,8 +213,16 @@ def read_stats(client: redis.Redis, model: str) -> dict[str, int]:
     return {keys.text(k): int(v) for k, v in raw.items()}
 
 
+def _raise_unless_wrongtype(replies: Sequence[object]) -> None:
+    """Only WRONGTYPE says something about the record; any other error (out of memory, a
+    read-only replica, a lost connection, a busy script) says the claim did not happen."""
+    for reply in replies:
+        if isinstance(reply, Exception) and not str(reply).startswith("WRONGTYPE"):
+            raise reply
+
+
 def _claim(job_id: str, reply: Sequence[bytes | str] | Exception) -> Claim:
-    if isinstance(reply, Exception):  # e.g. WRONGTYPE: the key holds something else
+    if isinstance(reply, Exception):  # WRONGTYPE: the key holds something else
         return Claim(job_id, CORRUPT, None)
     state, raw = (keys.text(x) for x in reply)
     if state in (MISSING, CORRUPT):

@@ -72,7 +72,8 @@ TopK = Annotated[int, Field(ge=1, le=defaults.MAX_TOP_K)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON types as the Python API takes them; true, "5", 5.0 and 1e3 are no top_k.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class JobIn(_Strict):

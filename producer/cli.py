@@ -7,6 +7,8 @@ would want one.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import sys
@@ -15,8 +17,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, TypeVar
 
 import click
+import redis
 
-from contract import defaults, redis_errors, registry
+from contract import deadletter, defaults, redis_errors, registry
 from contract.errors import ServiceError
 from contract.job import Job, validate_model_name
 from contract.logs import configure_logging
@@ -105,7 +108,8 @@ def main() -> None:
 @click.option(
     "--file",
     "from_file",
-    type=click.File("r"),
+    # Bytes that are not UTF-8 become surrogate escapes, which the URI check refuses by line.
+    type=click.File("r", encoding="utf-8", errors="surrogateescape"),
     help="Read URIs from this file, one per line ('-' for standard input).",
 )
 @click.option(
@@ -464,7 +468,8 @@ def _uris(
     args: tuple[str, ...], from_file: IO[str] | None, s3_prefix: str | None = None
 ) -> Iterator[SubmitRequest]:
     if args == ("-",):
-        args, from_file = (), sys.stdin
+        stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
+        args, from_file = (), stdin
     lines: Iterable[str] = from_file if from_file is not None else ()
     listed: Iterable[str] = bulk.s3_uris(s3_prefix) if s3_prefix else ()
     for uri in (*args, *lines):
@@ -487,3 +492,63 @@ def _fail(e: ServiceError, log_json: bool) -> None:
         log.error("%s: %s", e.type, e, extra={"error_type": e.type})
         raise SystemExit(1) from e
     raise click.ClickException(f"{e.type}: {e}") from e
+
+
+@main.group("dead-letter")
+def dead_letter() -> None:
+    """Read, replay or empty the dead-letter list (messages and records no worker could run)."""
+
+
+@dead_letter.command("list")
+@redis_option
+@click.option("--limit", type=click.IntRange(min=1), help="Show only the oldest N entries.")
+def dead_letter_list(redis_url: str, limit: int | None) -> None:
+    """Print each entry as a JSON line with its index, oldest first."""
+    with _redis(redis_url) as client:
+        for entry in deadletter.entries(client, limit):
+            click.echo(json.dumps({"index": entry.index, **entry.data}))
+
+
+@dead_letter.command("replay")
+@redis_option
+@click.option("--all", "every", is_flag=True, help="Replay every entry that holds a message.")
+@click.argument("indexes", nargs=-1, type=click.IntRange(min=0))
+def dead_letter_replay(redis_url: str, every: bool, indexes: tuple[int, ...]) -> None:
+    """Send the jobs of dead-lettered classify messages again, those still queued only.
+
+    INDEXES are the indexes `dead-letter list` prints. A replayed entry leaves the list; one
+    that holds no classify message (garbage, a missing record) is reported and kept.
+    """
+    if every == bool(indexes):
+        raise click.UsageError("give either --all or the indexes of the entries to replay")
+    client = Client.from_url(redis_url)
+    try:
+        chosen = [e for e in deadletter.entries(client.redis) if every or e.index in indexes]
+        replayed = [e for e in chosen if _replay(client, e)]
+        deadletter.remove(client.redis, replayed)
+    finally:
+        client.close()
+
+
+def _replay(client: Client, entry: deadletter.Entry) -> bool:
+    call = deadletter.classify_call(entry)
+    sent = client.resend(call[1]) if call else []
+    click.echo(json.dumps({"index": entry.index, "replayable": bool(call), "resent": sent}))
+    return call is not None
+
+
+@dead_letter.command("purge")
+@redis_option
+def dead_letter_purge(redis_url: str) -> None:
+    """Empty the dead-letter list."""
+    with _redis(redis_url) as client:
+        click.echo(f"purged {deadletter.purge(client)} dead-letter entries", err=True)
+
+
+@contextlib.contextmanager
+def _redis(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        client.close()

@@ -14,6 +14,7 @@ from celery import Celery
 from contract import defaults, keys, registry
 from contract.errors import JobFailed, ServiceError, Unavailable, UnsupportedModel
 from contract.job import (
+    QUEUED,
     ErrorInfo,
     Job,
     Prediction,
@@ -120,6 +121,15 @@ class Client:
         old = [j.id for j, c in zip(jobs, created, strict=True) if not c]
         existing = {j.id: j for j in self.store.get_many(old) if j is not None}
         return [j if c else existing.get(j.id, j) for j, c in zip(jobs, created, strict=True)]
+
+    def resend(self, job_ids: Sequence[str]) -> list[str]:
+        """Send the jobs of ``job_ids`` that are still queued again; returns their IDs.
+
+        For a message that never ran (dead-lettered): final or running jobs are left alone."""
+        queued = [j for j in self.store.get_many(job_ids) if j is not None and j.status == QUEUED]
+        for model in dict.fromkeys(j.model for j in queued):
+            self._enqueue([j for j in queued if j.model == model])
+        return [j.id for j in queued]
 
     def _enqueue(self, jobs: Sequence[Job]) -> None:
         if not jobs:

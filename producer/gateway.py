@@ -25,7 +25,15 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract import defaults, registry
-from contract.errors import AccessDenied, InvalidRequest, NotFound, ServiceError, TooLarge
+from contract.errors import (
+    AccessDenied,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    ServiceError,
+    TooLarge,
+    as_service_error,
+)
 from contract.gauges import QueueCollector
 from contract.job import JOB_ID_PATTERN, validate_job_id
 from producer import status
@@ -116,6 +124,33 @@ class BodyLimit:
 
 
 # -- errors ------------------------------------------------------------------------------
+
+
+class InternalErrors:
+    """Answer an unexpected exception as a 500 in the documented ``{"error": ...}`` shape.
+
+    An ASGI middleware rather than an exception handler: Starlette re-raises after its handler,
+    and the server then drops the kept-alive connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:
+            if started or scope["type"] != "http":
+                raise
+            log.exception("unexpected failure answering %s", scope.get("path"))
+            message = str(as_service_error(e)).encode("utf-8", "backslashreplace").decode()
+            await _error_response(InternalError(message[:1000]))(scope, receive, send)
 
 
 def _error_response(error: ServiceError, status_code: int | None = None) -> JSONResponse:
@@ -321,4 +356,5 @@ def create_app(
     _health_routes(app)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(InternalErrors)
     return app

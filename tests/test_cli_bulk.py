@@ -56,6 +56,7 @@ def producer(
         input=stdin,
         capture_output=True,
         text=True,
+        errors="surrogateescape",  # stdin may carry bytes that are not UTF-8
         timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
         check=False,
@@ -120,6 +121,27 @@ def test_a_refused_submission_exits_non_zero_with_the_error_type(served: Served)
     assert [json.loads(line)["error_type"] for line in logged.stderr.splitlines()] == [
         "unsupported_model"
     ]
+
+
+def test_a_name_that_is_not_utf8_is_refused_in_one_line_and_nothing_is_queued(
+    served: Served, tmp_path: Path
+) -> None:
+    register_idle_model(served.redis_url, IDLE)
+    listing = tmp_path / "latin1.txt"
+    listing.write_bytes(b"caf\xe9.jpg\n")
+    argument = os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 file name given on the command line
+
+    runs = [
+        producer(served.redis_url, "submit", "--model", IDLE, "--file", str(listing)),
+        producer(served.redis_url, "submit", "--model", IDLE, argument),
+        producer(served.redis_url, "submit", "--model", IDLE, "-", stdin=argument + "\n"),
+    ]
+
+    for run in runs:
+        assert run.returncode == 1 and run.stdout == ""
+        assert "invalid_request" in run.stderr and "not valid UTF-8" in run.stderr
+        assert "Traceback" not in run.stderr
+    assert redis.Redis.from_url(served.redis_url).llen(f"imgcls.{IDLE}") == 0
 
 
 def test_submit_from_an_s3_prefix_queues_every_object_under_it(

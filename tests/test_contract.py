@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import fakeredis
 import pytest
@@ -92,6 +93,14 @@ def test_bad_job_ids_are_refused(job_id: str) -> None:
         validate_job_id(job_id)
 
 
+@pytest.mark.parametrize("validate", [validate_uri, validate_job_id])
+def test_text_that_is_not_utf8_is_refused_with_the_reason(validate) -> None:
+    latin1_name = os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 file name on a UTF-8 system
+
+    with pytest.raises(InvalidRequest, match="not valid UTF-8"):
+        validate(latin1_name)
+
+
 def test_creating_an_existing_id_leaves_the_first_record(store: JobStore) -> None:
     assert store.create_many([_job()]) == [True]
     assert store.create_many([_job().failed(ErrorInfo("x", "y"), 1.0)]) == [False]
@@ -163,9 +172,25 @@ def test_ids_and_model_names_with_a_trailing_newline_are_refused(value: str) -> 
 def test_a_job_key_holding_something_else_is_reported_corrupt_not_raised(store: JobStore) -> None:
     store.create_many([_job("good")])
     store.redis.rpush(keys.job_key("list"), "x")
-    store.redis.set(keys.job_key("odd"), '{"id": "odd", "status": "running"}')
-    claims = store.claim_many(["list", "good", "odd"], "m", 1.0, "w", fresh_only=True)
-    assert [c.state for c in claims] == [CORRUPT, CLAIMED, CORRUPT]
+    store.redis.set(keys.job_key("odd"), "[1, 2]")
+    store.redis.set(keys.job_key("text"), '"text"')
+    claims = store.claim_many(["list", "good", "odd", "text"], "m", 1.0, "w", fresh_only=True)
+    assert [c.state for c in claims] == [CORRUPT, CLAIMED, CORRUPT, CORRUPT]
+
+
+@pytest.mark.parametrize("field", ["uri", "model", "top_k", "id"])
+def test_a_record_missing_a_field_fails_naming_it_instead_of_staying_running(
+    store: JobStore, field: str
+) -> None:
+    record = {k: v for k, v in _job("partial").to_dict().items() if k != field}
+    store.redis.set(keys.job_key("partial"), json.dumps(record))
+
+    (claim,) = store.claim_many(["partial"], "m", 2.0, "w", fresh_only=False)
+
+    job = store.get("partial")
+    assert claim.state == ALREADY_FINAL and job.id == "partial"
+    assert (job.status, job.error.type) == ("failed", "invalid_request")
+    assert f'"{field}"' in job.error.message
 
 
 def test_the_gateways_job_model_is_the_job_dataclass() -> None:

@@ -42,13 +42,16 @@ def test_a_message_that_is_not_a_list_of_ids_is_dead_lettered_whole(service: Ser
     assert json.loads(str(entry["message"])) == {"not": "ids"}
 
 
-def test_a_job_with_no_record_is_dead_lettered_by_id_in_the_same_shape(service: Service) -> None:
-    outcome = service.handle(["gone"])
-    assert outcome.skipped == 1
+def test_jobs_with_no_record_are_dead_lettered_in_one_entry_of_the_same_shape(
+    service: Service,
+) -> None:
+    outcome = service.handle(["gone", "lost"])
+    assert outcome.skipped == 2
     (entry,) = _entries(service)
-    assert set(entry) == _SHAPE | {"job_id"}
-    assert (entry["job_id"], entry["reason"]) == ("gone", "record missing")
-    assert json.loads(str(entry["message"])) == ["gone"]
+    assert set(entry) == _SHAPE | {"job_ids", "missing", "corrupt"}
+    assert entry["reason"] == "records missing or corrupt"
+    assert (entry["job_ids"], entry["missing"], entry["corrupt"]) == (["gone", "lost"], 2, 0)
+    assert json.loads(str(entry["message"])) == ["gone", "lost"]
 
 
 def test_a_queue_message_is_dead_lettered_in_the_same_shape() -> None:

@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from contract import keys
+from contract.job import Job, new_job_id
+from contract.messaging import TASK_NAME
 from producer.client import Client
 from tests.faults_support import (
     MODEL,
@@ -164,4 +167,96 @@ def test_a_soak_of_ten_thousand_jobs_with_one_percent_bad_accounts_for_every_one
     assert [outcome(r) for r in records] == [expected for _, expected in uris]
     assert (tally.done, tally.failed, tally.lost) == (10_000 - len(bad), len(bad), 0)
     assert (tally.written_done, tally.written_failed) == (tally.done, tally.failed)
+    producer.close()
+
+
+def _redeliveries_behind_holds(
+    producer: Client, server: ImageServer, images: list[Path]
+) -> tuple[list[str], list[str]]:
+    """One message per worker thread: a held HTTP job, then 75 jobs a dead worker had started
+    (``attempts`` 1), which the worker claims one at a time only once the held job is over."""
+    held, again = [], []
+    for m in range(_CONCURRENCY):
+        first = Job(id=new_job_id(), uri=f"{server.base}/hold/{m}", model=MODEL, top_k=5)
+        rest = [
+            Job(id=new_job_id(), uri=str(images[n % len(images)]), model=MODEL, top_k=5, attempts=1)
+            for n in range(75)
+        ]
+        producer.store.create_many([first, *rest])
+        ids = [first.id] + [j.id for j in rest]
+        producer.celery.send_task(TASK_NAME, args=[ids], queue=keys.queue_name(MODEL))
+        held.append(first.id)
+        again += [j.id for j in rest]
+    return held, again
+
+
+def _refused_scripts(client: redis.Redis) -> int:
+    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("failed_calls", 0)) + int(stats.get("rejected_calls", 0))
+
+
+@pytest.mark.slow
+def test_claims_refused_by_a_full_redis_are_retried_not_read_as_corrupt_records(
+    start_worker, model_args, server: ImageServer, images, redis_url, redis_client
+) -> None:
+    """The existing OOM test fills Redis while results wait to be stored, so no claim runs
+    then. Here every thread is inside a message whose remaining jobs it claims only after its
+    held job ends, and that job's record is gone, so ending it needs no memory: each of those
+    claims meets the full Redis."""
+    producer = Client.from_url(redis_url)
+    # A visibility timeout far above the test's length: no message may come round again.
+    start_worker(
+        MODEL, *model_args, "--concurrency", str(_CONCURRENCY), "--visibility-timeout", "300"
+    )
+    held, ids = _redeliveries_behind_holds(producer, server, images)
+    server.wait_arrivals("hold", _CONCURRENCY)
+
+    redis_client.delete(*map(keys.job_key, held))
+    redis_client.config_resetstat()
+    used = int(redis_client.info("memory")["used_memory"])
+    redis_client.config_set("maxmemory", used - 1024)  # every write that needs memory is refused
+    try:
+        server.release()
+        wait_until(lambda: _refused_scripts(redis_client) >= 20, "claims refused")
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    records = settle(producer, ids)
+
+    tally = account("redis-out-of-memory-claims", redis_client, records)
+    assert (tally.done, tally.failed, tally.lost) == (len(ids), 0, 0)
+    assert redis_client.lrange(keys.dead_letter_key(), 0, -1) == []
+    producer.close()
+
+
+def _rejected(client: redis.Redis, command: str) -> int:
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("rejected_calls", 0))
+
+
+@pytest.mark.slow
+def test_messages_popped_while_redis_is_full_wait_for_memory_instead_of_being_lost(
+    start_worker, model_args, images, redis_url, redis_client
+) -> None:
+    """kombu records a popped message as unacked before the task runs: with Redis full, that
+    write is refused just after the message left the queue."""
+    producer = Client.from_url(redis_url)
+    start_worker(MODEL, *model_args, "--concurrency", str(_CONCURRENCY))
+    staging = keys.queue_name("staging")  # a queue no worker takes, moved over below
+    jobs = [Job(id=new_job_id(), uri=str(p), model=MODEL, top_k=5) for p in images[:128]]
+    producer.store.create_many(jobs)
+    for start in range(0, len(jobs), 32):
+        ids = [j.id for j in jobs[start : start + 32]]
+        producer.celery.send_task(TASK_NAME, args=[ids], queue=staging, routing_key=staging)
+
+    redis_client.config_resetstat()
+    used = int(redis_client.info("memory")["used_memory"])
+    redis_client.config_set("maxmemory", used - 1024)
+    try:
+        redis_client.rename(staging, keys.queue_name(MODEL))  # RENAME needs no memory
+        wait_until(lambda: _rejected(redis_client, "zadd") >= 3, "unacked bookkeeping refused")
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    records = settle(producer, [j.id for j in jobs])
+
+    tally = account("redis-out-of-memory-pop", redis_client, records)
+    assert (tally.done, tally.failed, tally.lost) == (len(jobs), 0, 0)
     producer.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -225,6 +226,53 @@ def test_invalid_requests_are_422_invalid_request_and_queue_nothing(
     assert reply.status_code == 422
     assert reply.json()["error"]["type"] == InvalidRequest.type
     assert redis.Redis.from_url(stack.redis_url).llen(keys.queue_name(MODEL)) == before
+
+
+@pytest.mark.parametrize(
+    ("field", "body"),
+    [
+        ("top_k", {"uri": "a.jpg", "model": IDLE, "top_k": True}),
+        ("top_k", {"uri": "a.jpg", "model": IDLE, "top_k": "5"}),
+        ("top_k", {"uri": "a.jpg", "model": IDLE, "top_k": 5.0}),
+        ("top_k", {"jobs": [{"uri": "a.jpg"}], "model": IDLE, "top_k": 1e3}),
+        ("uri", {"uri": 5, "model": IDLE}),
+        ("id", {"uri": "a.jpg", "id": 7, "model": IDLE}),
+    ],
+)
+def test_json_of_the_wrong_type_is_refused_naming_the_field_not_converted(
+    stack: Stack, field: str, body: dict[str, object]
+) -> None:
+    reply = stack.http.post("/v1/jobs", json=body)
+
+    assert reply.status_code == 422
+    assert reply.json()["error"]["type"] == InvalidRequest.type
+    assert field in reply.json()["error"]["message"]
+
+
+def test_a_uri_that_is_not_utf8_is_refused(stack: Stack) -> None:
+    body = b'{"uri": "caf\\udce9.jpg", "model": "' + IDLE.encode() + b'"}'
+
+    reply = stack.http.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+
+    assert reply.status_code == 422
+    assert reply.json()["error"]["type"] == InvalidRequest.type
+    assert "uri" in reply.json()["error"]["message"]
+
+
+def test_an_unexpected_failure_is_a_500_in_the_error_shape(stack: Stack) -> None:
+    """A record stored before URIs were checked for UTF-8 cannot be written out as JSON."""
+    record = _job_record("old-latin1", uri="caf\udce9.jpg")
+    redis.Redis.from_url(stack.redis_url).set(keys.job_key("old-latin1"), record)
+
+    reply = stack.http.get("/v1/jobs/old-latin1")
+
+    assert reply.status_code == 500
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.json()["error"]["type"] == "internal"
+
+
+def _job_record(job_id: str, uri: str) -> str:
+    return json.dumps({"id": job_id, "uri": uri, "model": IDLE, "top_k": 1, "status": "queued"})
 
 
 def test_one_bad_uri_refuses_the_whole_batch(stack: Stack) -> None:

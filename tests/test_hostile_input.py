@@ -71,7 +71,11 @@ def _with_body(envelope: dict, body: bytes, content_type: str = "application/jso
 
 
 def _with_task(envelope: dict, task: str) -> str:
-    return json.dumps({**envelope, "headers": {**envelope["headers"], "task": task}})
+    return _with_headers(envelope, task=task)
+
+
+def _with_headers(envelope: dict, **headers: object) -> str:
+    return json.dumps({**envelope, "headers": {**envelope["headers"], **headers}})
 
 
 class _RunsCode:
@@ -107,6 +111,9 @@ def _bad_messages(envelope: dict, marker: Path) -> list[tuple[bytes | str, str]]
         (_with_body(envelope, _call([["a"], ["b"]])), wrong_args),
         (_with_body(envelope, _call([["a"]], {"x": 1})), wrong_args),
         (_with_body(envelope, b'{"args": 1}'), "not [args, kwargs, options]"),
+        # Celery would drop the first silently and hold the second for a year.
+        (_with_headers(envelope, expires="2000-01-01T00:00:00+00:00"), "sets expires="),
+        (_with_headers(envelope, eta="2099-01-01T00:00:00+00:00"), "sets eta="),
     ]
 
 
@@ -136,6 +143,22 @@ def test_garbage_on_the_queue_is_dead_lettered_and_the_worker_keeps_serving(
     records = settle(producer, [j.id for j in producer.submit_many([str(image)] * 3, model=MODEL)])
     assert [r.status for r in records] == ["done"] * 3
     assert worker.proc.poll() is None, worker.log()
+
+
+def test_a_message_of_thousands_of_unknown_ids_writes_one_dead_letter_entry(
+    start_worker, model_args, producer: Client, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    start_worker(MODEL, *model_args, "--allowed-root", str(tmp_path))
+    unknown = [f"unknown-{n}" for n in range(5000)]
+    producer.celery.send_task(TASK_NAME, args=[unknown], queue=keys.queue_name(MODEL))
+
+    (entry,) = _dead_letters(redis_client, 1)
+
+    assert entry["missing"] == 5000 and entry["job_ids"] == unknown[:100]
+    image = tmp_path / "good.jpg"
+    image.write_bytes(small_jpeg())
+    assert settle(producer, [producer.submit(str(image), model=MODEL).id])[0].status == "done"
+    assert redis_client.llen(keys.dead_letter_key()) == 1
 
 
 def _png_claiming(width: int, height: int) -> bytes:

@@ -19,7 +19,7 @@ from typing import Any, TypeGuard
 import redis
 from celery import bootsteps
 
-from contract import keys
+from contract import deadletter
 from contract.messaging import TASK_NAME
 from worker.resilience import retry_redis
 
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # Characters of a rejected message kept in its dead-letter entry.
 MAX_KEPT_CHARS = 10_000
+# Celery message headers that delay or expire a task.
+_TIMING = ("eta", "countdown", "expires")
 
 
 class DeadLetters:
@@ -45,6 +47,7 @@ class DeadLetters:
             return self._checked(channel, parse(response, **options))
 
         channel.client.set_response_callback("BRPOP", checked)
+        _retry_unacked_writes(channel.qos)
 
     def _checked(self, channel: Any, reply: Sequence[bytes | str] | None) -> object:
         """The BRPOP reply, or None (kombu reads it as "nothing popped") for a bad message."""
@@ -57,21 +60,37 @@ class DeadLetters:
         self.record(reason, queue=_text(queue), message=_text(raw))
         return None
 
-    def record(self, reason: str, *, queue: str, message: str, job_id: str | None = None) -> None:
-        """Keep what could not be run: the whole message, or one job ID of it (``job_id``)."""
-        log.error("dead-lettered %s from %s: %s", job_id or "a message", queue, reason)
+    def record(self, reason: str, *, queue: str, message: str, **extra: object) -> None:
+        """Keep what could not be run: the whole message, with ``extra`` fields (the job IDs
+        whose records were missing, say)."""
+        log.error("dead-lettered a message from %s: %s", queue, reason)
         entry = {
             "reason": reason,
             "queue": queue,
             "message": message[:MAX_KEPT_CHARS],
-            **({} if job_id is None else {"job_id": job_id}),
+            **extra,
             "worker": self.worker_id,
             "at": time.time(),
         }
         try:
-            retry_redis(lambda: self.redis.rpush(keys.dead_letter_key(), json.dumps(entry)))
+            retry_redis(lambda: deadletter.append(self.redis, entry))
         except redis.RedisError as e:
-            log.error("could not dead-letter %s (dropped): %s", job_id or "the message", e)
+            log.error("could not dead-letter the message (dropped): %s", e)
+
+
+def _retry_unacked_writes(qos: Any) -> None:
+    """kombu records each popped message as unacked (ZADD, HSET) before Celery runs it; a
+    refused write (out of memory) would raise in the event loop, stop the worker and lose the
+    popped message. Retried instead, until Redis takes it."""
+    append = qos.append
+    if getattr(append, "retried", False):
+        return
+
+    def retried(message: Any, delivery_tag: str) -> None:
+        retry_redis(lambda: append(message, delivery_tag))
+
+    retried.retried = True  # type: ignore[attr-defined]
+    qos.append = retried
 
 
 def rejection(raw: bytes | str, channel: Any) -> str | None:
@@ -95,12 +114,21 @@ def _task_rejection(headers: object, body: object) -> str | None:
     task = headers.get("task") if isinstance(headers, dict) else None
     if task != TASK_NAME:
         return f"unknown task {str(task)[:100]!r}"
+    timed = [f"{k}={str(v)[:40]}" for k in _TIMING if (v := _header(headers, k)) is not None]
+    if timed:
+        # Celery would hold a message with an eta and silently drop an expired one: either way
+        # its jobs would stay queued. The producer never sets these.
+        return f"sets {', '.join(timed)}; jobs are never delayed or expired by their message"
     if not (isinstance(body, list) and len(body) == 3):
         return "body is not [args, kwargs, options]"
     args, kwargs, _ = body
     if kwargs or not isinstance(args, list) or len(args) != 1 or not is_job_ids(args[0]):
         return "arguments are not one list of job ID strings"
     return None
+
+
+def _header(headers: object, name: str) -> object:
+    return headers.get(name) if isinstance(headers, dict) else None
 
 
 def is_job_ids(value: object) -> TypeGuard[list[str]]:

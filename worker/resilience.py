@@ -26,6 +26,19 @@ REDIS_DOWN = (
 )
 
 
+# Replies of a Redis that is busy (a long script), lost its scripts (a restart or SCRIPT FLUSH)
+# or is failing over: the command did not run and may be sent again.
+_TRANSIENT_REPLIES = ("BUSY", "NOSCRIPT", "MASTERDOWN", "TRYAGAIN", "LOADING")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` says Redis could not run the command for now (retry), not that the
+    command or the data is wrong."""
+    if isinstance(error, REDIS_DOWN):
+        return True
+    return isinstance(error, redis.ResponseError) and str(error).startswith(_TRANSIENT_REPLIES)
+
+
 def _log_retry(state: tenacity.RetryCallState) -> None:
     cause = state.outcome.exception() if state.outcome is not None else None
     log.warning("Redis unavailable (%s); retrying", cause)
@@ -33,7 +46,7 @@ def _log_retry(state: tenacity.RetryCallState) -> None:
 
 def retry_redis(call: Callable[[], T]) -> T:
     retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(REDIS_DOWN),
+        retry=tenacity.retry_if_exception(is_transient),
         wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
         before_sleep=_log_retry,
         reraise=True,

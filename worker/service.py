@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import redis
 
-from contract import keys
+from contract import defaults, keys
 from contract.errors import (
     InternalError,
     MalformedMessage,
@@ -22,7 +22,7 @@ from contract.errors import (
     as_service_error,
 )
 from contract.job import ErrorInfo, Job, validate_top_k
-from contract.store import CLAIMED, POISONED, SUSPECT, Claim, JobStore
+from contract.store import CLAIMED, CORRUPT, MISSING, POISONED, SUSPECT, Claim, JobStore
 from worker.deadletter import DeadLetters, is_job_ids
 from worker.decode import (
     JPEG_MAGIC,
@@ -113,9 +113,9 @@ class Service:
         self._dead_letter("arguments are not one list of job ID strings", message)
         raise MalformedMessage(f"message is not a list of job IDs: {message[:200]}")
 
-    def _dead_letter(self, reason: str, message: str, job_id: str | None = None) -> None:
+    def _dead_letter(self, reason: str, message: str, **extra: object) -> None:
         queue = keys.queue_name(self.model)
-        self.dead_letters.record(reason, queue=queue, message=message, job_id=job_id)
+        self.dead_letters.record(reason, queue=queue, message=message, **extra)
 
     def _claim(self, ids: Sequence[str], *, fresh_only: bool) -> list[Claim]:
         claims = retry_redis(
@@ -129,19 +129,27 @@ class Service:
             )
         )
         for claim in claims:
-            self._note_unclaimed(claim, ids)
+            self._note_unclaimed(claim)
+        self._dead_letter_unusable(claims)
         return claims
 
-    def _note_unclaimed(self, claim: Claim, ids: Sequence[str]) -> None:
+    def _note_unclaimed(self, claim: Claim) -> None:
         if claim.state == POISONED and claim.job is not None:
             log.error(
                 "job %s failed as a poison pill after %d attempts", claim.job_id, claim.job.attempts
             )
             self.metrics.finished([claim.job])
-        elif claim.state in ("missing", "corrupt"):
-            log.warning("job %s has no usable record (%s); skipped", claim.job_id, claim.state)
-            reason = f"record {claim.state}"
-            self._dead_letter(reason, json.dumps(list(ids)), job_id=claim.job_id)
+
+    def _dead_letter_unusable(self, claims: Sequence[Claim]) -> None:
+        """One entry per message for its jobs without a usable record, however many."""
+        unusable = [c for c in claims if c.state in (MISSING, CORRUPT)]
+        if not unusable:
+            return
+        counts = {str(s): sum(c.state == s for c in unusable) for s in (MISSING, CORRUPT)}
+        log.warning("%d jobs have no usable record (%s); skipped", len(unusable), counts)
+        ids = [c.job_id for c in unusable[: defaults.DEAD_LETTER_MAX_IDS]]
+        message = json.dumps([c.job_id for c in claims])
+        self._dead_letter("records missing or corrupt", message, job_ids=ids, **counts)
 
     def _start(self, job: Job) -> WorkItem:
         item = WorkItem(job)
