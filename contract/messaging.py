@@ -8,6 +8,7 @@ from __future__ import annotations
 from celery import Celery
 
 from contract import defaults
+from contract.connection import celery_broker
 
 TASK_NAME = "imgcls.classify"
 
@@ -15,8 +16,11 @@ TASK_NAME = "imgcls.classify"
 def make_celery(
     redis_url: str, visibility_timeout_s: int = defaults.VISIBILITY_TIMEOUT_S
 ) -> Celery:
-    """A Celery app on ``redis_url`` with JSON messages, late acks and a bounded redelivery time."""
-    app = Celery("imgcls", broker=redis_url, set_as_current=False)
+    """A Celery app on ``redis_url`` with JSON messages, late acks and a bounded redelivery time.
+
+    ``redis_url`` is any URL ``contract.connection.connect`` takes, ``redis+sentinel://`` too."""
+    broker, sentinel_options = celery_broker(redis_url)
+    app = Celery("imgcls", broker=broker, set_as_current=False)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -46,6 +50,7 @@ def make_celery(
             "socket_keepalive": True,
             "retry_on_timeout": True,
             "health_check_interval": 10,
+            **sentinel_options,
         },
         broker_pool_limit=10,
     )

@@ -8,6 +8,8 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from kombu.exceptions import OperationalError
 
+from contract.connection import connect
+
 # Exit status when Redis cannot be reached (refused, timed out, DNS) or fails a command.
 EXIT_REDIS_UNREACHABLE = 3
 # Exit status when Redis refuses the credentials (wrong or missing password or user).
@@ -45,7 +47,7 @@ def describe(error: BaseException, url: str) -> tuple[int, str]:
 
 def check(url: str, timeout_s: float = CHECK_TIMEOUT_S) -> None:
     """PING ``url`` once (connect and authenticate); raises a Redis error if that fails."""
-    client = redis.Redis.from_url(
+    client = connect(
         url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, retry_on_timeout=False
     )
     try:

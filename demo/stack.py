@@ -18,6 +18,7 @@ from pathlib import Path
 import redis
 
 from contract import registry
+from contract.connection import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 # Linux prctl option that sends the child a signal when its parent exits.
@@ -170,7 +171,7 @@ class WorkerProcess:
         return any(self.worker_id in k for k in registry.live_workers(client, self.model))
 
     def wait_ready(self, timeout: float) -> None:
-        client = redis.Redis.from_url(self.redis_url)
+        client = connect(self.redis_url)
         deadline = time.monotonic() + timeout
         try:
             while not self.ready(client):

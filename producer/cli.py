@@ -20,6 +20,7 @@ import click
 import redis
 
 from contract import deadletter, defaults, redis_errors, registry
+from contract.connection import connect
 from contract.errors import ServiceError
 from contract.job import Job, validate_model_name
 from contract.logs import configure_logging
@@ -547,7 +548,7 @@ def dead_letter_purge(redis_url: str) -> None:
 
 @contextlib.contextmanager
 def _redis(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     try:
         yield client
     finally:

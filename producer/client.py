@@ -12,6 +12,7 @@ import redis
 from celery import Celery
 
 from contract import defaults, keys, registry
+from contract.connection import connect
 from contract.errors import JobFailed, ServiceError, Unavailable, UnsupportedModel
 from contract.job import (
     QUEUED,
@@ -55,7 +56,7 @@ class Client:
 
     @classmethod
     def from_url(cls, redis_url: str = defaults.REDIS_URL, **kwargs: int) -> Client:
-        return cls(redis.Redis.from_url(redis_url), make_celery(redis_url), **kwargs)
+        return cls(connect(redis_url), make_celery(redis_url), **kwargs)
 
     def close(self) -> None:
         self.redis.close()

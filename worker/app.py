@@ -19,6 +19,7 @@ import torch
 from celery import Celery, Task
 
 from contract import defaults, keys, registry
+from contract.connection import connect
 from contract.errors import MalformedMessage
 from contract.messaging import TASK_NAME, make_celery
 from contract.registry import ModelInfo
@@ -106,7 +107,7 @@ def setup(settings: Settings) -> Runtime:
         device,
         time.perf_counter() - started,
     )
-    client = redis.Redis.from_url(settings.redis_url, health_check_interval=10)
+    client = connect(settings.redis_url, health_check_interval=10)
     store = JobStore(client)
     metrics = Metrics(settings.model)
     dead_letters = DeadLetters(client, settings.worker_id)

@@ -129,7 +129,7 @@ def _show_envvars(command: click.Command) -> click.Command:
     "--redis-url",
     envvar="REDIS_URL",
     default=defaults.REDIS_URL,
-    help="Broker and job store; rediss:// and passwords in the URL work.",
+    help="Broker and job store; rediss://, unix://, redis+sentinel://host:port,…/service[/db].",
 )
 @click.option(
     "--batch-size",

@@ -38,12 +38,14 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from tenacity import (
+    RetryCallState,
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
     stop_any,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
 from contract.errors import (
     AccessDenied,
@@ -189,7 +191,7 @@ class Fetcher:
         backoff = wait_random_exponential(multiplier=self.policy.backoff_s, max=MAX_BACKOFF_S)
         return Retrying(
             retry=retry_if_exception_type(Unavailable),
-            stop=stop_any(stop_after_attempt(attempts), lambda _: deadline.expired()),
+            stop=stop_any(stop_after_attempt(attempts), _stop_when(deadline)),
             wait=lambda state: max(0.0, min(backoff(state), deadline.remaining())),
             reraise=True,
         )
@@ -460,3 +462,13 @@ def botocore_error(uri: str, exc: BotoCoreError) -> ServiceError:
     if isinstance(exc, ParamValidationError):
         return InvalidRequest(where)
     return InternalError(where)
+
+
+def _stop_when(deadline: Deadline) -> stop_base:
+    """A tenacity stop condition: the fetch's deadline has passed."""
+
+    class _Expired(stop_base):
+        def __call__(self, retry_state: RetryCallState) -> bool:
+            return deadline.expired()
+
+    return _Expired()

@@ -215,7 +215,7 @@ class PinnedAdapter(HTTPAdapter):
         host_params, pool_kwargs = super().build_connection_pool_key_attributes(
             request, verify, cert
         )
-        pool_kwargs["server_hostname"] = urlsplit("//" + request.headers["Host"]).hostname
+        pool_kwargs["server_hostname"] = urlsplit("//" + str(request.headers["Host"])).hostname
         return host_params, pool_kwargs
 
 
