@@ -23,7 +23,6 @@ from contract.job import Job
 from contract.messaging import make_celery
 from demo.stack import free_port
 from producer.client import Client
-from tests.conftest import RedisServer
 from tests.faults_support import (
     CHUNK,
     MODEL,
@@ -37,7 +36,7 @@ from tests.faults_support import (
     tiny_model_args,
     wait_until,
 )
-from tests.support import write_images
+from tests.support import RedisServer, write_images
 from tests.support_gateway import GatewayProcess
 
 SERVICE = "mymaster"
