@@ -170,7 +170,7 @@ def submit(
     \b
     Exit status:
       0  every job queued (without --wait) or done (with --wait)
-      1  some job failed, or the request was refused (nothing queued)
+      1  some job failed, or a request was refused (nothing more is queued)
       5  some job was still queued or running when --wait ran out
       130  interrupted by Ctrl-C
       2, 3, 4  usage error, Redis unreachable, Redis refused the password
@@ -308,8 +308,14 @@ def result(redis_url: str, wait: float, job_ids: tuple[str, ...]) -> None:
     """Print the records of JOB_IDS, one JSON line each, in order.
 
     An unknown or expired ID prints {"id": ID, "status": null, "error": {"type":
-    "not_found", ...}}. Exit status: 0 all done; 1 some failed or not found; 5 some still
-    queued or running (after --wait); 2, 3, 4 as for submit.
+    "not_found", ...}}.
+
+    \b
+    Exit status:
+      0  every job done
+      1  some job failed or was not found
+      5  some job still queued or running (at the end of --wait)
+      2, 3, 4  usage error, Redis unreachable, Redis refused the password
     """
     report = bulk.Summary()
     client = Client.from_url(redis_url)

@@ -219,3 +219,17 @@ def test_result_of_an_unknown_id_prints_a_not_found_record_and_fails(
     assert records[0]["id"] == "known" and records[0]["status"] == "failed"
     assert records[1]["id"] == "never-submitted" and records[1]["status"] is None
     assert records[1]["error"]["type"] == "not_found"
+
+
+@pytest.mark.parametrize("command", ["submit", "result"])
+def test_help_documents_the_exit_statuses(command: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "producer", command, "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
+
+    assert "Exit status" in run.stdout
+    assert all(f"{code} " in run.stdout for code in ("0", "1", "5"))
