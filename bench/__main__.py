@@ -26,7 +26,9 @@ from bench.config import (
 from bench.images import IMAGE_SETS
 from bench.mixed_images import ALL_IMAGE_SETS
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Where results go by default, under the working directory. bench/results/ in the repository
+# is the record of past runs, copied there by hand; a run never writes into the package.
+OUT_DIR = Path("bench-results")
 
 
 def _list(text: str) -> tuple[str, ...]:
@@ -51,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     every = ",".join(STAGES + EXTRA_STAGES)
     p.add_argument("--stages", type=_list, default=STAGES, help=f"subset of {every}")
     p.add_argument("--label", help="names the results file [default: host name]")
-    p.add_argument("--out", type=Path, help="JSON path [default: bench/results/LABEL.json]")
+    p.add_argument("--out", type=Path, help=f"JSON path [default: ./{OUT_DIR}/LABEL.json]")
     p.add_argument("--image-dir", type=Path, help="keep generated images here and reuse them")
     p.add_argument("--log-dir", type=Path, help="keep worker logs here")
     w = p.add_argument_group("worker options (same for the in-process ceiling and the workers)")
@@ -127,7 +129,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     scale_out = tuple(sorted(set(args.scale_out or ()) | {args.workers}))
     return BenchConfig(
         label=label,
-        out=args.out or RESULTS / f"{label}.json",
+        out=args.out or Path.cwd() / OUT_DIR / f"{label}.json",
         models=args.models or ((QUICK_MODEL,) if args.quick else MODELS),
         image_sets=args.images,
         stages=tuple(s for s in every if s in args.stages),

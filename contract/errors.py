@@ -53,6 +53,12 @@ class InvalidRequest(ServiceError):
     type = "invalid_request"
 
 
+class IdConflict(ServiceError):
+    """A job ID that already exists was submitted again with a different request."""
+
+    type = "conflict"
+
+
 class Unavailable(ServiceError):
     """A source timed out, throttled or answered 5xx, and retries with backoff did not help."""
 

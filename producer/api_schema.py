@@ -158,6 +158,47 @@ class ErrorOut(BaseModel):
     error: ErrorBody
 
 
+# Each field's rule in words, for a refusal that would otherwise quote a pattern or a bound.
+_ID_RULE = (
+    f"must be 1 to {defaults.MAX_JOB_ID_LEN} characters of letters, digits, '.', '_', ':' and "
+    "'-', starting with a letter or digit"
+)
+RULES = {
+    "id": _ID_RULE,
+    "job_id": _ID_RULE,
+    "uri": f"must be a local path or an s3://, http://, https:// or file:// URI, of at most "
+    f"{defaults.MAX_URI_LEN} characters",
+    "model": "must be 1 to 100 characters of letters, digits, '.', '_' and '-', starting with a "
+    "letter or digit",
+    "top_k": f"must be an integer from 1 to {defaults.MAX_TOP_K}",
+    "jobs": f"must list 1 to {MAX_JOBS_PER_REQUEST} jobs",
+}
+# pydantic's error types that quote a field's constraint (a pattern, a length, a bound).
+_CONSTRAINT_ERRORS = {
+    "string_pattern_mismatch",
+    "string_too_short",
+    "string_too_long",
+    "greater_than_equal",
+    "less_than_equal",
+    "too_short",
+    "too_long",
+}
+
+
+def describe_problem(problem: Any) -> str:
+    """One validation error as ``field: rule in words``, e.g. ``jobs.0.id: must be ...``."""
+    loc = [str(p) for p in problem["loc"]]
+    parts = loc[1:] if loc and loc[0] in ("body", "path", "query") else loc
+    if loc[:1] == ["body"] and parts[:1] in (["one"], ["many"]):
+        parts = parts[1:]  # the body's shape, not a field
+    name = parts[-1] if parts else ""
+    if problem["type"] in _CONSTRAINT_ERRORS and name in RULES:
+        rule = RULES[name]
+    else:
+        rule = problem["msg"].removeprefix("Value error, ")
+    return f"{'.'.join(parts) or 'body'}: {rule}"
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for error codes, all with the ``{"error": {type, message}}`` body."""
     return {code: {"model": ErrorOut} for code in codes}

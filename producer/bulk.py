@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from contract.errors import InvalidRequest, NotFound
-from contract.job import DONE, FAILED, Job
-from producer.client import Client
+from contract.job import DONE, FAILED, QUEUED, RUNNING, Job
 
-# Seconds between progress updates while waiting for results.
-PROGRESS_STEP_S = 1.0
+# Exit statuses of `submit` and `result` (2 is click's usage error; 3 and 4 are Redis's, in
+# contract.redis_errors). 1 also means a request was refused before anything was queued.
+EXIT_DONE = 0
+EXIT_FAILED = 1
+EXIT_UNFINISHED = 5
+EXIT_INTERRUPTED = 130
+# The status counted for an ID with no record (never submitted, or expired).
+MISSING = "missing"
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -45,24 +50,26 @@ def s3_uris(prefix_uri: str, s3_client: Any | None = None) -> Iterator[str]:
         raise NotFound(f"cannot list {prefix_uri}: {e}") from e
 
 
-def wait_with_progress(
-    client: Client, job_ids: Sequence[str], timeout: float, advance: Callable[[int], object]
-) -> list[Job | None]:
-    """Like ``Client.wait_many``, calling ``advance(n)`` as ``n`` more jobs become final."""
-    latest: dict[str, Job | None] = {}
-    pending = list(dict.fromkeys(job_ids))
-    deadline = time.monotonic() + timeout
-    while pending:
-        left = deadline - time.monotonic()
-        step = max(0.0, min(PROGRESS_STEP_S, left))
-        found = client.wait_many(pending, step)
-        latest.update(zip(pending, found, strict=True))
-        still = [i for i, job in zip(pending, found, strict=True) if job and not job.is_final]
-        advance(len(pending) - len(still))
-        pending = still
-        if left <= step:
-            break
-    return [latest.get(i) for i in job_ids]
+def record(job_id: str, job: Job | None) -> dict[str, Any]:
+    """The JSON line printed for a job: its record, or a ``not_found`` record naming the ID."""
+    if job is not None:
+        return job.to_dict()
+    message = f"no job {job_id!r} (never submitted, or its record expired)"
+    return {"id": job_id, "status": None, "error": {"type": NotFound.type, "message": message}}
+
+
+def in_input_order(
+    job_ids: Iterable[str], finished: Iterable[tuple[str, Job | None]]
+) -> Iterator[tuple[str, Job | None]]:
+    """``finished`` reordered as ``job_ids``: each one as soon as every earlier one has come."""
+    order = iter(dict.fromkeys(job_ids))
+    held: dict[str, Job | None] = {}
+    head = next(order, None)
+    for job_id, job in finished:
+        held[job_id] = job
+        while head is not None and head in held:
+            yield head, held.pop(head)
+            head = next(order, None)
 
 
 @dataclass
@@ -77,12 +84,22 @@ class Summary:
 
     def add(self, jobs: Iterable[Job | None]) -> None:
         for job in jobs:
-            self.statuses[job.status if job else "missing"] += 1
+            self.statuses[job.status if job else MISSING] += 1
             if job is not None and job.error is not None:
                 self.errors[job.error.type] += 1
 
     def stop(self) -> None:
         self.seconds = time.monotonic() - self.started
+
+    def exit_status(self, waited: bool) -> int:
+        """Unfinished jobs (after a wait) come first, then failed or missing ones."""
+        if not waited:
+            return EXIT_DONE
+        if self.statuses[QUEUED] + self.statuses[RUNNING]:
+            return EXIT_UNFINISHED
+        if self.statuses[FAILED] + self.statuses[MISSING]:
+            return EXIT_FAILED
+        return EXIT_DONE
 
     @property
     def rate(self) -> float:

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -21,7 +22,7 @@ import redis
 
 from contract import deadletter, defaults, redis_errors, registry
 from contract.connection import connect
-from contract.errors import ServiceError
+from contract.errors import ServiceError, Unavailable
 from contract.job import Job, validate_model_name
 from contract.logs import configure_logging
 from producer import bulk, export
@@ -87,7 +88,9 @@ def main() -> None:
     """Submit images for classification and read their results.
 
     Exit status: 0 on success; 1 when a request is refused (an unsupported model, an invalid
-    URI); 2 for a usage error; 3 when Redis is unreachable; 4 when Redis refuses the password.
+    URI, an ID taken by another request) or a job failed; 2 for a usage error; 3 when Redis is
+    unreachable; 4 when Redis refuses the password; 5 when jobs were unfinished at the end of
+    --wait; 130 on Ctrl-C (submit prints every queued job first).
     """
 
 
@@ -104,7 +107,13 @@ def main() -> None:
     "--wait",
     type=float,
     default=None,
-    help="Wait up to this many seconds and print each job's final state.",
+    help="Wait up to this many seconds, printing each job's record as it becomes final "
+    "(in the order they finish); the unfinished ones follow at the timeout.",
+)
+@click.option(
+    "--ordered/--unordered",
+    default=False,
+    help="With --wait, print in input order: each record once every earlier one is final.",
 )
 @click.option(
     "--file",
@@ -139,6 +148,7 @@ def submit(
     model: str,
     top_k: int,
     wait: float | None,
+    ordered: bool,
     from_file: IO[str] | None,
     s3_prefix: str | None,
     chunk_size: int,
@@ -150,43 +160,138 @@ def submit(
 ) -> None:
     """Queue one job per URI (a path, s3://bucket/key or http(s)://); print their records.
 
-    Prints one JSON record per line, in input order: as queued, or final with --wait.
-    URIS may be '-' to read them from standard input.
+    Prints one JSON record per line: as queued, in input order; or with --wait, each once
+    final. URIS may be '-' to read them from standard input. A relative path is made
+    absolute against the current directory before it is queued.
+
+    Ctrl-C stops submitting and waiting (the jobs keep running) after printing the record
+    of every job queued so far; a second Ctrl-C aborts at once.
+
+    \b
+    Exit status:
+      0  every job queued (without --wait) or done (with --wait)
+      1  some job failed, or a request was refused (nothing more is queued)
+      5  some job was still queued or running when --wait ran out
+      130  interrupted by Ctrl-C
+      2, 3, 4  usage error, Redis unreachable, Redis refused the password
     """
     configure_logging(log_level, log_json)
     report = bulk.Summary()
+    printer = _Printer(report)
     client = Client.from_url(redis_url, chunk_size=chunk_size)
-    try:
-        jobs = client.iter_submit(_uris(uris, from_file, s3_prefix), model=model, top_k=top_k)
-        records: Iterable[Job | None] = _counted(_bar(jobs, progress, "queued"), report)
-        if wait is not None:
-            records = _waited(client, [j.id for j in records if j is not None], wait, progress)
-        _print(records, report)
-    except ServiceError as e:
-        _fail(e, log_json)
-    finally:
-        client.close()
+    with _first_sigint_stops() as interrupted:
+        try:
+            requests = _uris(uris, from_file, s3_prefix)
+            _queue(client, requests, model, top_k, printer, wait is None, progress, interrupted)
+            if wait is not None:
+                _print_finals(client, printer, wait, ordered, progress, interrupted)
+        except ServiceError as e:
+            _fail(e, log_json)
+        finally:
+            printer.rest(client)
+            client.close()
     report.stop()
     log.info("submitted %d jobs to %s", report.submitted, model, extra=report.to_dict())
     if summary:
         click.echo(json.dumps(report.to_dict()) if log_json else report.text(), err=True)
+    code = bulk.EXIT_INTERRUPTED if interrupted() else report.exit_status(wait is not None)
+    click.get_current_context().exit(code)
 
 
-def _counted(jobs: Iterable[Job], report: bulk.Summary) -> Iterator[Job]:
-    for job in jobs:
-        report.submitted += 1
-        yield job
+class _Printer:
+    """Prints one JSON line per job and remembers the queued jobs it has not printed yet, so
+    that a run cut short still prints every job ID it queued."""
+
+    def __init__(self, report: bulk.Summary) -> None:
+        self.report = report
+        self.unprinted: dict[str, None] = {}
+
+    def queued(self, jobs: list[Job], show: bool) -> None:
+        self.report.submitted += len(jobs)
+        for job in jobs:
+            if show:
+                self.line(job.id, job)
+            else:
+                self.unprinted[job.id] = None
+
+    def line(self, job_id: str, job: Job | None) -> None:
+        self.unprinted.pop(job_id, None)
+        click.echo(json.dumps(bulk.record(job_id, job)))
+        self.report.add([job])
+
+    def rest(self, client: Client) -> None:
+        """Print the jobs not printed yet as they are now; as unreadable if Redis fails."""
+        ids = list(self.unprinted)
+        try:
+            for chunk in export.chunks(iter(ids)):
+                for job_id, job in zip(chunk, client.get_many(chunk), strict=True):
+                    self.line(job_id, job)
+        except redis_errors.REDIS_ERRORS as e:
+            for job_id in list(self.unprinted):
+                message = f"queued, but its record could not be read: {e}"
+                error = {"type": Unavailable.type, "message": message}
+                click.echo(json.dumps({"id": job_id, "status": None, "error": error}))
+            self.unprinted.clear()
+            raise
 
 
-def _waited(client: Client, ids: list[str], wait: float, progress: bool) -> list[Job | None]:
-    if not progress:
-        return client.wait_many(ids, wait)
-    with _tqdm(len(ids), "finished") as bar:
-        return bulk.wait_with_progress(client, ids, wait, bar.update)
+def _queue(
+    client: Client,
+    requests: Iterable[SubmitRequest],
+    model: str,
+    top_k: int,
+    printer: _Printer,
+    show: bool,
+    progress: bool,
+    interrupted: Callable[[], bool],
+) -> None:
+    """Submit batch by batch, stopping between batches on Ctrl-C."""
+    bar = _tqdm(None, "queued") if progress else None
+    for jobs in client.iter_submit_batches(requests, model=model, top_k=top_k):
+        printer.queued(jobs, show)
+        if bar is not None:
+            bar.update(len(jobs))
+        if interrupted():
+            break
+    if bar is not None:
+        bar.close()
 
 
-def _bar(jobs: Iterable[Job], progress: bool, what: str) -> Iterable[Job]:
-    return _tqdm(None, what, jobs) if progress else jobs
+def _print_finals(
+    client: Client,
+    printer: _Printer,
+    wait: float,
+    ordered: bool,
+    progress: bool,
+    interrupted: Callable[[], bool],
+) -> None:
+    ids = list(printer.unprinted)
+    finals = client.as_finished(ids, wait, stop=interrupted)
+    if ordered:
+        finals = bulk.in_input_order(ids, finals)
+    if progress:
+        finals = _tqdm(len(ids), "finished", finals)
+    for job_id, job in finals:
+        printer.line(job_id, job)
+
+
+@contextlib.contextmanager
+def _first_sigint_stops() -> Iterator[Callable[[], bool]]:
+    """The first Ctrl-C only sets a flag, which the command checks between batches and at least
+    once a second while waiting; a second one raises KeyboardInterrupt at once."""
+    hits: list[int] = []
+
+    def handle(signum: int, _: object) -> None:
+        hits.append(signum)
+        if len(hits) > 1:
+            raise KeyboardInterrupt
+        click.echo("interrupted: printing every queued job's record (they keep running)", err=True)
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _tqdm(total: int | None, what: str, items: Iterable[Any] | None = None) -> Any:
@@ -200,12 +305,27 @@ def _tqdm(total: int | None, what: str, items: Iterable[Any] | None = None) -> A
 @click.option("--wait", type=float, default=0.0, help="Wait up to this many seconds for each.")
 @click.argument("job_ids", nargs=-1, required=True)
 def result(redis_url: str, wait: float, job_ids: tuple[str, ...]) -> None:
-    """Print the records of JOB_IDS (null for an unknown or expired ID)."""
+    """Print the records of JOB_IDS, one JSON line each, in order.
+
+    An unknown or expired ID prints {"id": ID, "status": null, "error": {"type":
+    "not_found", ...}}.
+
+    \b
+    Exit status:
+      0  every job done
+      1  some job failed or was not found
+      5  some job still queued or running (at the end of --wait)
+      2, 3, 4  usage error, Redis unreachable, Redis refused the password
+    """
+    report = bulk.Summary()
     client = Client.from_url(redis_url)
     try:
-        _print(client.wait_many(list(job_ids), wait))
+        for job_id, job in zip(job_ids, client.wait_many(list(job_ids), wait), strict=True):
+            click.echo(json.dumps(bulk.record(job_id, job)))
+            report.add([job])
     finally:
         client.close()
+    click.get_current_context().exit(report.exit_status(waited=True))
 
 
 @main.command("export")
@@ -478,13 +598,6 @@ def _uris(
             yield SubmitRequest(uri.strip())
     for uri in listed:
         yield SubmitRequest(uri)
-
-
-def _print(jobs: Iterable[Job | None], report: bulk.Summary | None = None) -> None:
-    for job in jobs:
-        click.echo(json.dumps(None if job is None else job.to_dict()))
-        if report is not None:
-            report.add([job])
 
 
 def _fail(e: ServiceError, log_json: bool) -> None:

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from celery import Celery
 
 from contract import defaults, keys, registry
 from contract.connection import connect
-from contract.errors import JobFailed, ServiceError, Unavailable, UnsupportedModel
+from contract.errors import IdConflict, JobFailed, ServiceError, Unavailable, UnsupportedModel
 from contract.job import (
     QUEUED,
+    URI_SCHEME,
     ErrorInfo,
     Job,
     Prediction,
@@ -39,7 +42,12 @@ class SubmitRequest:
 
 
 class Client:
-    """Talks to one Redis: job records through ``JobStore``, queue messages through Celery."""
+    """Talks to one Redis: job records through ``JobStore``, queue messages through Celery.
+
+    A bare local path (no scheme) is made absolute against this process's working directory
+    before it is queued, as the worker's directory means nothing to the caller; the gateway,
+    whose directory means nothing to its callers either, passes ``absolute_paths=False``.
+    """
 
     def __init__(
         self,
@@ -48,14 +56,16 @@ class Client:
         *,
         ttl_s: int = defaults.JOB_TTL_S,
         chunk_size: int = defaults.CHUNK_SIZE,
+        absolute_paths: bool = True,
     ) -> None:
         self.redis = connection
         self.celery = celery
         self.store = JobStore(connection, ttl_s)
         self.chunk_size = chunk_size
+        self.absolute_paths = absolute_paths
 
     @classmethod
-    def from_url(cls, redis_url: str = defaults.REDIS_URL, **kwargs: int) -> Client:
+    def from_url(cls, redis_url: str = defaults.REDIS_URL, **kwargs: Any) -> Client:
         return cls(connect(redis_url), make_celery(redis_url), **kwargs)
 
     def close(self) -> None:
@@ -81,7 +91,8 @@ class Client:
     ) -> list[Job]:
         """Enqueue every request; returns the records in input order.
 
-        An ID that already exists is not queued again: its current record is returned instead.
+        An ID that already exists is not queued again: its current record is returned instead
+        when the request is the same (uri, model, top_k); else ``IdConflict`` is raised.
         """
         return list(self.iter_submit(requests, model=model, top_k=top_k))
 
@@ -93,10 +104,22 @@ class Client:
         top_k: int = defaults.TOP_K,
     ) -> Iterator[Job]:
         """Like ``submit_many`` but streams, so a backlog of millions never sits in memory."""
+        for batch in self.iter_submit_batches(requests, model=model, top_k=top_k):
+            yield from batch
+
+    def iter_submit_batches(
+        self,
+        requests: Iterable[SubmitRequest | str],
+        *,
+        model: str = defaults.MODEL,
+        top_k: int = defaults.TOP_K,
+    ) -> Iterator[list[Job]]:
+        """Like ``iter_submit``, one list per write batch: each list is queued as a whole, so a
+        caller that stops between lists (on Ctrl-C) knows every job it queued."""
         self.check_model(model, top_k)
         it = iter(requests)
         while batch := list(itertools.islice(it, _WRITE_BATCH)):
-            yield from self._submit_batch(batch, model, top_k)
+            yield self._submit_batch(batch, model, top_k)
 
     def check_model(self, model: str, top_k: int) -> None:
         """Refuse, before anything is queued, a model no worker serves or a top_k it cannot give."""
@@ -113,15 +136,39 @@ class Client:
 
     def _submit_batch(self, batch: list[SubmitRequest | str], model: str, top_k: int) -> list[Job]:
         now = time.time()
-        jobs = [_new_job(r, model, top_k, now) for r in batch]
+        jobs = [self._new_job(r, model, top_k, now) for r in batch]
+        self._refuse_conflicts(jobs, [j for j, r in zip(jobs, batch, strict=True) if _named(r)])
         created = self.store.create_many(jobs)
         fresh = [j for j, c in zip(jobs, created, strict=True) if c]
         self._enqueue(fresh)
         if len(fresh) == len(jobs):
             return jobs
-        old = [j.id for j, c in zip(jobs, created, strict=True) if not c]
-        existing = {j.id: j for j in self.store.get_many(old) if j is not None}
+        old = [j for j, c in zip(jobs, created, strict=True) if not c]
+        existing = self._existing(old)
+        # Only a submission racing this one gets here with a conflict; the fresh jobs are queued.
+        _raise_on_conflict(old, existing)
         return [j if c else existing.get(j.id, j) for j, c in zip(jobs, created, strict=True)]
+
+    def _new_job(self, request: SubmitRequest | str, model: str, top_k: int, now: float) -> Job:
+        if isinstance(request, str):
+            request = SubmitRequest(request)
+        uri = absolute_uri(request.uri) if self.absolute_paths else request.uri
+        job_id = new_job_id() if request.job_id is None else validate_job_id(request.job_id)
+        return Job(id=job_id, uri=validate_uri(uri), model=model, top_k=top_k, submitted=now)
+
+    def _refuse_conflicts(self, jobs: list[Job], named: list[Job]) -> None:
+        """Refuse the whole batch, before anything is written, if a caller-chosen ID is taken
+        by a different request (in Redis, or earlier in the same batch)."""
+        if not named:
+            return
+        seen: dict[str, Job] = {}
+        for job in jobs:
+            _raise_on_conflict([job], seen)
+            seen.setdefault(job.id, job)
+        _raise_on_conflict(named, self._existing(named))
+
+    def _existing(self, jobs: Sequence[Job]) -> dict[str, Job]:
+        return {j.id: j for j in self.store.get_many([j.id for j in jobs]) if j is not None}
 
     def resend(self, job_ids: Sequence[str]) -> list[str]:
         """Send the jobs of ``job_ids`` that are still queued again; returns their IDs.
@@ -187,6 +234,48 @@ class Client:
             pubsub.close()
         return [latest.get(i) for i in job_ids]
 
+    def as_finished(
+        self, job_ids: Sequence[str], timeout: float, *, stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[tuple[str, Job | None]]:
+        """Yield ``(id, record)`` for each job as it becomes final, in the order they finish.
+
+        A missing record (never submitted, or expired) counts as final, with ``None``. After
+        ``timeout`` seconds, or once ``stop()`` is true (checked at least every recheck
+        interval), the jobs not final yet follow, in input order, with their latest records.
+        """
+        pending = list(dict.fromkeys(job_ids))
+        deadline = time.monotonic() + timeout
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(keys.finished_channel())
+            pending = yield from self._yield_final(pending)
+            while pending and not stop() and (left := deadline - time.monotonic()) > 0:
+                message = pubsub.get_message(timeout=min(defaults.WAIT_RECHECK_S, left))
+                if message is None:
+                    pending = yield from self._yield_final(pending)
+                    continue
+                announced = set(json.loads(message["data"]))
+                if any(i in announced for i in pending):
+                    pending = yield from self._yield_final(pending, announced)
+        finally:
+            pubsub.close()
+        yield from self._yield_final(pending, last=True)
+
+    def _yield_final(
+        self, pending: list[str], only: set[str] | None = None, last: bool = False
+    ) -> Generator[tuple[str, Job | None], None, list[str]]:
+        """Re-read ``pending`` (or those of it in ``only``); yield the final ones (every one when
+        ``last``); return those still pending."""
+        latest: dict[str, Job | None] = {}
+        self._refresh([i for i in pending if only is None or i in only], latest)
+        still = []
+        for job_id in pending:
+            if job_id in latest and (last or _final(latest[job_id])):
+                yield job_id, latest[job_id]
+            else:
+                still.append(job_id)
+        return still
+
     def _refresh(self, job_ids: list[str], latest: dict[str, Job | None]) -> list[str]:
         """Re-read ``job_ids`` into ``latest``; returns those not final yet (missing IDs are)."""
         still = []
@@ -214,8 +303,28 @@ def _final(job: Job | None) -> bool:
     return job is None or job.is_final
 
 
-def _new_job(request: SubmitRequest | str, model: str, top_k: int, now: float) -> Job:
-    if isinstance(request, str):
-        request = SubmitRequest(request)
-    job_id = new_job_id() if request.job_id is None else validate_job_id(request.job_id)
-    return Job(id=job_id, uri=validate_uri(request.uri), model=model, top_k=top_k, submitted=now)
+def absolute_uri(uri: str) -> str:
+    """A bare relative path joined to the working directory; anything with a scheme (s3://,
+    http(s)://, file://) and absolute paths unchanged. Nothing is resolved or normalised."""
+    if not isinstance(uri, str) or URI_SCHEME.match(uri) or os.path.isabs(uri) or not uri.strip():
+        return uri
+    return os.path.join(os.getcwd(), uri)
+
+
+def _named(request: SubmitRequest | str) -> bool:
+    return isinstance(request, SubmitRequest) and request.job_id is not None
+
+
+def _same_request(a: Job, b: Job) -> bool:
+    return (a.uri, a.model, a.top_k) == (b.uri, b.model, b.top_k)
+
+
+def _raise_on_conflict(jobs: Iterable[Job], existing: dict[str, Job]) -> None:
+    for job in jobs:
+        old = existing.get(job.id)
+        if old is not None and not _same_request(job, old):
+            raise IdConflict(
+                f"job ID {job.id!r} already exists for a different request "
+                f"(uri {old.uri!r}, model {old.model!r}, top_k {old.top_k}); "
+                "resubmit it unchanged to read it, or choose another ID"
+            )

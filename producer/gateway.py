@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from contract import defaults, registry
 from contract.errors import (
     AccessDenied,
+    IdConflict,
     InternalError,
     InvalidRequest,
     NotFound,
@@ -43,6 +44,7 @@ from producer.api_schema import (
     ModelList,
     Submission,
     SubmitOne,
+    describe_problem,
     error_responses,
 )
 from producer.client import Client, SubmitRequest
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1024 * 1024
 # Longest long-poll a GET may ask for, in seconds.
 MAX_WAIT_S = 60.0
+# Where /docs loads Swagger UI's JavaScript and CSS from: the gateway itself.
+DOCS_ASSETS = "/docs/assets"
 
 # HTTP status for each error type; anything else is a 500.
 _HTTP_STATUS = {
@@ -62,6 +66,7 @@ _HTTP_STATUS = {
     NotFound.type: 404,
     AccessDenied.type: 401,
     TooLarge.type: 413,
+    IdConflict.type: 409,
     "unavailable": 503,
 }
 
@@ -167,9 +172,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         problems = exc.errors()
-        message = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in problems[:5]
-        )
+        message = "; ".join(describe_problem(e) for e in problems[:5])
         malformed = any(e["type"] == "json_invalid" for e in problems)
         return _error_response(InvalidRequest(message), 400 if malformed else 422)
 
@@ -244,9 +247,15 @@ def _token_checker(token: str) -> Callable[..., Awaitable[None]]:
     return check
 
 
-@router.post("/jobs", status_code=202, response_model=JobOut | JobList)
+@router.post(
+    "/jobs", status_code=202, response_model=JobOut | JobList, responses=error_responses(409)
+)
 def submit(body: Submission, client: ClientDep) -> dict[str, Any]:
-    """Queue one job, or many for one model; returns the records in request order."""
+    """Queue one job, or many for one model; returns the records in request order.
+
+    An ``id`` that exists already answers its record when the request (uri, model, top_k) is
+    the same, and 409 ``conflict`` when it is not; then nothing of the request is queued.
+    """
     if isinstance(body, SubmitOne):
         job = client.submit(body.uri, model=body.model, top_k=body.top_k, job_id=body.id)
         return job.to_dict()
@@ -317,6 +326,26 @@ def _health_routes(app: FastAPI) -> None:
         return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
+def _docs_routes(app: FastAPI) -> None:
+    """Swagger UI at /docs from the gateway itself (swagger-ui-bundle's files): no CDN, so it
+    works with no internet."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
+
+
 # -- the app -----------------------------------------------------------------------------
 
 
@@ -327,7 +356,10 @@ def create_app(
     """The gateway app; ``client_factory`` lets tests hand in their own ``Client``."""
     settings = settings or GatewaySettings()
     factory = client_factory or (
-        lambda: Client.from_url(settings.redis_url, chunk_size=settings.chunk_size)
+        # A relative path means nothing relative to the gateway's directory: queued as given.
+        lambda: Client.from_url(
+            settings.redis_url, chunk_size=settings.chunk_size, absolute_paths=False
+        )
     )
 
     @asynccontextmanager
@@ -350,10 +382,13 @@ def create_app(
         version="1",
         summary="Queue images for classification and read their top-k labels.",
         lifespan=lifespan,
+        docs_url=None,  # served by _docs_routes, from local files
+        redoc_url=None,  # ReDoc would load from a CDN
     )
     auth = [Security(_token_checker(settings.token))] if settings.token else []
     app.include_router(router, dependencies=auth, responses=error_responses(401) if auth else None)
     _health_routes(app)
+    _docs_routes(app)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(InternalErrors)

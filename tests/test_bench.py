@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bench.latency import percentile
 from bench.report import markdown
 
@@ -103,3 +105,15 @@ def test_percentile_interpolates_between_ranks_like_numpy() -> None:
     assert percentile(values, 50) == 3.0
     assert percentile(values, 0) == 1.0 and percentile(values, 100) == 5.0
     assert math.isclose(percentile(values, 99), 4.96)
+
+
+def test_results_go_to_the_working_directory_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench.__main__ import build_config, parser
+
+    monkeypatch.chdir(tmp_path)
+
+    cfg = build_config(parser().parse_args(["--quick", "--label", "here"]))
+
+    assert cfg.out == tmp_path / "bench-results" / "here.json"

@@ -75,12 +75,13 @@ def test_submit_from_stdin_waits_and_summarises_by_error_type(served: Served) ->
         "-",
         "--wait",
         "60",
+        "--ordered",
         "--progress",
         "--summary",
         stdin="\n".join(uris) + "\n",
     )
 
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 1, run.stderr  # one job failed
     records = [json.loads(line) for line in run.stdout.splitlines()]
     assert [r["uri"] for r in records] == uris  # input order, one JSON record per line
     assert [r["status"] for r in records] == ["done", "done", "done", "failed"]
@@ -104,7 +105,7 @@ def test_summary_and_logs_are_json_lines_with_log_json(served: Served) -> None:
         served.missing,
     )
 
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 1, run.stderr  # one job failed
     lines = [json.loads(line) for line in run.stderr.splitlines()]
     summary = next(line for line in lines if "img_per_s" in line and "message" not in line)
     assert summary["done"] == 1 and summary["failed_by_type"] == {"not_found": 1}
@@ -187,6 +188,7 @@ def test_export_writes_jsonl_and_csv_from_submit_output(served: Served, tmp_path
     submitted = producer(
         served.redis_url, "submit", "--model", MODEL, "--wait", "60", *served.images[:2]
     )
+    assert submitted.returncode == 0, submitted.stderr  # every job done
     submitted_file = tmp_path / "submitted.jsonl"
     submitted_file.write_text(submitted.stdout)
     records = [json.loads(line) for line in submitted.stdout.splitlines()]

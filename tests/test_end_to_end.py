@@ -257,12 +257,13 @@ def test_the_cli_submits_waits_and_prints_one_record_per_line_in_order(env: dict
         str(env["data"] / "missing.jpg"),
         str(env["images"]["photo0"]),
     ]
-    out = _cli(env, "submit", "--model", "resnet18", "--top-k", "3", "--wait", "60", *uris)
+    args = ("--model", "resnet18", "--top-k", "3", "--wait", "60", "--ordered", *uris)
+    out = _cli(env, "submit", *args, code=1)  # one job failed
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["uri"] for r in records] == uris
     assert [r["status"] for r in records] == ["done", "failed", "done"]
     assert len(records[0]["predictions"]) == 3
-    again = _cli(env, "result", records[0]["id"], records[1]["id"])
+    again = _cli(env, "result", records[0]["id"], records[1]["id"], code=1)
     assert [json.loads(line) for line in again.splitlines()] == records[:2]
 
 
@@ -272,7 +273,7 @@ def test_the_cli_reads_uris_from_standard_input(env: dict) -> None:
     assert [json.loads(line)["status"] for line in out.splitlines()] == ["done", "done"]
 
 
-def _cli(env: dict, *args: str, stdin: str | None = None) -> str:
+def _cli(env: dict, *args: str, stdin: str | None = None, code: int = 0) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "producer", *args],
         input=stdin,
@@ -283,5 +284,5 @@ def _cli(env: dict, *args: str, stdin: str | None = None) -> str:
         timeout=120,
         check=False,
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == code, result.stderr
     return result.stdout

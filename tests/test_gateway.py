@@ -110,16 +110,41 @@ def test_many_jobs_keep_request_order_and_failures_carry_the_python_error_contra
     assert finals[-1]["error"]["type"] == "not_found"
 
 
-def test_resubmitting_an_id_returns_the_existing_record(stack: Stack) -> None:
+def test_resubmitting_an_id_returns_the_existing_record_or_409_for_another_request(
+    stack: Stack,
+) -> None:
     body = {"uri": str(stack.images[1]), "id": "same-id", "model": MODEL}
     first = stack.http.post("/v1/jobs", json=body).json()
     stack.http.get("/v1/jobs/same-id", params={"wait": 30})
 
-    again = stack.http.post("/v1/jobs", json={**body, "uri": str(stack.images[2])})
+    again = stack.http.post("/v1/jobs", json=body)
+    other = stack.http.post("/v1/jobs", json={**body, "uri": str(stack.images[2])})
+    other_k = stack.http.post("/v1/jobs", json={**body, "top_k": 2})
 
     assert again.status_code == 202
-    assert again.json()["uri"] == first["uri"]
-    assert again.json()["status"] == "done"
+    assert again.json()["uri"] == first["uri"] and again.json()["status"] == "done"
+    for refused in (other, other_k):
+        assert refused.status_code == 409
+        assert refused.json()["error"]["type"] == "conflict"
+        assert "same-id" in refused.json()["error"]["message"]
+
+
+def test_a_conflicting_id_refuses_the_whole_batch(stack: Stack) -> None:
+    stack.http.post("/v1/jobs", json={"uri": "held.jpg", "id": "held", "model": IDLE})
+    before = redis.Redis.from_url(stack.redis_url).llen(keys.queue_name(IDLE))
+    jobs = [{"uri": "fresh.jpg", "id": "fresh"}, {"uri": "other.jpg", "id": "held"}]
+
+    reply = stack.http.post("/v1/jobs", json={"jobs": jobs, "model": IDLE})
+
+    assert reply.status_code == 409 and reply.json()["error"]["type"] == "conflict"
+    assert stack.http.get("/v1/jobs/fresh").status_code == 404
+    assert redis.Redis.from_url(stack.redis_url).llen(keys.queue_name(IDLE)) == before
+
+
+def test_a_relative_path_is_queued_as_given_over_http(stack: Stack) -> None:
+    reply = stack.http.post("/v1/jobs", json={"uri": "rel/a.jpg", "model": IDLE})
+
+    assert reply.json()["uri"] == "rel/a.jpg"
 
 
 def test_long_poll_returns_the_record_once_the_job_finishes(stack: Stack) -> None:
@@ -284,6 +309,38 @@ def test_one_bad_uri_refuses_the_whole_batch(stack: Stack) -> None:
     assert stack.http.get("/v1/jobs/batch-ok").status_code == 404
 
 
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"uri": "a.jpg", "id": "has space"}, "id: must be 1 to 128 characters of letters"),
+        ({"jobs": [{"uri": "a.jpg", "id": "-x"}]}, "jobs.0.id: must be 1 to 128 characters"),
+        ({"uri": "a.jpg", "model": "bad model"}, "model: must be 1 to 100 characters"),
+        ({"uri": "a.jpg", "top_k": 0}, "top_k: must be an integer from 1 to 1000"),
+        ({"jobs": []}, "jobs: must list 1 to 10000 jobs"),
+    ],
+)
+def test_validation_errors_name_the_field_and_the_rule_in_words(
+    stack: Stack, body: dict[str, object], expected: str
+) -> None:
+    reply = stack.http.post("/v1/jobs", json=body)
+
+    message = reply.json()["error"]["message"]
+    assert reply.status_code == 422
+    assert message.startswith(expected)
+    assert "^" not in message and "pattern" not in message
+
+
+def test_docs_load_swagger_ui_from_the_gateway_itself(stack: Stack) -> None:
+    page = stack.http.get("/docs")
+
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    assert assets and all(a.startswith("/docs/assets/") for a in assets)
+    loaded = [stack.http.get(a) for a in assets]
+    assert all(r.status_code == 200 and r.content for r in loaded)
+    assert any(a.endswith(".js") for a in assets) and any(a.endswith(".css") for a in assets)
+
+
 def test_malformed_json_is_400(stack: Stack) -> None:
     reply = stack.http.post(
         "/v1/jobs", content=b'{"uri": ', headers={"Content-Type": "application/json"}
@@ -324,6 +381,7 @@ def test_openapi_schema_describes_the_endpoints(stack: Stack) -> None:
     schema = stack.http.get("/openapi.json").json()
 
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/models"} <= set(schema["paths"])
+    assert "409" in schema["paths"]["/v1/jobs"]["post"]["responses"]
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
 
 
