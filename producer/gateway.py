@@ -72,6 +72,8 @@ class GatewaySettings:
     token: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
     chunk_size: int = defaults.CHUNK_SIZE
+    # Redis instances holding the job records (contract.shards); empty: redis_url alone.
+    store_urls: tuple[str, ...] = ()
 
 
 # -- request size ------------------------------------------------------------------------
@@ -284,7 +286,7 @@ async def get_job(
 def models(client: ClientDep) -> dict[str, Any]:
     """Every registered model, with its live workers and queue depth."""
     found = []
-    for state in status.snapshot(client.redis):
+    for state in status.snapshot(client.redis, counters=client.store.stats):
         info = registry.get_model(client.redis, state.model)
         if info is not None:
             found.append(_model_out(info, state))
@@ -327,14 +329,16 @@ def create_app(
     """The gateway app; ``client_factory`` lets tests hand in their own ``Client``."""
     settings = settings or GatewaySettings()
     factory = client_factory or (
-        lambda: Client.from_url(settings.redis_url, chunk_size=settings.chunk_size)
+        lambda: Client.from_url(
+            settings.redis_url, settings.store_urls, chunk_size=settings.chunk_size
+        )
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = factory()
         app.state.client = client
-        app.state.hub = FinishedHub(client.redis, asyncio.get_running_loop())
+        app.state.hub = FinishedHub(client.store.clients, asyncio.get_running_loop())
         app.state.metrics = CollectorRegistry()
         collector = QueueCollector(client.redis, lambda: registry.known_models(client.redis))
         app.state.metrics.register(collector)

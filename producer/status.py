@@ -33,8 +33,14 @@ class ModelStatus:
         return self.done + self.failed
 
 
-def model_status(client: redis.Redis, model: str, now: float) -> ModelStatus:
-    stats = store.read_stats(client, model)
+# A model's done/failed counters: summed over the shards (``ShardedStore.stats``).
+Counters = Callable[[str], dict[str, int]]
+
+
+def model_status(
+    client: redis.Redis, model: str, now: float, counters: Counters | None = None
+) -> ModelStatus:
+    stats = (counters or (lambda m: store.read_stats(client, m)))(model)
     beats = registry.live_workers(client, model)
     return ModelStatus(
         model=model,
@@ -51,11 +57,13 @@ def snapshot(
     client: redis.Redis,
     models: Sequence[str] | None = None,
     clock: Callable[[], float] | None = None,
+    counters: Counters | None = None,
 ) -> list[ModelStatus]:
-    """Every registered model (or just ``models``), sorted by name."""
+    """Every registered model (or just ``models``), sorted by name; ``counters`` reads the job
+    counters where they are sharded (default: on ``client``)."""
     names = registry.known_models(client) if models is None else sorted(models)
     now = clock or time.time
-    return [model_status(client, m, now()) for m in names]
+    return [model_status(client, m, now(), counters) for m in names]
 
 
 def throughput(before: ModelStatus, after: ModelStatus) -> float:
