@@ -70,6 +70,12 @@ class ShardedStore:
         self.shards = tuple(JobStore(c, ttl_s) for c in clients)
         self.clients = tuple(clients)
 
+    def close(self, keep: redis.Redis | None = None) -> None:
+        """Close every shard's client but ``keep`` (the broker's, closed by its owner)."""
+        for client in self.clients:
+            if client is not keep:
+                client.close()
+
     def shard_for(self, job_id: str) -> JobStore:
         return self.shards[shard_of(job_id, len(self.shards))]
 

@@ -338,13 +338,12 @@ def status(redis_url: str, models: tuple[str, ...], interval: float, as_json: bo
 
     client = Client.from_url(redis_url, _store_urls())
     try:
-        counters = client.store.stats
-        before = pool.snapshot(client.redis, models or None, counters=counters)
+        before = pool.snapshot(client.redis, models or None, records=client.store)
         after: dict[str, pool.ModelStatus] = {}
         if interval:
             time.sleep(interval)
             names = [s.model for s in before]
-            after = {s.model: s for s in pool.snapshot(client.redis, names, counters=counters)}
+            after = {s.model: s for s in pool.snapshot(client.redis, names, records=client.store)}
     finally:
         client.close()
     rows = [_status_row(s, after.get(s.model)) for s in before]

@@ -66,9 +66,7 @@ class Client:
         return cls(broker, make_celery(redis_url), store_clients=shards, **kwargs)
 
     def close(self) -> None:
-        for shard in self.store.clients:
-            if shard is not self.redis:
-                shard.close()
+        self.store.close(keep=self.redis)
         self.redis.close()
         self.celery.close()
 

@@ -286,7 +286,7 @@ async def get_job(
 def models(client: ClientDep) -> dict[str, Any]:
     """Every registered model, with its live workers and queue depth."""
     found = []
-    for state in status.snapshot(client.redis, counters=client.store.stats):
+    for state in status.snapshot(client.redis, records=client.store):
         info = registry.get_model(client.redis, state.model)
         if info is not None:
             found.append(_model_out(info, state))
@@ -340,7 +340,9 @@ def create_app(
         app.state.client = client
         app.state.hub = FinishedHub(client.store.clients, asyncio.get_running_loop())
         app.state.metrics = CollectorRegistry()
-        collector = QueueCollector(client.redis, lambda: registry.known_models(client.redis))
+        collector = QueueCollector(
+            client.redis, lambda: registry.known_models(client.redis), client.store
+        )
         app.state.metrics.register(collector)
         app.state.hub.start()
         try:

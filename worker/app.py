@@ -64,6 +64,7 @@ class Runtime:
         if not self.pipeline.close(max(0.0, deadline - time.monotonic())):
             log.warning("pipeline threads still busy after %.0f s; not waiting for them", timeout_s)
         registry.retire(self.redis, self.settings.model, self.settings.worker_id)
+        self.service.store.close(keep=self.redis)
         self.redis.close()
 
 
