@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from contract import keys
+from contract import keys, registry
 from contract.job import Job, Prediction, new_job_id
 from contract.shards import ShardedStore, parse_urls, shard_of
-from producer.client import Client
+from producer import status
+from producer.client import Client, SubmitRequest
 from tests.faults_support import MODEL, SETTLE_S, Workers, tiny_model_args, wait_until
 from tests.support import ROOT, RedisServer, write_images
 from tests.test_sentinel import SERVICE, SentinelProcess
@@ -93,6 +94,23 @@ def test_the_sharded_store_keeps_input_order_and_each_record_on_its_shard(
     per_shard = [s.stats(MODEL).get("done", 0) for s in store.shards]
     assert sum(per_shard) == 100 and all(per_shard)
     store.close()
+
+
+def test_status_reads_the_oldest_job_and_the_counters_from_the_shards(
+    two_redis: tuple[RedisServer, RedisServer],
+) -> None:
+    broker, second = two_redis
+    producer = Client.from_url(broker.url, store_urls=[broker.url, second.url])
+    try:
+        registry.declare_model(producer.redis, MODEL, 10)
+        on_second = [i for i in (f"id-{n}" for n in range(100)) if shard_of(i, 2) == 1]
+        producer.submit_many([SubmitRequest("/x.jpg", i) for i in on_second[:3]], model=MODEL)
+        producer.store.shards[1].redis.hincrby(keys.stats_key(MODEL), "done", 5)
+        producer.store.shards[0].redis.hincrby(keys.stats_key(MODEL), "done", 2)
+        (state,) = status.snapshot(producer.redis, [MODEL], records=producer.store)
+    finally:
+        producer.close()
+    assert state.oldest_age_s is not None and state.done == 7
 
 
 @pytest.fixture
