@@ -3,6 +3,7 @@ real redis-servers (the second reached through a sentinel) with a real worker.""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -13,15 +14,19 @@ from pathlib import Path
 
 import pytest
 import redis
+from click.testing import CliRunner
 
 from contract import keys, registry
 from contract.job import Job, Prediction, new_job_id
 from contract.shards import ShardedStore, parse_urls, shard_of
+from producer import cli as producer_cli
 from producer import status
 from producer.client import Client, SubmitRequest
 from tests.faults_support import MODEL, SETTLE_S, Workers, tiny_model_args, wait_until
 from tests.support import ROOT, RedisServer, write_images
 from tests.test_sentinel import SERVICE, SentinelProcess
+from worker.cli import _settings as worker_settings
+from worker.cli import main
 
 JOBS = 1000
 
@@ -167,3 +172,30 @@ def _queue_keys(server: RedisServer) -> set[str]:
     finally:
         client.close()
     return {n for n in names if not n.startswith((keys.job_key(""), keys.stats_key("")))}
+
+
+def test_the_worker_takes_its_store_urls_from_flags_or_the_environment(monkeypatch) -> None:
+    flags = ["--model", "m", "--store-url", "redis://a:1/0", "--store-url", "redis://b:2/0"]
+    assert worker_settings(main.make_context("worker", flags).params).store_urls == (
+        "redis://a:1/0",
+        "redis://b:2/0",
+    )
+    monkeypatch.setenv("IMGCLS_STORE_URLS", "redis://a:1/0,redis://b:2/0")
+    from_env = worker_settings(main.make_context("worker", ["--model", "m"]).params)
+    assert from_env.store_urls == ("redis://a:1/0", "redis://b:2/0")
+
+
+def test_the_producer_cli_reads_a_record_from_the_shard_in_its_environment(
+    two_redis: tuple[RedisServer, RedisServer],
+) -> None:
+    broker, second = two_redis
+    job_id = next(i for i in (f"id-{n}" for n in range(100)) if shard_of(i, 2) == 1)
+    store = ShardedStore([redis.Redis.from_url(s.url) for s in two_redis])
+    store.create_many([_job(job_id)])
+    store.close()
+    env = {"IMGCLS_STORE_URLS": f"{broker.url},{second.url}"}
+    args = ["result", "--redis-url", broker.url, job_id]
+    sharded = CliRunner().invoke(producer_cli.main, args, env=env)
+    alone = CliRunner().invoke(producer_cli.main, args)
+    assert sharded.exit_code == 0 and json.loads(sharded.output)["id"] == job_id
+    assert alone.exit_code == 0 and alone.output.strip() == "null"
