@@ -74,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--workers", type=int, default=1, help="worker processes for the headline")
     w.add_argument("--scale-out", type=_ints, help="worker counts to measure, e.g. 1,2,4")
+    w.add_argument(
+        "--shards", type=int, default=1, help="host path: measure again over N Redis shards"
+    )
     s = p.add_argument_group("sizes (defaults depend on the device and --quick)")
     s.add_argument("--pool", type=_pool, help="distinct images per set, e.g. imagenet=512,12mp=32")
     for name in ("seed_seconds", "ceiling_seconds", "e2e_seconds", "latency_seconds"):
@@ -137,6 +140,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         sizes=_sizes(args, options.on_gpu),
         scale_out=scale_out,
         workers=args.workers,
+        shards=args.shards,
         image_dir=args.image_dir,
         log_dir=args.log_dir,
         flush_denormal=args.flush_denormal,

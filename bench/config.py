@@ -188,6 +188,8 @@ class BenchConfig:
     # Worker counts measured end to end; ratios use ``workers``.
     scale_out: tuple[int, ...] = (1,)
     workers: int = 1
+    # Host path: also measured with the job records over this many Redis instances.
+    shards: int = 1
     image_dir: Path | None = None
     log_dir: Path | None = None
     # Flush denormal floats to zero in the in-process stages, as workers do at setup: random

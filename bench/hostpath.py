@@ -6,8 +6,11 @@ defaults; a private Redis of its own, so that its memory and CPU are the jobs' a
 submitted with ``Client.submit_many``. Per job: CPU of the worker processes, of Redis and of
 the producer; Redis bytes a finished record holds; and Redis ``commandstats``.
 
-``python -m bench.hostpath [--quick] [--hostpath-jobs N] [--scale-out 1,2]`` runs this stage
-alone; it is ``python -m bench --stages hostpath``.
+``--shards N`` measures again with the job records spread over N private Redis instances
+(``contract.shards``; the first also the broker), reporting Redis CPU per job for each server.
+
+``python -m bench.hostpath [--quick] [--hostpath-jobs N] [--scale-out 1,2] [--shards 2]`` runs
+this stage alone; it is ``python -m bench --stages hostpath``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from bench.report import record
 from bench.services import RedisServer, WorkerPool
 from contract import defaults, keys
 from contract.job import DONE
+from contract.shards import shard_of
 from producer.client import Client
 
 # The queue name the null model is served under.
@@ -83,8 +87,11 @@ class HostPathResult:
     # MEMORY USAGE of a sample of finished records, averaged, and their JSON length.
     record_bytes: float
     record_json_bytes: float
-    # Per command (and script): calls and microseconds of Redis CPU per job.
+    # Per command (and script): calls and microseconds of Redis CPU per job, all servers.
     commandstats: dict[str, dict[str, float]]
+    # Redis instances holding the job records, and the CPU ms per job of each (broker first).
+    shards: int = 1
+    redis_cpu_ms_per_server: tuple[float, ...] = ()
 
     @property
     def jobs_s(self) -> float:
@@ -109,14 +116,16 @@ def redis_cpu_s(client: redis.Redis) -> float:
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
-def commandstats(client: redis.Redis) -> dict[str, tuple[int, int]]:
-    """Calls and microseconds per command since the server started."""
-    stats = client.info("commandstats")
-    return {
-        name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
-        for name, v in stats.items()
-        if name.removeprefix("cmdstat_") not in PROBE_COMMANDS
-    }
+def commandstats(*clients: redis.Redis) -> dict[str, tuple[int, int]]:
+    """Calls and microseconds per command since the servers started, summed over them."""
+    total: dict[str, tuple[int, int]] = {}
+    for client in clients:
+        for name, v in client.info("commandstats").items():
+            command = name.removeprefix("cmdstat_")
+            if command not in PROBE_COMMANDS:
+                calls, usec = total.get(command, (0, 0))
+                total[command] = (calls + int(v["calls"]), usec + int(v["usec"]))
+    return total
 
 
 def _per_job(
@@ -142,17 +151,21 @@ def record_sizes(client: redis.Redis, ids: Sequence[str]) -> tuple[float, float]
 
 
 class HostPath:
-    """A private Redis, the null model's workers and a client: measure, grow, measure again."""
+    """Private Redis instances (the first the broker, all of them job-record shards), the null
+    model's workers and a client: measure, grow, measure again."""
 
-    def __init__(self, workdir: Path, uris: Sequence[str], log_dir: Path) -> None:
+    def __init__(self, workdir: Path, uris: Sequence[str], log_dir: Path, shards: int = 1) -> None:
         self.uris = list(uris)
-        self.redis = RedisServer(workdir).start()
-        self.admin = redis.Redis.from_url(self.redis.url)
-        self.client = Client.from_url(self.redis.url)
+        self.servers = [RedisServer(_subdir(workdir, f"redis{i}")).start() for i in range(shards)]
+        self.redis = self.servers[0]
+        self.admins = [redis.Redis.from_url(s.url) for s in self.servers]
+        self.admin = self.admins[0]
+        urls = [s.url for s in self.servers]
+        self.client = Client.from_url(self.redis.url, store_urls=urls)
         model_file = write_null_model(workdir / "null-model.pt")
         root = Path(uris[0]).parent
         args = ["--model-file", str(model_file), *NULL_PREPROCESS, "--allowed-root", str(root)]
-        args += ["--log-level", "WARNING"]
+        args += ["--log-level", "WARNING", *(a for url in urls for a in ("--store-url", url))]
         self.pool = WorkerPool(self.redis.url, NULL_MODEL, args, log_dir, {}, ["auto"])
 
     def __enter__(self) -> HostPath:
@@ -161,26 +174,31 @@ class HostPath:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self.pool.stop(graceful=exc_type is None)
         self.client.close()
-        self.admin.close()
-        self.redis.stop()
+        for admin, server in zip(self.admins, self.servers, strict=True):
+            admin.close()
+            server.stop()
 
     def grow(self, workers: int) -> None:
         self.pool.ensure(workers, READY_TIMEOUT_S)
 
     def measure(self, n: int) -> HostPathResult:
         pids = list(self.pool.pids().values())
-        cpu0, redis0, stats0 = self._cpu(pids), redis_cpu_s(self.admin), commandstats(self.admin)
-        memory0 = self.admin.info("memory")["used_memory"]
+        cpu0, redis0, stats0 = self._cpu(pids), self._redis_cpu(), commandstats(*self.admins)
+        memory0 = self._memory()
         started, producer0 = time.time(), producer_cpu_s()
         ids = submit(self.client, NULL_MODEL, self.uris, n, defaults.TOP_K)
         producer = producer_cpu_s() - producer0
         records = self.client.wait_many(ids, timeout=60 + WAIT_PER_JOB_S * n)
-        cpu, redis_cpu = self._cpu(pids) - cpu0, redis_cpu_s(self.admin) - redis0
-        stats = _per_job(stats0, commandstats(self.admin), n)
-        memory = self.admin.info("memory")["used_memory"] - memory0
+        cpu = self._cpu(pids) - cpu0
+        redis1 = self._redis_cpu()
+        redis_cpu = [after - before for before, after in zip(redis0, redis1, strict=True)]
+        stats = _per_job(stats0, commandstats(*self.admins), n)
+        memory = self._memory() - memory0
         done = [r for r in records if r is not None and r.status == DONE]
-        record_bytes, json_bytes = record_sizes(self.admin, [r.id for r in done[:KEY_SAMPLE]])
-        delete_jobs(self.admin, ids)
+        on_first = [r.id for r in done if shard_of(r.id, len(self.admins)) == 0]
+        record_bytes, json_bytes = record_sizes(self.admin, on_first[:KEY_SAMPLE])
+        for admin in self.admins:
+            delete_jobs(admin, ids)
         finished = max((r.finished or started for r in done), default=time.time())
         return HostPathResult(
             workers=len(pids),
@@ -188,13 +206,21 @@ class HostPath:
             done=len(done),
             seconds=finished - started,
             worker_cpu_ms=1000 * cpu / n,
-            redis_cpu_ms=1000 * redis_cpu / n,
+            redis_cpu_ms=1000 * sum(redis_cpu) / n,
             producer_cpu_ms=1000 * producer / n,
             redis_bytes_per_job=memory / max(1, len(done)),
             record_bytes=record_bytes,
             record_json_bytes=json_bytes,
             commandstats=stats,
+            shards=len(self.admins),
+            redis_cpu_ms_per_server=tuple(1000 * c / n for c in redis_cpu),
         )
+
+    def _redis_cpu(self) -> list[float]:
+        return [redis_cpu_s(a) for a in self.admins]
+
+    def _memory(self) -> int:
+        return sum(int(a.info("memory")["used_memory"]) for a in self.admins)
 
     @staticmethod
     def _cpu(pids: Sequence[int]) -> float:
@@ -209,24 +235,46 @@ def run_hostpath(
     worker_counts: Sequence[int],
     repeat: int,
     log: Callable[[str], None],
+    shards: int = 1,
 ) -> list[dict[str, Any]]:
-    """Best of ``repeat`` (by jobs/s) for each worker count, after a warm-up run."""
+    """Best of ``repeat`` (by jobs/s) for each worker count, after a warm-up run; with one
+    Redis, then again with ``shards`` of them when that is more."""
     uris = [str(p) for p in image_pool(image_root, SMALL, jobs)]
-    workdir.mkdir(parents=True, exist_ok=True)
     out = []
-    with HostPath(workdir, uris, log_dir) as bench:
-        for count in sorted(set(worker_counts)):
-            bench.grow(count)
-            bench.measure(min(jobs, 200))
-            tries = [bench.measure(jobs) for _ in range(repeat)]
-            best = max(tries, key=lambda t: t.jobs_s)
-            out.append(_summary(best, tries))
-            log(
-                f"host path, {count} worker(s): {best.jobs_s:,.0f} jobs/s; CPU ms/job worker "
-                f"{best.worker_cpu_ms:.3f}, Redis {best.redis_cpu_ms:.3f}, producer "
-                f"{best.producer_cpu_ms:.3f}; {best.redis_bytes_per_job:,.0f} Redis bytes/job"
-            )
+    for count in sorted({1, shards}):
+        with HostPath(_subdir(workdir, f"shards{count}"), uris, log_dir, count) as bench:
+            out += _measure_each(bench, jobs, worker_counts, repeat, log)
     return out
+
+
+def _measure_each(
+    bench: HostPath,
+    jobs: int,
+    worker_counts: Sequence[int],
+    repeat: int,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    out = []
+    for count in sorted(set(worker_counts)):
+        bench.grow(count)
+        bench.measure(min(jobs, 200))
+        tries = [bench.measure(jobs) for _ in range(repeat)]
+        best = max(tries, key=lambda t: t.jobs_s)
+        out.append(_summary(best, tries))
+        per_server = ", ".join(f"{ms:.4f}" for ms in best.redis_cpu_ms_per_server)
+        log(
+            f"host path, {count} worker(s), {best.shards} Redis: {best.jobs_s:,.0f} jobs/s; "
+            f"CPU ms/job worker {best.worker_cpu_ms:.3f}, Redis {best.redis_cpu_ms:.3f} "
+            f"({per_server}), producer {best.producer_cpu_ms:.3f}; "
+            f"{best.redis_bytes_per_job:,.0f} Redis bytes/job"
+        )
+    return out
+
+
+def _subdir(parent: Path, name: str) -> Path:
+    path = parent / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _summary(best: HostPathResult, tries: list[HostPathResult]) -> dict[str, Any]:

@@ -131,17 +131,29 @@ def _hostpath(rows: list[dict[str, Any]] | None) -> list[str]:
     lines = ["", HOSTPATH_HEADER, "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cells = [
-            str(r["workers"]),
+            _workers_and_shards(r),
             f"{r['jobs']:,}",
             _num(r["jobs_s"], 0),
             _num(r["worker_cpu_ms"], 3),
-            _num(r["redis_cpu_ms"], 3),
+            _redis_cpu(r),
             _num(r["producer_cpu_ms"], 3),
             _num(r["redis_bytes_per_job"], 0),
             _num(r["record_bytes"], 0),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _workers_and_shards(row: dict[str, Any]) -> str:
+    shards = row.get("shards", 1)
+    return str(row["workers"]) if shards == 1 else f"{row['workers']} ({shards} Redis)"
+
+
+def _redis_cpu(row: dict[str, Any]) -> str:
+    """All servers' CPU per job; with shards, each server's too (the broker first)."""
+    total = _num(row["redis_cpu_ms"], 3)
+    each = row.get("redis_cpu_ms_per_server") or []
+    return total if len(each) < 2 else f"{total} ({', '.join(_num(e, 3) for e in each)})"
 
 
 def _peer(rows: list[dict[str, Any]] | None) -> list[str]:

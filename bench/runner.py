@@ -153,6 +153,7 @@ class Bench:
             self.cfg.scale_out,
             s.repeat,
             self.log,
+            self.cfg.shards,
         )
         self.save()
 

@@ -17,27 +17,28 @@ from prometheus_client.registry import Collector
 
 from contract import keys, registry
 from contract.errors import MalformedRecord
-from contract.job import Job
+from contract.shards import ShardedStore
 
 log = logging.getLogger(__name__)
 
 
-def oldest_queued_age(client: redis.Redis, model: str, now: float) -> float | None:
+def oldest_queued_age(
+    client: redis.Redis, model: str, now: float, records: ShardedStore | None = None
+) -> float | None:
     """Seconds since the next job to be delivered was submitted; None for an empty queue.
 
-    Celery LPUSHes and workers BRPOP, so the oldest message sits at the list's tail.
+    Celery LPUSHes and workers BRPOP, so the oldest message sits at the list's tail. The job's
+    record is read from ``records`` (where the records are sharded; default: ``client``).
     """
     raw = client.lindex(keys.queue_name(model), -1)
     if raw is None:
         return None
     job_id = _first_job_id(raw)
-    record = None if job_id is None else client.get(keys.job_key(job_id))
-    if record is None:
-        return None
     try:
-        submitted = Job.decode(record).submitted
+        job = None if job_id is None else (records or ShardedStore([client])).get(job_id)
     except MalformedRecord:
         return None
+    submitted = None if job is None else job.submitted
     return None if submitted is None else max(0.0, now - submitted)
 
 
@@ -62,9 +63,15 @@ class QueueCollector(Collector):
     samples rather than stale ones.
     """
 
-    def __init__(self, client: redis.Redis, models: Callable[[], Iterable[str]]) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        models: Callable[[], Iterable[str]],
+        records: ShardedStore | None = None,
+    ) -> None:
         self.client = client
         self.models = models
+        self.records = records
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
@@ -79,7 +86,8 @@ class QueueCollector(Collector):
             now = time.time()
             for model in self.models():
                 depth.add_metric([model], registry.queue_depth(self.client, model))
-                age.add_metric([model], oldest_queued_age(self.client, model, now) or 0.0)
+                oldest = oldest_queued_age(self.client, model, now, self.records)
+                age.add_metric([model], oldest or 0.0)
         except redis.RedisError as e:
             log.warning("queue metrics unavailable: %s", e)
             return

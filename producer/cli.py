@@ -25,6 +25,7 @@ from contract.connection import connect
 from contract.errors import ServiceError, Unavailable
 from contract.job import Job, validate_model_name
 from contract.logs import configure_logging
+from contract.shards import parse_urls
 from producer import bulk, export
 from producer.client import Client, SubmitRequest
 
@@ -38,14 +39,42 @@ def _remember_url(ctx: click.Context, _: click.Parameter, url: str) -> str:
     return url
 
 
-redis_option = click.option(
+def _remember_store_urls(ctx: click.Context, _: click.Parameter, urls: tuple[str, ...]) -> None:
+    try:
+        ctx.find_root().meta["store_urls"] = parse_urls(urls)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+
+
+def _store_urls() -> tuple[str, ...]:
+    """The ``--store-url`` list of the command being run (empty: the records are on Redis)."""
+    urls: tuple[str, ...] = click.get_current_context().find_root().meta.get("store_urls", ())
+    return urls
+
+
+_redis_url_option = click.option(
     "--redis-url",
     envvar="REDIS_URL",
     default=defaults.REDIS_URL,
     show_default=True,
     callback=_remember_url,
-    help="Redis holding the queues and job records (env REDIS_URL).",
+    help="Redis holding the queues (and the job records unless --store-url) (env REDIS_URL).",
 )
+_store_url_option = click.option(
+    "--store-url",
+    envvar="IMGCLS_STORE_URLS",
+    multiple=True,
+    expose_value=False,
+    callback=_remember_store_urls,
+    help="Redis holding a shard of the job records (repeatable, or comma-separated in env "
+    "IMGCLS_STORE_URLS); the same list, in the same order, as the workers' [default: "
+    "--redis-url].",
+)
+
+
+def redis_option(f: F) -> F:
+    """``--redis-url`` and ``--store-url``: where the queues and the job records are."""
+    return _redis_url_option(_store_url_option(f))
 
 
 class _Commands(click.Group):
@@ -178,7 +207,7 @@ def submit(
     configure_logging(log_level, log_json)
     report = bulk.Summary()
     printer = _Printer(report)
-    client = Client.from_url(redis_url, chunk_size=chunk_size)
+    client = Client.from_url(redis_url, _store_urls(), chunk_size=chunk_size)
     with _first_sigint_stops() as interrupted:
         try:
             requests = _uris(uris, from_file, s3_prefix)
@@ -318,7 +347,7 @@ def result(redis_url: str, wait: float, job_ids: tuple[str, ...]) -> None:
       2, 3, 4  usage error, Redis unreachable, Redis refused the password
     """
     report = bulk.Summary()
-    client = Client.from_url(redis_url)
+    client = Client.from_url(redis_url, _store_urls())
     try:
         for job_id, job in zip(job_ids, client.wait_many(list(job_ids), wait), strict=True):
             click.echo(json.dumps(bulk.record(job_id, job)))
@@ -377,11 +406,11 @@ def export_(
     configure_logging(log_level, log_json)
     if not (job_ids or from_file or every):
         raise click.UsageError("give JOB_IDS, --file or --all")
-    client = Client.from_url(redis_url)
+    client = Client.from_url(redis_url, _store_urls())
     writer = export.Writer(output, fmt)
     missing = 0
     try:
-        ids = export.all_job_ids(client.redis) if every else _ids(job_ids, from_file)
+        ids = export.all_job_ids(*client.store.clients) if every else _ids(job_ids, from_file)
         for chunk in export.chunks(ids):
             for job in client.wait_many(chunk, wait) if wait else client.get_many(chunk):
                 if job is None:
@@ -427,13 +456,14 @@ def status(redis_url: str, models: tuple[str, ...], interval: float, as_json: bo
     """
     from producer import status as pool
 
-    client = Client.from_url(redis_url)
+    client = Client.from_url(redis_url, _store_urls())
     try:
-        before = pool.snapshot(client.redis, models or None)
+        before = pool.snapshot(client.redis, models or None, records=client.store)
         after: dict[str, pool.ModelStatus] = {}
         if interval:
             time.sleep(interval)
-            after = {s.model: s for s in pool.snapshot(client.redis, [s.model for s in before])}
+            names = [s.model for s in before]
+            after = {s.model: s for s in pool.snapshot(client.redis, names, records=client.store)}
     finally:
         client.close()
     rows = [_status_row(s, after.get(s.model)) for s in before]
@@ -505,7 +535,7 @@ def declare(redis_url: str, num_classes: int, weights: str, name: str) -> None:
         validate_model_name(name)
     except ServiceError as e:
         raise click.BadParameter(str(e), param_hint="NAME") from e
-    client = Client.from_url(redis_url)
+    client = Client.from_url(redis_url, _store_urls())
     try:
         info = registry.declare_model(client.redis, name, num_classes, weights)
     finally:
@@ -517,7 +547,7 @@ def declare(redis_url: str, num_classes: int, weights: str, name: str) -> None:
 @redis_option
 def list_models(redis_url: str) -> None:
     """One JSON line per model producers accept: a worker's registration, else a declaration."""
-    client = Client.from_url(redis_url)
+    client = Client.from_url(redis_url, _store_urls())
     try:
         for name in registry.known_models(client.redis):
             info = registry.get_model(client.redis, name)
@@ -574,7 +604,7 @@ def serve(
     from producer.gateway import GatewaySettings, create_app
 
     configure_logging(log_level, log_json)
-    settings = GatewaySettings(redis_url, token or None, max_body_bytes, chunk_size)
+    settings = GatewaySettings(redis_url, token or None, max_body_bytes, chunk_size, _store_urls())
     uvicorn.run(
         create_app(settings),
         host=host,
@@ -635,7 +665,7 @@ def dead_letter_replay(redis_url: str, every: bool, indexes: tuple[int, ...]) ->
     """
     if every == bool(indexes):
         raise click.UsageError("give either --all or the indexes of the entries to replay")
-    client = Client.from_url(redis_url)
+    client = Client.from_url(redis_url, _store_urls())
     try:
         chosen = [e for e in deadletter.entries(client.redis) if every or e.index in indexes]
         replayed = [e for e in chosen if _replay(client, e)]

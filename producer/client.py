@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -29,7 +28,8 @@ from contract.job import (
     validate_uri,
 )
 from contract.messaging import TASK_NAME, make_celery
-from contract.store import JobStore
+from contract.shards import ShardedStore, connect_all, shard_of
+from producer.finished import Announcements
 
 # Jobs written to Redis per pipeline when submitting in bulk.
 _WRITE_BATCH = 2000
@@ -42,7 +42,8 @@ class SubmitRequest:
 
 
 class Client:
-    """Talks to one Redis: job records through ``JobStore``, queue messages through Celery.
+    """Queue messages through Celery on the broker Redis (``connection``), job records through
+    a ``ShardedStore`` over ``store_clients`` (default: the broker alone).
 
     A bare local path (no scheme) is made absolute against this process's working directory
     before it is queued, as the worker's directory means nothing to the caller; the gateway,
@@ -54,21 +55,28 @@ class Client:
         connection: redis.Redis,
         celery: Celery,
         *,
+        store_clients: Sequence[redis.Redis] = (),
         ttl_s: int = defaults.JOB_TTL_S,
         chunk_size: int = defaults.CHUNK_SIZE,
         absolute_paths: bool = True,
     ) -> None:
         self.redis = connection
         self.celery = celery
-        self.store = JobStore(connection, ttl_s)
+        self.store = ShardedStore(store_clients or [connection], ttl_s)
         self.chunk_size = chunk_size
         self.absolute_paths = absolute_paths
 
     @classmethod
-    def from_url(cls, redis_url: str = defaults.REDIS_URL, **kwargs: Any) -> Client:
-        return cls(connect(redis_url), make_celery(redis_url), **kwargs)
+    def from_url(
+        cls, redis_url: str = defaults.REDIS_URL, store_urls: Sequence[str] = (), **kwargs: Any
+    ) -> Client:
+        """A client whose records live on ``store_urls`` (default: ``redis_url`` alone)."""
+        broker = connect(redis_url)
+        shards = connect_all(store_urls or [redis_url], redis_url, broker)
+        return cls(broker, make_celery(redis_url), store_clients=shards, **kwargs)
 
     def close(self) -> None:
+        self.store.close(keep=self.redis)
         self.redis.close()
         self.celery.close()
 
@@ -216,22 +224,18 @@ class Client:
         latest: dict[str, Job | None] = {}
         pending = list(dict.fromkeys(job_ids))
         deadline = time.monotonic() + timeout
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.subscribe(keys.finished_channel())
+        with Announcements(self._shards_of(pending)) as announcements:
             pending = self._refresh(pending, latest)
             while pending and (left := deadline - time.monotonic()) > 0:
-                message = pubsub.get_message(timeout=min(defaults.WAIT_RECHECK_S, left))
-                if message is None:
+                ids = announcements.get(timeout=min(defaults.WAIT_RECHECK_S, left))
+                if ids is None:
                     pending = self._refresh(pending, latest)
                     continue
-                announced = set(json.loads(message["data"]))
+                announced = set(ids)
                 hits = [i for i in pending if i in announced]
                 if hits:
                     self._refresh(hits, latest)
                     pending = [i for i in pending if not _final(latest.get(i))]
-        finally:
-            pubsub.close()
         return [latest.get(i) for i in job_ids]
 
     def as_finished(
@@ -245,20 +249,16 @@ class Client:
         """
         pending = list(dict.fromkeys(job_ids))
         deadline = time.monotonic() + timeout
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.subscribe(keys.finished_channel())
+        with Announcements(self._shards_of(pending)) as announcements:
             pending = yield from self._yield_final(pending)
             while pending and not stop() and (left := deadline - time.monotonic()) > 0:
-                message = pubsub.get_message(timeout=min(defaults.WAIT_RECHECK_S, left))
-                if message is None:
+                ids = announcements.get(timeout=min(defaults.WAIT_RECHECK_S, left))
+                if ids is None:
                     pending = yield from self._yield_final(pending)
                     continue
-                announced = set(json.loads(message["data"]))
+                announced = set(ids)
                 if any(i in announced for i in pending):
                     pending = yield from self._yield_final(pending, announced)
-        finally:
-            pubsub.close()
         yield from self._yield_final(pending, last=True)
 
     def _yield_final(
@@ -275,6 +275,11 @@ class Client:
             else:
                 still.append(job_id)
         return still
+
+    def _shards_of(self, job_ids: Sequence[str]) -> list[redis.Redis]:
+        """The Redis instances that announce ``job_ids`` when they finish."""
+        count = len(self.store.clients)
+        return [self.store.clients[i] for i in sorted({shard_of(j, count) for j in job_ids})]
 
     def _refresh(self, job_ids: list[str], latest: dict[str, Job | None]) -> list[str]:
         """Re-read ``job_ids`` into ``latest``; returns those not final yet (missing IDs are)."""

@@ -53,12 +53,12 @@ def ids_from_lines(lines: Iterable[str]) -> Iterator[str]:
             yield text
 
 
-def all_job_ids(client: redis.Redis) -> Iterator[str]:
-    """Every job ID with a record in Redis, by SCAN (no blocking KEYS)."""
+def all_job_ids(*clients: redis.Redis) -> Iterator[str]:
+    """Every job ID with a record on the given Redis instances, by SCAN (no blocking KEYS)."""
     prefix = keys.job_key("")
-    for key in client.scan_iter(match=keys.job_key("*"), count=1000):
-        text = keys.text(key)
-        yield text[len(prefix) :]
+    for client in clients:
+        for key in client.scan_iter(match=keys.job_key("*"), count=1000):
+            yield keys.text(key)[len(prefix) :]
 
 
 def chunks(ids: Iterable[str], size: int = READ_CHUNK) -> Iterator[list[str]]:

@@ -77,6 +77,8 @@ class GatewaySettings:
     token: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
     chunk_size: int = defaults.CHUNK_SIZE
+    # Redis instances holding the job records (contract.shards); empty: redis_url alone.
+    store_urls: tuple[str, ...] = ()
 
 
 # -- request size ------------------------------------------------------------------------
@@ -293,7 +295,7 @@ async def get_job(
 def models(client: ClientDep) -> dict[str, Any]:
     """Every registered model, with its live workers and queue depth."""
     found = []
-    for state in status.snapshot(client.redis):
+    for state in status.snapshot(client.redis, records=client.store):
         info = registry.get_model(client.redis, state.model)
         if info is not None:
             found.append(_model_out(info, state))
@@ -358,7 +360,10 @@ def create_app(
     factory = client_factory or (
         # A relative path means nothing relative to the gateway's directory: queued as given.
         lambda: Client.from_url(
-            settings.redis_url, chunk_size=settings.chunk_size, absolute_paths=False
+            settings.redis_url,
+            settings.store_urls,
+            chunk_size=settings.chunk_size,
+            absolute_paths=False,
         )
     )
 
@@ -366,9 +371,11 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = factory()
         app.state.client = client
-        app.state.hub = FinishedHub(client.redis, asyncio.get_running_loop())
+        app.state.hub = FinishedHub(client.store.clients, asyncio.get_running_loop())
         app.state.metrics = CollectorRegistry()
-        collector = QueueCollector(client.redis, lambda: registry.known_models(client.redis))
+        collector = QueueCollector(
+            client.redis, lambda: registry.known_models(client.redis), client.store
+        )
         app.state.metrics.register(collector)
         app.state.hub.start()
         try:

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import redis
 
-from contract import registry, store
+from contract import registry
 from contract.gauges import oldest_queued_age
+from contract.shards import ShardedStore
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,17 @@ class ModelStatus:
         return self.done + self.failed
 
 
-def model_status(client: redis.Redis, model: str, now: float) -> ModelStatus:
-    stats = store.read_stats(client, model)
+def model_status(
+    client: redis.Redis, model: str, now: float, records: ShardedStore | None = None
+) -> ModelStatus:
+    """``records`` holds the job records and counters (default: on ``client``)."""
+    records = records or ShardedStore([client])
+    stats = records.stats(model)
     beats = registry.live_workers(client, model)
     return ModelStatus(
         model=model,
         queued=registry.queue_depth(client, model),
-        oldest_age_s=oldest_queued_age(client, model, now),
+        oldest_age_s=oldest_queued_age(client, model, now, records),
         workers=tuple(sorted(str(b.get("worker", k)) for k, b in beats.items())),
         done=stats.get("done", 0),
         failed=stats.get("failed", 0),
@@ -51,11 +56,13 @@ def snapshot(
     client: redis.Redis,
     models: Sequence[str] | None = None,
     clock: Callable[[], float] | None = None,
+    records: ShardedStore | None = None,
 ) -> list[ModelStatus]:
-    """Every registered model (or just ``models``), sorted by name."""
+    """Every registered model (or just ``models``), sorted by name; ``records`` holds the job
+    records and counters where they are sharded (default: on ``client``)."""
     names = registry.known_models(client) if models is None else sorted(models)
     now = clock or time.time
-    return [model_status(client, m, now()) for m in names]
+    return [model_status(client, m, now(), records) for m in names]
 
 
 def throughput(before: ModelStatus, after: ModelStatus) -> float:

@@ -3,7 +3,7 @@ request, relative paths mean the caller's directory, and `submit --wait` streams
 Ctrl-C without losing a job ID and exits with a status that says how it went.
 
 Real redis-server; a model registered with no worker, so jobs stay queued until the test
-finishes them through ``JobStore`` as a worker would."""
+finishes them through the store as a worker would."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import redis
 from contract import keys
 from contract.errors import IdConflict, NotFound
 from contract.job import ErrorInfo, Job
-from contract.store import JobStore
+from contract.shards import ShardedStore
 from producer.bulk import in_input_order
 from producer.client import Client, SubmitRequest
 from tests.support import ROOT
@@ -136,11 +136,13 @@ def _lines(stream: object) -> Queue[str]:
     return lines
 
 
-def _queued_records(store: JobStore, uris: list[str]) -> dict[str, Job]:
+def _queued_records(store: ShardedStore, uris: list[str]) -> dict[str, Job]:
     """The records of ``uris`` once the CLI has queued them all (by URI)."""
     deadline = time.monotonic() + HANG_S
     while time.monotonic() < deadline:
-        ids = [k.decode().rsplit(":", 1)[1] for k in store.redis.scan_iter("imgcls:job:*")]
+        prefix = keys.job_key("")
+        found_keys = [k.decode() for c in store.clients for k in c.scan_iter(prefix + "*")]
+        ids = [k.removeprefix(prefix) for k in found_keys]
         found = {j.uri: j for j in store.get_many(ids) if j is not None and j.uri in uris}
         if len(found) == len(uris):
             return found
@@ -148,7 +150,7 @@ def _queued_records(store: JobStore, uris: list[str]) -> dict[str, Job]:
     raise TimeoutError(f"the CLI did not queue {uris}")
 
 
-def _finish(store: JobStore, job: Job) -> None:
+def _finish(store: ShardedStore, job: Job) -> None:
     store.finish_many([job.failed(ErrorInfo(NotFound.type, "test"), time.time())])
 
 

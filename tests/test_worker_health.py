@@ -42,6 +42,7 @@ def _fake_runtime(threads: list[threading.Thread]) -> SimpleNamespace:
         metrics=Metrics("m"),
         info=SimpleNamespace(device="cpu"),
         pipeline=SimpleNamespace(dead_stages=lambda: [t.name for t in threads if not t.is_alive()]),
+        service=SimpleNamespace(store=None),  # job records on ``redis``
     )
 
 

@@ -23,7 +23,7 @@ from contract.connection import connect
 from contract.errors import MalformedMessage
 from contract.messaging import TASK_NAME, make_celery
 from contract.registry import ModelInfo
-from contract.store import JobStore
+from contract.shards import ShardedStore, connect_all
 from worker.deadletter import DeadLetters, guard_step
 from worker.decode import DecodePolicy, install_pixel_limit
 from worker.fetch import Fetcher, FetchPolicy
@@ -64,6 +64,7 @@ class Runtime:
         if not self.pipeline.close(max(0.0, deadline - time.monotonic())):
             log.warning("pipeline threads still busy after %.0f s; not waiting for them", timeout_s)
         registry.retire(self.redis, self.settings.model, self.settings.worker_id)
+        self.service.store.close(keep=self.redis)
         self.redis.close()
 
 
@@ -108,7 +109,8 @@ def setup(settings: Settings) -> Runtime:
         time.perf_counter() - started,
     )
     client = connect(settings.redis_url, health_check_interval=10)
-    store = JobStore(client)
+    urls = settings.store_urls or (settings.redis_url,)
+    store = ShardedStore(connect_all(urls, settings.redis_url, client, health_check_interval=10))
     metrics = Metrics(settings.model)
     dead_letters = DeadLetters(client, settings.worker_id)
     pipeline = Pipeline(

@@ -12,6 +12,7 @@ import click
 
 from contract import defaults, redis_errors
 from contract.logs import configure_logging
+from contract.shards import parse_urls
 from worker import settings as worker_defaults
 from worker.settings import Preprocess, Settings
 
@@ -130,6 +131,15 @@ def _show_envvars(command: click.Command) -> click.Command:
     envvar="REDIS_URL",
     default=defaults.REDIS_URL,
     help="Broker and job store; rediss://, unix://, redis+sentinel://host:port,…/service[/db].",
+)
+@click.option(
+    "--store-url",
+    "store_urls",
+    envvar="IMGCLS_STORE_URLS",
+    multiple=True,
+    help="Redis holding a shard of the job records (repeatable, or comma-separated in the "
+    "environment); every worker and producer needs the same list in the same order "
+    "[default: --redis-url].",
 )
 @click.option(
     "--batch-size",
@@ -295,7 +305,8 @@ def main(**opts: object) -> None:
     from worker.health import HealthServer
     from worker.models import ModelLoadError
 
-    _check_redis(settings.redis_url)  # before the model: a wrong password fails in a second
+    for url in (settings.redis_url, *settings.store_urls):
+        _check_redis(url)  # before the model: a wrong password fails in a second
     # Up before the model loads: live but not ready while it warms.
     port = settings.metrics_port
     health = HealthServer(settings.metrics_host, port).start() if port else None
@@ -339,6 +350,7 @@ def _settings(o: dict[str, Any]) -> Settings:
         compile=o["compile_"],
         cuda_graphs=o["cuda_graphs"],
         redis_url=o["redis_url"],
+        store_urls=_store_urls(o["store_urls"]),
         batch_size=o["batch_size"],
         max_wait_ms=o["max_wait_ms"],
         io_threads=o["io_threads"],
@@ -364,6 +376,13 @@ def _settings(o: dict[str, Any]) -> Settings:
         log_json=o["log_json"],
         **extra,
     )
+
+
+def _store_urls(given: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        return parse_urls(given)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--store-url") from e
 
 
 def _roots(given: tuple[Path, ...]) -> tuple[Path, ...]:

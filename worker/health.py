@@ -37,7 +37,8 @@ class Health:
     def attach(self, runtime: Runtime) -> None:
         """The model is warm: serve its metrics, plus queue and device gauges read on scrape."""
         model = runtime.settings.model
-        runtime.metrics.registry.register(QueueCollector(runtime.redis, lambda: [model]))
+        gauges = QueueCollector(runtime.redis, lambda: [model], runtime.service.store)
+        runtime.metrics.registry.register(gauges)
         runtime.metrics.watch_device(runtime.info.device)
         self.registry = runtime.metrics.registry
         self.runtime = runtime

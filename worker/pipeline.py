@@ -25,7 +25,7 @@ import torch
 
 from contract.errors import InternalError, NotAnImage, ServiceError, as_service_error
 from contract.job import ErrorInfo, Job, Prediction
-from contract.store import JobStore
+from contract.shards import ShardedStore
 from worker.inference import Classifier, Payload, TopK
 from worker.metrics import Metrics
 from worker.resilience import retry_redis
@@ -67,7 +67,7 @@ class Pipeline:
     def __init__(
         self,
         classifier: Classifier,
-        store: JobStore,
+        store: ShardedStore,
         metrics: Metrics,
         *,
         max_batch: int,

@@ -22,7 +22,8 @@ from contract.errors import (
     as_service_error,
 )
 from contract.job import ErrorInfo, Job, validate_top_k
-from contract.store import CLAIMED, CORRUPT, MISSING, POISONED, SUSPECT, Claim, JobStore
+from contract.shards import ShardedStore
+from contract.store import CLAIMED, CORRUPT, MISSING, POISONED, SUSPECT, Claim
 from worker.deadletter import DeadLetters, is_job_ids
 from worker.decode import (
     JPEG_MAGIC,
@@ -56,7 +57,7 @@ class Service:
         *,
         model: str,
         worker_id: str,
-        store: JobStore,
+        store: ShardedStore,
         fetcher: Fetcher,
         classifier: Classifier,
         pipeline: Pipeline,

@@ -76,6 +76,8 @@ class Settings:
     # CUDA only: the forward pass as one captured graph per padded batch size.
     cuda_graphs: bool = True
     redis_url: str = defaults.REDIS_URL
+    # Redis instances holding the job records (contract.shards); empty: redis_url alone.
+    store_urls: tuple[str, ...] = ()
     batch_size: int | None = None
     max_wait_ms: float = MAX_WAIT_MS
     io_threads: int = IO_THREADS
