@@ -34,3 +34,5 @@ DEAD_LETTER_MAX_ENTRIES = 10_000
 DEAD_LETTER_MAX_AGE_S = 7 * 24 * 3600
 # Job IDs listed in one dead-letter entry; the entry also counts them all.
 DEAD_LETTER_MAX_IDS = 100
+# Entries the completion-events stream keeps, about (XADD MAXLEN ~); the oldest go first.
+EVENTS_MAX_LEN = 1_000_000

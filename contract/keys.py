@@ -15,6 +15,11 @@ def finished_channel() -> str:
     return f"{KEY_PREFIX}:finished"
 
 
+def events_stream() -> str:
+    """Capped stream with one entry (id, status, batch) per job that reached a final state."""
+    return f"{KEY_PREFIX}:events"
+
+
 def queue_name(model: str) -> str:
     """The Celery queue that only the workers serving ``model`` consume."""
     return f"{KEY_PREFIX}.{model}"
