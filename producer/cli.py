@@ -101,6 +101,10 @@ def main() -> None:
 )
 @click.option("--top-k", default=defaults.TOP_K, show_default=True, help="Labels per image.")
 @click.option(
+    "--callback-url",
+    help="POST each job's final record here as a signed webhook (sent by python -m notifier).",
+)
+@click.option(
     "--wait",
     type=float,
     default=None,
@@ -138,6 +142,7 @@ def submit(
     redis_url: str,
     model: str,
     top_k: int,
+    callback_url: str | None,
     wait: float | None,
     from_file: IO[str] | None,
     s3_prefix: str | None,
@@ -157,7 +162,9 @@ def submit(
     report = bulk.Summary()
     client = Client.from_url(redis_url, chunk_size=chunk_size)
     try:
-        jobs = client.iter_submit(_uris(uris, from_file, s3_prefix), model=model, top_k=top_k)
+        jobs = client.iter_submit(
+            _uris(uris, from_file, s3_prefix), model=model, top_k=top_k, callback_url=callback_url
+        )
         records: Iterable[Job | None] = _counted(_bar(jobs, progress, "queued"), report)
         if wait is not None:
             records = _waited(client, [j.id for j in records if j is not None], wait, progress)

@@ -20,6 +20,7 @@ from contract.job import (
     Job,
     Prediction,
     new_job_id,
+    validate_callback_url,
     validate_job_id,
     validate_model_name,
     validate_top_k,
@@ -36,6 +37,7 @@ _WRITE_BATCH = 2000
 class SubmitRequest:
     uri: str
     job_id: str | None = None
+    callback_url: str | None = None  # where its final record is POSTed; overrides submit_many's
 
 
 class Client:
@@ -69,8 +71,11 @@ class Client:
         model: str = defaults.MODEL,
         top_k: int = defaults.TOP_K,
         job_id: str | None = None,
+        callback_url: str | None = None,
     ) -> Job:
-        return self.submit_many([SubmitRequest(uri, job_id)], model=model, top_k=top_k)[0]
+        """Enqueue one job; with ``callback_url``, its final record is also POSTed there."""
+        request = SubmitRequest(uri, job_id, callback_url)
+        return self.submit_many([request], model=model, top_k=top_k)[0]
 
     def submit_many(
         self,
@@ -78,12 +83,15 @@ class Client:
         *,
         model: str = defaults.MODEL,
         top_k: int = defaults.TOP_K,
+        callback_url: str | None = None,
     ) -> list[Job]:
         """Enqueue every request; returns the records in input order.
 
         An ID that already exists is not queued again: its current record is returned instead.
+        ``callback_url`` is the webhook of every request that names none of its own.
         """
-        return list(self.iter_submit(requests, model=model, top_k=top_k))
+        jobs = self.iter_submit(requests, model=model, top_k=top_k, callback_url=callback_url)
+        return list(jobs)
 
     def iter_submit(
         self,
@@ -91,12 +99,15 @@ class Client:
         *,
         model: str = defaults.MODEL,
         top_k: int = defaults.TOP_K,
+        callback_url: str | None = None,
     ) -> Iterator[Job]:
         """Like ``submit_many`` but streams, so a backlog of millions never sits in memory."""
         self.check_model(model, top_k)
+        if callback_url is not None:
+            validate_callback_url(callback_url)
         it = iter(requests)
         while batch := list(itertools.islice(it, _WRITE_BATCH)):
-            yield from self._submit_batch(batch, model, top_k)
+            yield from self._submit_batch(batch, model, top_k, callback_url)
 
     def check_model(self, model: str, top_k: int) -> None:
         """Refuse, before anything is queued, a model no worker serves or a top_k it cannot give."""
@@ -111,9 +122,11 @@ class Client:
             )
         validate_top_k(top_k, info.num_classes)
 
-    def _submit_batch(self, batch: list[SubmitRequest | str], model: str, top_k: int) -> list[Job]:
+    def _submit_batch(
+        self, batch: list[SubmitRequest | str], model: str, top_k: int, callback_url: str | None
+    ) -> list[Job]:
         now = time.time()
-        jobs = [_new_job(r, model, top_k, now) for r in batch]
+        jobs = [_new_job(r, model, top_k, now, callback_url) for r in batch]
         created = self.store.create_many(jobs)
         fresh = [j for j, c in zip(jobs, created, strict=True) if c]
         self._enqueue(fresh)
@@ -214,8 +227,18 @@ def _final(job: Job | None) -> bool:
     return job is None or job.is_final
 
 
-def _new_job(request: SubmitRequest | str, model: str, top_k: int, now: float) -> Job:
+def _new_job(
+    request: SubmitRequest | str, model: str, top_k: int, now: float, callback_url: str | None
+) -> Job:
     if isinstance(request, str):
         request = SubmitRequest(request)
     job_id = new_job_id() if request.job_id is None else validate_job_id(request.job_id)
-    return Job(id=job_id, uri=validate_uri(request.uri), model=model, top_k=top_k, submitted=now)
+    callback = request.callback_url or callback_url
+    return Job(
+        id=job_id,
+        uri=validate_uri(request.uri),
+        model=model,
+        top_k=top_k,
+        callback_url=None if callback is None else validate_callback_url(callback),
+        submitted=now,
+    )
