@@ -195,7 +195,15 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         mode = "fresh" if fresh_only else "any"
         stats, events = keys.stats_key(model), keys.events_stream()
-        args = [now, worker, max_attempts, mode, keys.finished_channel(), defaults.EVENTS_MAX_LEN]
+        events_cap = defaults.EVENTS_MAX_LEN
+        args: list[str | float] = [
+            now,
+            worker,
+            max_attempts,
+            mode,
+            keys.finished_channel(),
+            events_cap,
+        ]
         for job_id in job_ids:
             self._claim(keys=[keys.job_key(job_id), stats, events], args=args, client=pipe)
         replies = pipe.execute(raise_on_error=False)
