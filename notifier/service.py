@@ -112,21 +112,27 @@ class Notifier:
         return None if wait < 1 else int(min(wait, MAX_BLOCK_MS))
 
     def take_events(self, block_ms: int | None = None) -> int:
-        """Read events and schedule their webhooks; returns how many events were read."""
+        """Read events and schedule their webhooks; returns how many events were read.
+
+        Events this consumer read before (and a restart cut short) come first, then new ones.
+        """
         self._claim_abandoned()
-        start = "0" if self._backlog else ">"
+        entries = self._read("0", None) if self._backlog else []
+        self._backlog = bool(entries)
+        if not entries:
+            entries = self._read(">", block_ms)
+        self._schedule(entries)
+        return len(entries)
+
+    def _read(self, start: str, block_ms: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
         reply: Any = self.redis.xreadgroup(
             self.settings.group,
             self.settings.consumer,
             {keys.events_stream(): start},
             count=EVENTS_PER_READ,
-            block=None if self._backlog else block_ms,
+            block=block_ms,
         )
-        entries = reply[0][1] if reply else []
-        if self._backlog and not entries:
-            self._backlog = False
-        self._schedule(entries)
-        return len(entries)
+        return list(reply[0][1]) if reply else []
 
     def _claim_abandoned(self) -> None:
         """Take over events another consumer read but never acknowledged (it died)."""
@@ -134,7 +140,7 @@ class Notifier:
         if now - self._last_claim < self.settings.claim_idle_s:
             return
         self._last_claim = now
-        reply = self.redis.xautoclaim(
+        claimed: Any = self.redis.xautoclaim(
             keys.events_stream(),
             self.settings.group,
             self.settings.consumer,
@@ -142,14 +148,14 @@ class Notifier:
             count=EVENTS_PER_READ,
             justid=True,
         )
-        if reply[1]:
+        if claimed:  # their IDs (justid)
             self._backlog = True  # they are now this consumer's pending entries
 
     def _schedule(self, entries: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> None:
         """Schedule the webhooks the entries call for and acknowledge them, in one transaction."""
         if not entries:
             return
-        events = [{keys.text(k): keys.text(v) for k, v in fields.items()} for _, fields in entries]
+        events = [{keys.text(k): keys.text(v) for k, v in (fields or {}).items()} for _, fields in entries]
         raws = self.redis.mget([keys.job_key(e.get("id", "")) for e in events])
         now = self._clock()
         pipe = self.redis.pipeline(transaction=True)
