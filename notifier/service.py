@@ -155,7 +155,9 @@ class Notifier:
         """Schedule the webhooks the entries call for and acknowledge them, in one transaction."""
         if not entries:
             return
-        events = [{keys.text(k): keys.text(v) for k, v in (fields or {}).items()} for _, fields in entries]
+        events = [
+            {keys.text(k): keys.text(v) for k, v in (fields or {}).items()} for _, fields in entries
+        ]
         raws = self.redis.mget([keys.job_key(e.get("id", "")) for e in events])
         now = self._clock()
         pipe = self.redis.pipeline(transaction=True)

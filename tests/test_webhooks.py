@@ -293,6 +293,21 @@ def test_an_event_is_acknowledged_once_its_webhook_is_scheduled(redis_client: re
     ]
 
 
+@pytest.mark.parametrize("consumer", ["same", "another"])
+def test_events_read_by_a_sender_that_died_are_scheduled_by_the_next(
+    redis_client: redis.Redis, consumer: str
+) -> None:
+    _finish(redis_client, "http://hooks.example/")
+    dying = _notifier(redis_client, consumer="same")
+    dying.setup()
+    assert len(dying._read(">", None)) == 1  # read, then killed before scheduling it
+    # "another" takes it over once it has been idle claim_idle_s (here at once)
+    successor = _notifier(redis_client, consumer=consumer, claim_idle_s=0)
+    assert successor.take_events() == 1
+    assert redis_client.zcard(keys.webhook_due_key()) == 1
+    assert redis_client.xpending(keys.events_stream(), successor.settings.group)["pending"] == 0
+
+
 # -- the whole service ----------------------------------------------------------------------
 
 
@@ -368,6 +383,7 @@ def test_every_final_job_is_delivered_signed_across_a_killed_sender(
     assert Counter(r.status for r in expected.values()) == {"done": 25, "failed": 1}
     assert {p.verified for p in receiver.posts} == {True}
     assert {p.webhook_id for p in receiver.posts} == expected.keys()  # duplicates: same IDs
+    assert min(Counter(p.webhook_id for p in receiver.posts).values()) >= 3  # 500, 500, 204
     for post in receiver.posts:  # a retry or duplicate carries the same record as the first
         assert json.loads(post.body) == expected[post.webhook_id].to_dict()
     assert read_dead(redis_client) == []
