@@ -34,3 +34,19 @@ DEAD_LETTER_MAX_ENTRIES = 10_000
 DEAD_LETTER_MAX_AGE_S = 7 * 24 * 3600
 # Job IDs listed in one dead-letter entry; the entry also counts them all.
 DEAD_LETTER_MAX_IDS = 100
+# Entries the completion-events stream keeps, about (XADD MAXLEN ~); the oldest go first.
+EVENTS_MAX_LEN = 1_000_000
+# Consumer group of the webhook sender on the events stream.
+WEBHOOK_GROUP = "webhooks"
+# Seconds a webhook is retried after its first try before it is given up (24 h).
+WEBHOOK_MAX_AGE_S = 24 * 3600
+# Seconds before the first webhook retry; each later one waits twice as long, with jitter.
+WEBHOOK_RETRY_BASE_S = 5.0
+# Longest wait between two webhook retries (1 h).
+WEBHOOK_RETRY_MAX_S = 3600.0
+# Seconds a webhook POST may take to connect, and to answer.
+WEBHOOK_TIMEOUT_S = 10.0
+# Webhook POSTs in flight at once.
+WEBHOOK_CONCURRENCY = 8
+# Most entries the list of given-up webhooks keeps; the oldest go first.
+WEBHOOK_DEAD_MAX_ENTRIES = 10_000

@@ -55,8 +55,11 @@ URI_SCHEMES = ("s3://", "http://", "https://", "file://")
 # Whole-string patterns, also published in the HTTP API's schema.
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
 MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# An http(s) URL without control characters or spaces.
+CALLBACK_URL_PATTERN = r"^[hH][tT][tT][pP][sS]?://[^\x00-\x20\x7f]+$"
 _JOB_ID = re.compile(JOB_ID_PATTERN.rstrip("$"))
 _MODEL = re.compile(MODEL_PATTERN.rstrip("$"))
+_CALLBACK_URL = re.compile(CALLBACK_URL_PATTERN.rstrip("$"))
 # A URI's scheme, when it has one: group 1 is the scheme without "://".
 URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -87,6 +90,10 @@ class Job:
     uri: str = field(metadata=_doc("local path, s3://bucket/key or http(s)://..."))
     model: str = field(metadata=_doc("model name; also names the Celery queue"))
     top_k: int = field(metadata=_doc("labels wanted, 1..MAX_TOP_K"))
+    callback_url: str | None = field(
+        default=None,
+        metadata=_doc("http(s) URL that receives the final record as a signed webhook, or null"),
+    )
     status: JobStatus = field(default=QUEUED, metadata=_doc("queued -> running -> done | failed"))
     submitted: float | None = field(default=None, metadata=_doc("unix seconds"))
     started: float | None = field(
@@ -227,6 +234,19 @@ def validate_top_k(top_k: int, num_classes: int | None = None) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= upper:
         raise InvalidRequest(f"top_k must be an integer from 1 to {upper}, got {top_k!r}")
     return top_k
+
+
+def validate_callback_url(url: str) -> str:
+    """Check a webhook URL's form; the sender refuses private addresses when it resolves them."""
+    if not isinstance(url, str) or not _CALLBACK_URL.fullmatch(url):
+        raise InvalidRequest(
+            f"callback_url must be an http:// or https:// URL without spaces or control "
+            f"characters, got {url!r:.60}"
+        )
+    if len(url) > defaults.MAX_URI_LEN:
+        raise InvalidRequest(f"callback_url is longer than {defaults.MAX_URI_LEN} characters")
+    _check_utf8(url, "callback_url")
+    return url
 
 
 def validate_uri(uri: str) -> str:

@@ -15,6 +15,26 @@ def finished_channel() -> str:
     return f"{KEY_PREFIX}:finished"
 
 
+def events_stream() -> str:
+    """Capped stream with one entry (id, status, batch) per job that reached a final state."""
+    return f"{KEY_PREFIX}:events"
+
+
+def webhook_due_key() -> str:
+    """Sorted set of webhook deliveries (by webhook ID) scored by when each is next due."""
+    return f"{KEY_PREFIX}:webhooks:due"
+
+
+def webhook_state_key() -> str:
+    """Hash of each pending webhook delivery's attempts so far and first try (JSON)."""
+    return f"{KEY_PREFIX}:webhooks:state"
+
+
+def webhook_dead_key() -> str:
+    """List of webhook deliveries given up on (newest first), kept for inspection."""
+    return f"{KEY_PREFIX}:webhooks:dead"
+
+
 def queue_name(model: str) -> str:
     """The Celery queue that only the workers serving ``model`` consume."""
     return f"{KEY_PREFIX}.{model}"

@@ -41,6 +41,13 @@ MISSING = ClaimState.MISSING
 CORRUPT = ClaimState.CORRUPT
 
 
+# Appends the final ``job`` to the events stream KEYS[3], capped at about ARGV[6] entries.
+_EVENT = (
+    "redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'id', job.id, "
+    "'status', job.status, 'batch', type(job.batch) == 'string' and job.batch or '')"
+)
+
+
 def _lua(script: str) -> str:
     """``script`` with the statuses of contract.job and the error types of contract.errors.
 
@@ -55,10 +62,12 @@ def _lua(script: str) -> str:
         failed=f"'{FAILED.value}'",
         poison=f"'{PoisonJob.type}'",
         invalid=f"'{InvalidRequest.type}'",
+        event=_EVENT,
     )
 
 
-# KEYS[1] job key. ARGV: now, worker, max_attempts, mode ("fresh" | "any"), channel.
+# KEYS[1] job key, KEYS[2] stats hash, KEYS[3] events stream. ARGV: now, worker, max_attempts,
+# mode ("fresh" | "any"), channel, events cap.
 # A record that is JSON but cannot become a Job (no uri, say) is failed at once, naming the field.
 # "fresh" claims only never-started jobs and answers "suspect" for the rest, so that a job
 # which may have killed a worker is retried on its own rather than beside its neighbours.
@@ -85,6 +94,7 @@ if missing then
   redis.call('SET', KEYS[1], raw, 'KEEPTTL')
   redis.call('HINCRBY', KEYS[2], 'failed', 1)
   redis.call('PUBLISH', ARGV[5], cjson.encode({job.id}))
+  $event
   return {'final', raw}
 end
 local attempts = tonumber(job.attempts) or 0
@@ -99,6 +109,7 @@ if attempts >= tonumber(ARGV[3]) then
   redis.call('SET', KEYS[1], raw, 'KEEPTTL')
   redis.call('HINCRBY', KEYS[2], 'failed', 1)
   redis.call('PUBLISH', ARGV[5], cjson.encode({job.id}))
+  $event
   return {'poisoned', raw}
 end
 job.attempts = attempts + 1
@@ -110,9 +121,10 @@ redis.call('SET', KEYS[1], raw, 'KEEPTTL')
 return {'claimed', raw}
 """)
 
-# KEYS[1] job key, KEYS[2] stats hash. ARGV[1] final record, ARGV[2] its status, ARGV[3] its
-# attempts. Writes only over a job that is not final yet: a result is stored once. If a later
-# delivery started the job again meanwhile, the stored record keeps that higher attempt count.
+# KEYS[1] job key, KEYS[2] stats hash, KEYS[3] events stream. ARGV[1] final record, ARGV[2] its
+# status, ARGV[3] its attempts, ARGV[4] its ID, ARGV[5] its batch ('' for none), ARGV[6] events
+# cap. Writes only over a job that is not final yet: a result is stored once. If a later delivery
+# started the job again meanwhile, the stored record keeps that higher attempt count.
 _FINISH = _lua("""
 local raw = redis.call('GET', KEYS[1])
 if not raw then return -1 end
@@ -129,6 +141,8 @@ if ok and type(job) == 'table' and (tonumber(job.attempts) or 0) > tonumber(ARGV
 end
 redis.call('SET', KEYS[1], record, 'KEEPTTL')
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+job = {id = ARGV[4], status = ARGV[2], batch = ARGV[5]}
+$event
 return 1
 """)
 
@@ -180,10 +194,18 @@ class JobStore:
         """Mark jobs running and count an attempt, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         mode = "fresh" if fresh_only else "any"
-        stats = keys.stats_key(model)
+        stats, events = keys.stats_key(model), keys.events_stream()
+        events_cap = defaults.EVENTS_MAX_LEN
+        args: list[str | float] = [
+            now,
+            worker,
+            max_attempts,
+            mode,
+            keys.finished_channel(),
+            events_cap,
+        ]
         for job_id in job_ids:
-            args: list[str | float] = [now, worker, max_attempts, mode, keys.finished_channel()]
-            self._claim(keys=[keys.job_key(job_id), stats], args=args, client=pipe)
+            self._claim(keys=[keys.job_key(job_id), stats, events], args=args, client=pipe)
         replies = pipe.execute(raise_on_error=False)
         _raise_unless_wrongtype(replies)
         return [_claim(i, r) for i, r in zip(job_ids, replies, strict=True)]
@@ -196,8 +218,8 @@ class JobStore:
         for job in jobs:
             stats = keys.stats_key(job.model)
             self._finish(
-                keys=[keys.job_key(job.id), stats],
-                args=[job.encode(), job.status, job.attempts],
+                keys=[keys.job_key(job.id), stats, keys.events_stream()],
+                args=[job.encode(), job.status, job.attempts, job.id, "", defaults.EVENTS_MAX_LEN],
                 client=pipe,
             )
         pipe.publish(keys.finished_channel(), json.dumps([j.id for j in jobs]))

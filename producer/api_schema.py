@@ -16,9 +16,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field
 from contract import defaults
 from contract.errors import InvalidRequest
 from contract.job import (
+    CALLBACK_URL_PATTERN,
     JOB_ID_PATTERN,
     MODEL_PATTERN,
     Job,
+    validate_callback_url,
     validate_job_id,
     validate_model_name,
     validate_uri,
@@ -69,6 +71,15 @@ ModelName = Annotated[
     str, Field(max_length=100, pattern=MODEL_PATTERN), _checked(validate_model_name)
 ]
 TopK = Annotated[int, Field(ge=1, le=defaults.MAX_TOP_K)]
+CallbackUrl = Annotated[
+    str,
+    Field(
+        max_length=defaults.MAX_URI_LEN,
+        pattern=CALLBACK_URL_PATTERN,
+        description="http(s) URL that receives the job's final record as a signed webhook.",
+    ),
+    _checked(validate_callback_url),
+]
 
 
 class _Strict(BaseModel):
@@ -79,6 +90,7 @@ class _Strict(BaseModel):
 class JobIn(_Strict):
     uri: Uri
     id: JobId | None = Field(None, description="Your own job ID; generated when left out.")
+    callback_url: CallbackUrl | None = None
 
 
 class SubmitOne(JobIn):
@@ -94,6 +106,9 @@ class SubmitMany(_Strict):
     jobs: list[JobIn] = Field(min_length=1, max_length=MAX_JOBS_PER_REQUEST)
     model: ModelName = defaults.MODEL
     top_k: TopK = defaults.TOP_K
+    callback_url: CallbackUrl | None = Field(
+        None, description="The webhook of every job that names none of its own."
+    )
 
 
 def _body_kind(body: Any) -> str | None:

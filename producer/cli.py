@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 import click
@@ -133,6 +134,10 @@ def main() -> None:
 )
 @click.option("--top-k", default=defaults.TOP_K, show_default=True, help="Labels per image.")
 @click.option(
+    "--callback-url",
+    help="POST each job's final record here as a signed webhook (sent by python -m notifier).",
+)
+@click.option(
     "--wait",
     type=float,
     default=None,
@@ -176,6 +181,7 @@ def submit(
     redis_url: str,
     model: str,
     top_k: int,
+    callback_url: str | None,
     wait: float | None,
     ordered: bool,
     from_file: IO[str] | None,
@@ -211,7 +217,8 @@ def submit(
     with _first_sigint_stops() as interrupted:
         try:
             requests = _uris(uris, from_file, s3_prefix)
-            _queue(client, requests, model, top_k, printer, wait is None, progress, interrupted)
+            queue = _Queue(model, top_k, callback_url)
+            _queue(client, requests, queue, printer, wait is None, progress, interrupted)
             if wait is not None:
                 _print_finals(client, printer, wait, ordered, progress, interrupted)
         except ServiceError as e:
@@ -264,11 +271,19 @@ class _Printer:
             raise
 
 
+@dataclass(frozen=True)
+class _Queue:
+    """What every job of one ``submit`` is queued with."""
+
+    model: str
+    top_k: int
+    callback_url: str | None
+
+
 def _queue(
     client: Client,
     requests: Iterable[SubmitRequest],
-    model: str,
-    top_k: int,
+    queue: _Queue,
     printer: _Printer,
     show: bool,
     progress: bool,
@@ -276,7 +291,10 @@ def _queue(
 ) -> None:
     """Submit batch by batch, stopping between batches on Ctrl-C."""
     bar = _tqdm(None, "queued") if progress else None
-    for jobs in client.iter_submit_batches(requests, model=model, top_k=top_k):
+    batches = client.iter_submit_batches(
+        requests, model=queue.model, top_k=queue.top_k, callback_url=queue.callback_url
+    )
+    for jobs in batches:
         printer.queued(jobs, show)
         if bar is not None:
             bar.update(len(jobs))

@@ -22,6 +22,7 @@ from contract.job import (
     Job,
     Prediction,
     new_job_id,
+    validate_callback_url,
     validate_job_id,
     validate_model_name,
     validate_top_k,
@@ -39,6 +40,7 @@ _WRITE_BATCH = 2000
 class SubmitRequest:
     uri: str
     job_id: str | None = None
+    callback_url: str | None = None  # where its final record is POSTed; overrides submit_many's
 
 
 class Client:
@@ -87,8 +89,11 @@ class Client:
         model: str = defaults.MODEL,
         top_k: int = defaults.TOP_K,
         job_id: str | None = None,
+        callback_url: str | None = None,
     ) -> Job:
-        return self.submit_many([SubmitRequest(uri, job_id)], model=model, top_k=top_k)[0]
+        """Enqueue one job; with ``callback_url``, its final record is also POSTed there."""
+        request = SubmitRequest(uri, job_id, callback_url)
+        return self.submit_many([request], model=model, top_k=top_k)[0]
 
     def submit_many(
         self,
@@ -96,13 +101,16 @@ class Client:
         *,
         model: str = defaults.MODEL,
         top_k: int = defaults.TOP_K,
+        callback_url: str | None = None,
     ) -> list[Job]:
         """Enqueue every request; returns the records in input order.
 
         An ID that already exists is not queued again: its current record is returned instead
         when the request is the same (uri, model, top_k); else ``IdConflict`` is raised.
+        ``callback_url`` is the webhook of every request that names none of its own.
         """
-        return list(self.iter_submit(requests, model=model, top_k=top_k))
+        jobs = self.iter_submit(requests, model=model, top_k=top_k, callback_url=callback_url)
+        return list(jobs)
 
     def iter_submit(
         self,
@@ -110,9 +118,13 @@ class Client:
         *,
         model: str = defaults.MODEL,
         top_k: int = defaults.TOP_K,
+        callback_url: str | None = None,
     ) -> Iterator[Job]:
         """Like ``submit_many`` but streams, so a backlog of millions never sits in memory."""
-        for batch in self.iter_submit_batches(requests, model=model, top_k=top_k):
+        batches = self.iter_submit_batches(
+            requests, model=model, top_k=top_k, callback_url=callback_url
+        )
+        for batch in batches:
             yield from batch
 
     def iter_submit_batches(
@@ -121,13 +133,16 @@ class Client:
         *,
         model: str = defaults.MODEL,
         top_k: int = defaults.TOP_K,
+        callback_url: str | None = None,
     ) -> Iterator[list[Job]]:
         """Like ``iter_submit``, one list per write batch: each list is queued as a whole, so a
         caller that stops between lists (on Ctrl-C) knows every job it queued."""
         self.check_model(model, top_k)
+        if callback_url is not None:
+            validate_callback_url(callback_url)
         it = iter(requests)
         while batch := list(itertools.islice(it, _WRITE_BATCH)):
-            yield self._submit_batch(batch, model, top_k)
+            yield self._submit_batch(batch, model, top_k, callback_url)
 
     def check_model(self, model: str, top_k: int) -> None:
         """Refuse, before anything is queued, a model no worker serves or a top_k it cannot give."""
@@ -142,9 +157,11 @@ class Client:
             )
         validate_top_k(top_k, info.num_classes)
 
-    def _submit_batch(self, batch: list[SubmitRequest | str], model: str, top_k: int) -> list[Job]:
+    def _submit_batch(
+        self, batch: list[SubmitRequest | str], model: str, top_k: int, callback_url: str | None
+    ) -> list[Job]:
         now = time.time()
-        jobs = [self._new_job(r, model, top_k, now) for r in batch]
+        jobs = [self._new_job(r, model, top_k, now, callback_url) for r in batch]
         self._refuse_conflicts(jobs, [j for j, r in zip(jobs, batch, strict=True) if _named(r)])
         created = self.store.create_many(jobs)
         fresh = [j for j, c in zip(jobs, created, strict=True) if c]
@@ -157,12 +174,27 @@ class Client:
         _raise_on_conflict(old, existing)
         return [j if c else existing.get(j.id, j) for j, c in zip(jobs, created, strict=True)]
 
-    def _new_job(self, request: SubmitRequest | str, model: str, top_k: int, now: float) -> Job:
+    def _new_job(
+        self,
+        request: SubmitRequest | str,
+        model: str,
+        top_k: int,
+        now: float,
+        callback_url: str | None,
+    ) -> Job:
         if isinstance(request, str):
             request = SubmitRequest(request)
         uri = absolute_uri(request.uri) if self.absolute_paths else request.uri
         job_id = new_job_id() if request.job_id is None else validate_job_id(request.job_id)
-        return Job(id=job_id, uri=validate_uri(uri), model=model, top_k=top_k, submitted=now)
+        callback = request.callback_url or callback_url
+        return Job(
+            id=job_id,
+            uri=validate_uri(uri),
+            model=model,
+            top_k=top_k,
+            callback_url=None if callback is None else validate_callback_url(callback),
+            submitted=now,
+        )
 
     def _refuse_conflicts(self, jobs: list[Job], named: list[Job]) -> None:
         """Refuse the whole batch, before anything is written, if a caller-chosen ID is taken

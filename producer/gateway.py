@@ -259,10 +259,18 @@ def submit(body: Submission, client: ClientDep) -> dict[str, Any]:
     the same, and 409 ``conflict`` when it is not; then nothing of the request is queued.
     """
     if isinstance(body, SubmitOne):
-        job = client.submit(body.uri, model=body.model, top_k=body.top_k, job_id=body.id)
+        job = client.submit(
+            body.uri,
+            model=body.model,
+            top_k=body.top_k,
+            job_id=body.id,
+            callback_url=body.callback_url,
+        )
         return job.to_dict()
-    requests = [SubmitRequest(j.uri, j.id) for j in body.jobs]
-    jobs = client.submit_many(requests, model=body.model, top_k=body.top_k)
+    requests = [SubmitRequest(j.uri, j.id, j.callback_url) for j in body.jobs]
+    jobs = client.submit_many(
+        requests, model=body.model, top_k=body.top_k, callback_url=body.callback_url
+    )
     return {"jobs": [j.to_dict() for j in jobs]}
 
 

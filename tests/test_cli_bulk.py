@@ -124,6 +124,17 @@ def test_a_refused_submission_exits_non_zero_with_the_error_type(served: Served)
     ]
 
 
+def test_a_callback_url_is_stored_with_each_job_and_a_bad_one_refused(served: Served) -> None:
+    hook = "https://me.example/hooks"
+    run = producer(served.redis_url, "submit", "--model", MODEL, "--callback-url", hook, "a.jpg")
+    bad = producer(served.redis_url, "submit", "--model", MODEL, "--callback-url", "me", "a.jpg")
+
+    assert run.returncode == 0
+    assert json.loads(run.stdout)["callback_url"] == hook
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert "callback_url" in bad.stderr
+
+
 def test_a_name_that_is_not_utf8_is_refused_in_one_line_and_nothing_is_queued(
     served: Served, tmp_path: Path
 ) -> None:

@@ -425,3 +425,28 @@ def test_every_job_id_the_schema_allows_is_accepted_by_the_contract(job_id: str)
     # which the schema rightly refuses.
     if re.fullmatch(JOB_ID_PATTERN, job_id):
         assert _accepts(validate_job_id, job_id)
+
+
+def test_a_callback_url_is_kept_per_job_or_for_every_job_of_a_request(stack: Stack) -> None:
+    one = {"uri": "a.jpg", "model": IDLE, "callback_url": "https://me.example/one"}
+    many = {
+        "jobs": [{"uri": "b.jpg", "callback_url": "https://me.example/own"}, {"uri": "c.jpg"}],
+        "model": IDLE,
+        "callback_url": "https://me.example/all",
+    }
+    got_one = stack.http.post("/v1/jobs", json=one).json()
+    got_many = stack.http.post("/v1/jobs", json=many).json()["jobs"]
+    assert got_one["callback_url"] == "https://me.example/one"
+    assert [j["callback_url"] for j in got_many] == [
+        "https://me.example/own",
+        "https://me.example/all",
+    ]
+
+
+@pytest.mark.parametrize("url", ["ftp://me.example/", "me.example/hook", "http://a b/"])
+def test_a_callback_url_that_is_not_http_is_refused_naming_the_field(
+    stack: Stack, url: str
+) -> None:
+    reply = stack.http.post("/v1/jobs", json={"uri": "a.jpg", "model": IDLE, "callback_url": url})
+    assert reply.status_code == 422
+    assert "callback_url" in reply.json()["error"]["message"]

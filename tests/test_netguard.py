@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from contract.errors import AccessDenied, InvalidRequest, NotFound
-from worker.netguard import SafeHttp, check_address, is_special
+from contract.netguard import check_address, is_special
+from worker.netguard import SafeHttp
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 ALLOW_LOOPBACK = (LOOPBACK,)

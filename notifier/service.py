@@ -1,0 +1,224 @@
+"""The sender's loop: events in, deliveries scheduled, due deliveries POSTed.
+
+Events are read with a consumer group and acknowledged in the same transaction that schedules
+their deliveries, so an event is either still pending in the group or its webhook is in the
+schedule: killing the sender at any moment loses nothing. A delivery leaves the schedule only
+once delivered or given up (recorded in the dead list).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import redis
+
+from contract import defaults, keys
+from contract.errors import MalformedRecord
+from contract.job import Job
+from notifier.delivery import Outcome, Poster
+from notifier.schedule import Delivery, Schedule, backoff_s, dead_entry, webhook_id
+from notifier.signing import Signer
+
+log = logging.getLogger("notifier")
+
+# Events read from the stream per call.
+EVENTS_PER_READ = 500
+# Longest the loop blocks waiting for events, in milliseconds.
+MAX_BLOCK_MS = 1000
+# Seconds the loop waits after a Redis error before it tries again.
+REDIS_RETRY_S = 1.0
+
+
+@dataclass(frozen=True)
+class NotifierSettings:
+    """How the sender runs; built once by the CLI from flags and environment."""
+
+    group: str = defaults.WEBHOOK_GROUP
+    consumer: str = "notifier"
+    max_age_s: float = defaults.WEBHOOK_MAX_AGE_S
+    retry_base_s: float = defaults.WEBHOOK_RETRY_BASE_S
+    retry_max_s: float = defaults.WEBHOOK_RETRY_MAX_S
+    timeout_s: float = defaults.WEBHOOK_TIMEOUT_S
+    concurrency: int = defaults.WEBHOOK_CONCURRENCY
+    # Seconds an event may sit unacknowledged with another consumer before this one takes it.
+    claim_idle_s: float = 60.0
+
+    @property
+    def lease_s(self) -> float:
+        """How long a delivery in flight is hidden from other senders: past any POST's end."""
+        return 2 * self.timeout_s + 1
+
+
+def callback_for(job: Job, batch: str) -> str | None:
+    """Where a final job's webhook goes: its own callback_url (a batch's, once batches name one,
+    would be looked up here by ``batch`` for jobs that name none)."""
+    del batch  # batches do not carry a callback_url yet
+    return job.callback_url
+
+
+class Notifier:
+    def __init__(
+        self,
+        client: redis.Redis,
+        signer: Signer,
+        poster: Poster,
+        settings: NotifierSettings,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.redis = client
+        self.signer = signer
+        self.poster = poster
+        self.settings = settings
+        self.schedule = Schedule(client)
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._backlog = True  # events this consumer read before a restart, not acknowledged
+        self._last_claim = 0.0
+
+    def setup(self) -> None:
+        """Create the consumer group (reading the stream from its start) unless it exists."""
+        try:
+            self.redis.xgroup_create(keys.events_stream(), self.settings.group, "0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def run(self, stop: threading.Event) -> None:
+        self.setup()
+        log.info(
+            "sending webhooks (group %s, consumer %s)", self.settings.group, self.settings.consumer
+        )
+        with ThreadPoolExecutor(self.settings.concurrency, "webhook") as pool:
+            while not stop.is_set():
+                try:
+                    self.take_events(self._block_ms())
+                    self.deliver_due(pool)
+                except redis.RedisError as e:  # nothing is lost: try again shortly
+                    log.warning("Redis: %s; retrying in %g s", e, REDIS_RETRY_S)
+                    stop.wait(REDIS_RETRY_S)
+
+    def _block_ms(self) -> int | None:
+        """How long to wait for events: not at all when deliveries are due."""
+        due = self.schedule.next_due()
+        wait = MAX_BLOCK_MS if due is None else (due - self._clock()) * 1000
+        return None if wait < 1 else int(min(wait, MAX_BLOCK_MS))
+
+    def take_events(self, block_ms: int | None = None) -> int:
+        """Read events and schedule their webhooks; returns how many events were read.
+
+        Events this consumer read before (and a restart cut short) come first, then new ones.
+        """
+        self._claim_abandoned()
+        entries = self._read("0", None) if self._backlog else []
+        self._backlog = bool(entries)
+        if not entries:
+            entries = self._read(">", block_ms)
+        self._schedule(entries)
+        return len(entries)
+
+    def _read(self, start: str, block_ms: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        reply: Any = self.redis.xreadgroup(
+            self.settings.group,
+            self.settings.consumer,
+            {keys.events_stream(): start},
+            count=EVENTS_PER_READ,
+            block=block_ms,
+        )
+        return list(reply[0][1]) if reply else []
+
+    def _claim_abandoned(self) -> None:
+        """Take over events another consumer read but never acknowledged (it died)."""
+        now = self._clock()
+        if now - self._last_claim < self.settings.claim_idle_s:
+            return
+        self._last_claim = now
+        claimed: Any = self.redis.xautoclaim(
+            keys.events_stream(),
+            self.settings.group,
+            self.settings.consumer,
+            min_idle_time=int(self.settings.claim_idle_s * 1000),
+            count=EVENTS_PER_READ,
+            justid=True,
+        )
+        if claimed:  # their IDs (justid)
+            self._backlog = True  # they are now this consumer's pending entries
+
+    def _schedule(self, entries: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Schedule the webhooks the entries call for and acknowledge them, in one transaction."""
+        if not entries:
+            return
+        events = [
+            {keys.text(k): keys.text(v) for k, v in (fields or {}).items()} for _, fields in entries
+        ]
+        raws = self.redis.mget([keys.job_key(e.get("id", "")) for e in events])
+        now = self._clock()
+        pipe = self.redis.pipeline(transaction=True)
+        for event, raw in zip(events, raws, strict=True):
+            delivery = _delivery(event, raw, now)
+            if delivery is not None:
+                self.schedule.add(pipe, delivery)
+        pipe.xack(keys.events_stream(), self.settings.group, *(i for i, _ in entries))
+        pipe.execute()
+
+    def deliver_due(self, pool: ThreadPoolExecutor) -> int:
+        """POST every due webhook; returns how many were tried."""
+        batch = self.settings.concurrency * 4
+        deliveries = self.schedule.lease(self._clock(), self.settings.lease_s, batch)
+        if not deliveries:
+            return 0
+        raws = self.redis.mget([keys.job_key(d.job_id) for d in deliveries])
+        outcomes = list(pool.map(self._send, deliveries, raws))
+        self._settle(deliveries, outcomes)
+        return len(deliveries)
+
+    def _send(self, delivery: Delivery, raw: bytes | None) -> Outcome:
+        if raw is None:
+            return Outcome(False, permanent=True, error="the job record expired before delivery")
+        body = keys.text(raw)
+        headers = self.signer.headers(delivery.webhook_id, body, self._clock())
+        return self.poster.post(delivery.url, body, headers)
+
+    def _settle(self, deliveries: Sequence[Delivery], outcomes: Sequence[Outcome]) -> None:
+        now = self._clock()
+        delivered, retries, dead = [], [], []
+        for delivery, outcome in zip(deliveries, outcomes, strict=True):
+            tried = replace(delivery, attempts=delivery.attempts + 1)
+            if outcome.delivered:
+                delivered.append(tried)
+            elif outcome.permanent or now - tried.first >= self.settings.max_age_s:
+                log.warning("giving up webhook %s: %s", tried.webhook_id, outcome.error)
+                dead.append(dead_entry(tried, outcome.error, now))
+            else:
+                s = self.settings
+                delay = backoff_s(tried.attempts, s.retry_base_s, s.retry_max_s, self._rng)
+                log.info(
+                    "webhook %s failed (%s); retry in %.1f s",
+                    tried.webhook_id,
+                    outcome.error,
+                    delay,
+                )
+                retries.append((tried, now + delay))
+        self.schedule.settle(delivered, retries, dead)
+
+
+def _delivery(event: dict[str, str], raw: bytes | str | None, now: float) -> Delivery | None:
+    """The webhook an event calls for, if its job (still) has somewhere to send it."""
+    if raw is None:
+        return None  # the record expired before the event was read: nothing to send
+    try:
+        job = Job.decode(raw)
+    except MalformedRecord as e:
+        log.warning("event for job %s: %s; no webhook", event.get("id"), e)
+        return None
+    url = callback_for(job, event.get("batch", ""))
+    if url is None:
+        return None
+    return Delivery(webhook_id(job.id, event.get("status", job.status)), url, first=now)
