@@ -23,11 +23,15 @@ log = logging.getLogger(__name__)
 
 
 def oldest_queued_age(client: redis.Redis, model: str, now: float) -> float | None:
-    """Seconds since the next job to be delivered was submitted; None for an empty queue.
+    """Seconds since the oldest job waiting in any of ``model``'s queues (every version and
+    priority) was submitted; None when they are all empty."""
+    ages = [_head_age(client, q, now) for q in registry.queues(client, model)]
+    return max((a for a in ages if a is not None), default=None)
 
-    Celery LPUSHes and workers BRPOP, so the oldest message sits at the list's tail.
-    """
-    raw = client.lindex(keys.queue_name(model), -1)
+
+def _head_age(client: redis.Redis, queue: str, now: float) -> float | None:
+    """Celery LPUSHes and workers BRPOP, so the oldest message sits at the list's tail."""
+    raw = client.lindex(queue, -1)
     if raw is None:
         return None
     job_id = _first_job_id(raw)
@@ -68,7 +72,7 @@ class QueueCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
-            "imgcls_queue_depth", "Messages waiting in the model's queue.", labels=["model"]
+            "imgcls_queue_depth", "Messages waiting in the model's queues.", labels=["model"]
         )
         age = GaugeMetricFamily(
             "imgcls_queue_oldest_age_seconds",

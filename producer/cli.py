@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict
 from typing import IO, Any, TypeVar
 
 import click
@@ -22,7 +23,7 @@ import redis
 from contract import deadletter, defaults, redis_errors, registry
 from contract.connection import connect
 from contract.errors import ServiceError
-from contract.job import Job, validate_model_name
+from contract.job import PRIORITIES, Job, Priority, validate_model_ref
 from contract.logs import configure_logging
 from producer import bulk, export
 from producer.client import Client, SubmitRequest
@@ -97,9 +98,16 @@ def main() -> None:
     "--model",
     default=defaults.MODEL,
     show_default=True,
-    help="Model to classify with; a worker must serve it.",
+    help="Model to classify with, or NAME@VERSION to pin a version; a worker must serve it.",
 )
 @click.option("--top-k", default=defaults.TOP_K, show_default=True, help="Labels per image.")
+@click.option(
+    "--priority",
+    type=click.Choice([p.value for p in PRIORITIES]),
+    default=Priority.NORMAL.value,
+    show_default=True,
+    help="Each model's workers serve high jobs first, low jobs last.",
+)
 @click.option(
     "--wait",
     type=float,
@@ -138,6 +146,7 @@ def submit(
     redis_url: str,
     model: str,
     top_k: int,
+    priority: str,
     wait: float | None,
     from_file: IO[str] | None,
     s3_prefix: str | None,
@@ -157,7 +166,8 @@ def submit(
     report = bulk.Summary()
     client = Client.from_url(redis_url, chunk_size=chunk_size)
     try:
-        jobs = client.iter_submit(_uris(uris, from_file, s3_prefix), model=model, top_k=top_k)
+        uri_list = _uris(uris, from_file, s3_prefix)
+        jobs = client.iter_submit(uri_list, model=model, top_k=top_k, priority=priority)
         records: Iterable[Job | None] = _counted(_bar(jobs, progress, "queued"), report)
         if wait is not None:
             records = _waited(client, [j.id for j in records if j is not None], wait, progress)
@@ -374,20 +384,34 @@ def models() -> None:
 @click.option(
     "--num-classes",
     type=click.IntRange(min=1),
-    required=True,
-    help="Classes the model's workers will answer with (top_k is checked against it).",
+    help="Classes the model's workers will answer with (top_k is checked against it); "
+    "taken from the registration when --default-version names a registered version.",
 )
 @click.option("--weights", default="", help="Weights ID to show until a worker registers.")
+@click.option(
+    "--default-version",
+    default="",
+    help="The version unpinned jobs go to (see models list) [default: the one --weights and "
+    "--num-classes make].",
+)
 @click.argument("name")
-def declare(redis_url: str, num_classes: int, weights: str, name: str) -> None:
-    """Let producers queue jobs for NAME before any worker serves it; prints the record."""
+def declare(
+    redis_url: str, num_classes: int | None, weights: str, default_version: str, name: str
+) -> None:
+    """Make a version NAME's default, and let producers queue jobs for it before any worker
+    serves it; prints the record. Without a declaration the newest version is the default."""
     try:
-        validate_model_name(name)
+        validate_model_ref(f"{name}@{default_version}" if default_version else name)
     except ServiceError as e:
         raise click.BadParameter(str(e), param_hint="NAME") from e
     client = Client.from_url(redis_url)
     try:
-        info = registry.declare_model(client.redis, name, num_classes, weights)
+        if num_classes is None:
+            known = default_version and registry.get_model(client.redis, name, default_version)
+            if not known:
+                raise click.BadParameter("give --num-classes", param_hint="--num-classes")
+            num_classes, weights = known.num_classes, weights or known.weights
+        info = registry.declare_model(client.redis, name, num_classes, weights, default_version)
     finally:
         client.close()
     click.echo(info.encode())
@@ -396,13 +420,15 @@ def declare(redis_url: str, num_classes: int, weights: str, name: str) -> None:
 @models.command("list")
 @redis_option
 def list_models(redis_url: str) -> None:
-    """One JSON line per model producers accept: a worker's registration, else a declaration."""
+    """One JSON line per model version producers accept (a worker's registration, else a
+    declaration); ``default`` marks where unpinned jobs go."""
     client = Client.from_url(redis_url)
     try:
         for name in registry.known_models(client.redis):
-            info = registry.get_model(client.redis, name)
-            if info is not None:
-                click.echo(info.encode())
+            default = registry.get_model(client.redis, name)
+            for info in registry.model_versions(client.redis, name):
+                shown = {**asdict(info), "default": info.version == getattr(default, "version", "")}
+                click.echo(json.dumps(shown))
     finally:
         client.close()
 

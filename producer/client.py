@@ -6,7 +6,7 @@ import itertools
 import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
 from celery import Celery
@@ -19,13 +19,16 @@ from contract.job import (
     ErrorInfo,
     Job,
     Prediction,
+    Priority,
     new_job_id,
+    parse_model_ref,
     validate_job_id,
-    validate_model_name,
+    validate_priority,
     validate_top_k,
     validate_uri,
 )
 from contract.messaging import TASK_NAME, make_celery
+from contract.registry import ModelInfo
 from contract.store import JobStore
 
 # Jobs written to Redis per pipeline when submitting in bulk.
@@ -69,8 +72,10 @@ class Client:
         model: str = defaults.MODEL,
         top_k: int = defaults.TOP_K,
         job_id: str | None = None,
+        priority: str = Priority.NORMAL,
     ) -> Job:
-        return self.submit_many([SubmitRequest(uri, job_id)], model=model, top_k=top_k)[0]
+        request = [SubmitRequest(uri, job_id)]
+        return self.submit_many(request, model=model, top_k=top_k, priority=priority)[0]
 
     def submit_many(
         self,
@@ -78,12 +83,14 @@ class Client:
         *,
         model: str = defaults.MODEL,
         top_k: int = defaults.TOP_K,
+        priority: str = Priority.NORMAL,
     ) -> list[Job]:
         """Enqueue every request; returns the records in input order.
 
+        ``model`` is a name (its default version serves the jobs) or ``name@version``.
         An ID that already exists is not queued again: its current record is returned instead.
         """
-        return list(self.iter_submit(requests, model=model, top_k=top_k))
+        return list(self.iter_submit(requests, model=model, top_k=top_k, priority=priority))
 
     def iter_submit(
         self,
@@ -91,29 +98,39 @@ class Client:
         *,
         model: str = defaults.MODEL,
         top_k: int = defaults.TOP_K,
+        priority: str = Priority.NORMAL,
     ) -> Iterator[Job]:
         """Like ``submit_many`` but streams, so a backlog of millions never sits in memory."""
-        self.check_model(model, top_k)
+        info = self.check_model(model, top_k)
+        template = Job("", "", info.name, top_k, info.version, validate_priority(priority))
         it = iter(requests)
         while batch := list(itertools.islice(it, _WRITE_BATCH)):
-            yield from self._submit_batch(batch, model, top_k)
+            yield from self._submit_batch(batch, template)
 
-    def check_model(self, model: str, top_k: int) -> None:
-        """Refuse, before anything is queued, a model no worker serves or a top_k it cannot give."""
-        validate_model_name(model)
+    def check_model(self, model: str, top_k: int) -> ModelInfo:
+        """The version that will serve ``model`` (``name`` or ``name@version``); refuses, before
+        anything is queued, a model or version no worker serves or a top_k it cannot give."""
+        name, version = parse_model_ref(model)
         validate_top_k(top_k)
-        info = registry.get_model(self.redis, model)
+        info = registry.get_model(self.redis, name, version)
         if info is None:
-            known = ", ".join(registry.known_models(self.redis)) or "none yet"
-            raise UnsupportedModel(
-                f"no worker has registered model {model!r} (registered: {known}); "
-                f"start one with: python -m worker --model {model}"
-            )
+            raise UnsupportedModel(self._unknown(name, version))
         validate_top_k(top_k, info.num_classes)
+        return info
 
-    def _submit_batch(self, batch: list[SubmitRequest | str], model: str, top_k: int) -> list[Job]:
+    def _unknown(self, name: str, version: str | None) -> str:
+        if version is not None and name in registry.known_models(self.redis):
+            known = ", ".join(registry.versions(self.redis, name))
+            return f"model {name!r} has no version {version!r} (versions: {known})"
+        known = ", ".join(registry.known_models(self.redis)) or "none yet"
+        return (
+            f"no worker has registered model {name!r} (registered: {known}); "
+            f"start one with: python -m worker --model {name}"
+        )
+
+    def _submit_batch(self, batch: list[SubmitRequest | str], template: Job) -> list[Job]:
         now = time.time()
-        jobs = [_new_job(r, model, top_k, now) for r in batch]
+        jobs = [_new_job(r, template, now) for r in batch]
         created = self.store.create_many(jobs)
         fresh = [j for j, c in zip(jobs, created, strict=True) if c]
         self._enqueue(fresh)
@@ -127,15 +144,27 @@ class Client:
         """Send the jobs of ``job_ids`` that are still queued again; returns their IDs.
 
         For a message that never ran (dead-lettered): final or running jobs are left alone."""
-        queued = [j for j in self.store.get_many(job_ids) if j is not None and j.status == QUEUED]
-        for model in dict.fromkeys(j.model for j in queued):
-            self._enqueue([j for j in queued if j.model == model])
+        found = self.store.get_many(job_ids)
+        queued = [p for j in found if j is not None and j.status == QUEUED and (p := self._pin(j))]
+        for route in dict.fromkeys(_route(j) for j in queued):
+            self._enqueue([j for j in queued if _route(j) == route])
         return [j.id for j in queued]
 
+    def _pin(self, job: Job) -> Job | None:
+        """``job`` with a version: a record from before versions existed is checked against
+        its model's default version now, or left alone (None) if that version cannot take it."""
+        if job.version is not None:
+            return job
+        try:
+            return replace(job, version=self.check_model(job.model, job.top_k).version)
+        except ServiceError:
+            return None
+
     def _enqueue(self, jobs: Sequence[Job]) -> None:
+        """Send ``jobs``, all of one model version and priority, in messages of a chunk each."""
         if not jobs:
             return
-        queue = keys.queue_name(jobs[0].model)
+        queue = keys.queue_name(*_route(jobs[0]))
         sent = 0
         try:
             with self.celery.producer_or_acquire() as producer:
@@ -214,8 +243,14 @@ def _final(job: Job | None) -> bool:
     return job is None or job.is_final
 
 
-def _new_job(request: SubmitRequest | str, model: str, top_k: int, now: float) -> Job:
+def _route(job: Job) -> tuple[str, str, str]:
+    """(model, version, priority): what picks a job's queue."""
+    return job.model, job.version or "", job.priority
+
+
+def _new_job(request: SubmitRequest | str, template: Job, now: float) -> Job:
+    """A queued job from ``request``, for ``template``'s model, version, top_k and priority."""
     if isinstance(request, str):
         request = SubmitRequest(request)
     job_id = new_job_id() if request.job_id is None else validate_job_id(request.job_id)
-    return Job(id=job_id, uri=validate_uri(request.uri), model=model, top_k=top_k, submitted=now)
+    return replace(template, id=job_id, uri=validate_uri(request.uri), submitted=now)
