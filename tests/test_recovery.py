@@ -124,15 +124,32 @@ def test_a_declared_model_queues_jobs_until_a_worker_starts(
 
 def test_a_registration_and_a_declaration_never_overwrite_each_other() -> None:
     client = fakeredis.FakeRedis()
-    registry.declare_model(client, "m", 10, "W1")
-    registry.register_model(client, ModelInfo("m", "W2", False, 1000, "cuda:0"))
-    assert registry.get_model(client, "m") == ModelInfo("m", "W2", False, 1000, "cuda:0")
+    declared = registry.declare_model(client, "m", 10, "W1")
+    other = ModelInfo("m", "W2", False, 1000, "cuda:0")
+    registry.register_model(client, other)
+    # The declaration names the default version; another version's worker does not change it.
+    assert registry.get_model(client, "m") == declared
+    assert registry.get_model(client, "m", other.version) == other
 
-    registry.declare_model(client, "m", 20)  # a later declaration leaves the worker's record
-    assert registry.get_model(client, "m").num_classes == 1000
+    worker = ModelInfo("m", "W1", False, 10, "cuda:0")  # a worker of the declared version
+    registry.register_model(client, worker)
+    assert worker.version == declared.version
+    assert registry.get_model(client, "m") == worker
 
-    client.delete(keys.model_key("m"))  # Redis lost the registration; the declaration remains
-    assert registry.get_model(client, "m") == ModelInfo("m", "declared", False, 20, "none", True)
+    client.delete(keys.model_key("m", worker.version))  # Redis lost it; the declaration remains
+    assert registry.get_model(client, "m") == declared
+
+
+def test_without_a_declaration_the_newest_version_is_the_default() -> None:
+    client = fakeredis.FakeRedis()
+    old, new = ModelInfo("m", "W1", False, 10), ModelInfo("m", "W1", False, 3)
+    registry.register_model(client, old)
+    registry.register_model(client, new)
+    registry.register_model(client, old)  # beating again does not make it newer
+
+    assert old.version != new.version
+    assert registry.get_model(client, "m") == new
+    assert registry.versions(client, "m") == [old.version, new.version]
 
 
 # -- recovery of a dead worker's messages -------------------------------------------------
