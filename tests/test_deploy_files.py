@@ -112,6 +112,10 @@ def test_keda_scaled_object_targets_the_worker_deployment_and_its_own_queue() ->
     args = _worker_container(worker)["args"]
     weights = get_model_weights(model)[_arg(args, "--weights")]
     version = registry.model_version(str(weights), len(weights.meta["categories"]))
+    gateway = _k8s("Deployment", "imgcls-gateway")[0]["spec"]["template"]["spec"]
+    declare = gateway["initContainers"][0]
+    declared = (_arg(declare["args"], "--weights"), int(_arg(declare["args"], "--num-classes")))
+    assert registry.model_version(*declared) == version  # jobs queued at zero reach the workers
     triggers = scaled["spec"]["triggers"]
     assert [t["metadata"]["listName"] for t in triggers] == keys.queue_names(model, version)
     for trigger in triggers:
