@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from hashlib import sha256
 from pathlib import Path
 
 import fakeredis
@@ -103,10 +104,14 @@ def test_a_declared_model_queues_jobs_until_a_worker_starts(
     with pytest.raises(UnsupportedModel):
         producer.submit(str(images[0]), model=MODEL)
 
+    # The weights ID the worker will register: declaring it queues jobs for that version.
+    model_file = Path(model_args[model_args.index("--model-file") + 1])
+    weights = f"torchscript:{model_file.name}#{sha256(model_file.read_bytes()).hexdigest()[:12]}"
     declared = CliRunner().invoke(
         producer_cli,
-        ["models", "declare", MODEL, "--num-classes", str(NUM_CLASSES), "--redis-url", redis_url],
-    )
+        ["models", "declare", MODEL, "--num-classes", str(NUM_CLASSES), "--weights", weights,
+         "--redis-url", redis_url],
+    )  # fmt: skip
     assert declared.exit_code == 0, declared.output
     with pytest.raises(InvalidRequest):  # top_k is checked against the declared classes
         producer.submit(str(images[0]), model=MODEL, top_k=NUM_CLASSES + 1)
@@ -118,7 +123,8 @@ def test_a_declared_model_queues_jobs_until_a_worker_starts(
     assert [r.status for r in records if r] == ["done"] * len(ids)
     listed = CliRunner().invoke(producer_cli, ["models", "list", "--redis-url", redis_url])
     shown = [json.loads(line) for line in listed.output.splitlines()]
-    assert [(m["name"], m["declared"]) for m in shown] == [(MODEL, False)]  # the worker's
+    # The worker's registration of the declared version, the default.
+    assert [(m["name"], m["declared"], m["default"]) for m in shown] == [(MODEL, False, True)]
     producer.close()
 
 
