@@ -15,7 +15,7 @@ import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from contract import keys, registry
+from contract import registry
 from contract.errors import MalformedRecord
 from contract.shards import ShardedStore
 
@@ -25,17 +25,22 @@ log = logging.getLogger(__name__)
 def oldest_queued_age(
     client: redis.Redis, model: str, now: float, records: ShardedStore | None = None
 ) -> float | None:
-    """Seconds since the next job to be delivered was submitted; None for an empty queue.
+    """Seconds since the oldest job waiting in any of ``model``'s queues (every version and
+    priority) was submitted; None when they are all empty. Records are read from ``records``
+    (where they are sharded; default: ``client``)."""
+    store = records or ShardedStore([client])
+    ages = [_head_age(client, q, now, store) for q in registry.queues(client, model)]
+    return max((a for a in ages if a is not None), default=None)
 
-    Celery LPUSHes and workers BRPOP, so the oldest message sits at the list's tail. The job's
-    record is read from ``records`` (where the records are sharded; default: ``client``).
-    """
-    raw = client.lindex(keys.queue_name(model), -1)
+
+def _head_age(client: redis.Redis, queue: str, now: float, records: ShardedStore) -> float | None:
+    """Celery LPUSHes and workers BRPOP, so the oldest message sits at the list's tail."""
+    raw = client.lindex(queue, -1)
     if raw is None:
         return None
     job_id = _first_job_id(raw)
     try:
-        job = None if job_id is None else (records or ShardedStore([client])).get(job_id)
+        job = None if job_id is None else records.get(job_id)
     except MalformedRecord:
         return None
     submitted = None if job is None else job.submitted
@@ -75,7 +80,7 @@ class QueueCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
-            "imgcls_queue_depth", "Messages waiting in the model's queue.", labels=["model"]
+            "imgcls_queue_depth", "Messages waiting in the model's queues.", labels=["model"]
         )
         age = GaugeMetricFamily(
             "imgcls_queue_oldest_age_seconds",

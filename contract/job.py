@@ -51,15 +51,34 @@ TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
 # Statuses a job never leaves.
 FINAL = frozenset(status for status, after in TRANSITIONS.items() if not after)
 
+
+class Priority(str, Enum):
+    """How soon a job is served: each model's workers take high before normal before low."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Served first to last: the order in which a worker consumes its queues.
+PRIORITIES = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
+
 URI_SCHEMES = ("s3://", "http://", "https://", "file://")
 # Whole-string patterns, also published in the HTTP API's schema.
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
-MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# Model names are 1 to 100 characters; versions 1 to 64.
+MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 # An http(s) URL without control characters or spaces.
 CALLBACK_URL_PATTERN = r"^[hH][tT][tT][pP][sS]?://[^\x00-\x20\x7f]+$"
 _JOB_ID = re.compile(JOB_ID_PATTERN.rstrip("$"))
 _MODEL = re.compile(MODEL_PATTERN.rstrip("$"))
 _CALLBACK_URL = re.compile(CALLBACK_URL_PATTERN.rstrip("$"))
+# A model name, optionally pinned to one version: ``name@version``.
+MODEL_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@[A-Za-z0-9]{1,64})?$"
+_VERSION = re.compile(r"[A-Za-z0-9]{1,64}")
 # A URI's scheme, when it has one: group 1 is the scheme without "://".
 URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -88,11 +107,17 @@ class ErrorInfo:
 class Job:
     id: str = field(metadata=_doc("client-supplied or generated (uuid4 hex)"))
     uri: str = field(metadata=_doc("local path, s3://bucket/key or http(s)://..."))
-    model: str = field(metadata=_doc("model name; also names the Celery queue"))
+    model: str = field(metadata=_doc("model name; with version, names the Celery queue"))
     top_k: int = field(metadata=_doc("labels wanted, 1..MAX_TOP_K"))
     callback_url: str | None = field(
         default=None,
         metadata=_doc("http(s) URL that receives the final record as a signed webhook, or null"),
+    )
+    version: str | None = field(
+        default=None, metadata=_doc("the model version the job was checked against and queued for")
+    )
+    priority: Priority = field(
+        default=Priority.NORMAL, metadata=_doc("high | normal | low: served high first")
     )
     status: JobStatus = field(default=QUEUED, metadata=_doc("queued -> running -> done | failed"))
     submitted: float | None = field(default=None, metadata=_doc("unix seconds"))
@@ -147,6 +172,8 @@ class Job:
             scalars = {k: data[k] for k in _SCALARS if k in data}
             if "status" in scalars:
                 scalars["status"] = _status(scalars["status"])
+            if "priority" in scalars:
+                scalars["priority"] = _priority(scalars["priority"])
             return cls(
                 **scalars,
                 predictions=None if preds is None else tuple(Prediction(**p) for p in preds),
@@ -194,6 +221,13 @@ def _status(value: object) -> JobStatus:
         raise MalformedRecord(f"job record has unknown status {value!r}") from None
 
 
+def _priority(value: object) -> Priority:
+    try:
+        return Priority(value)
+    except ValueError:
+        raise MalformedRecord(f"job record has unknown priority {value!r}") from None
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
@@ -224,9 +258,36 @@ def validate_job_id(job_id: str) -> str:
 
 
 def validate_model_name(model: str) -> str:
-    if not isinstance(model, str) or not _MODEL.fullmatch(model) or len(model) > 100:
+    if not isinstance(model, str) or not _MODEL.fullmatch(model):
         raise InvalidRequest(f"model name {model!r} is not a valid name")
     return model
+
+
+def validate_priority(priority: str) -> Priority:
+    try:
+        return Priority(priority)
+    except ValueError:
+        names = " | ".join(p.value for p in PRIORITIES)
+        raise InvalidRequest(f"priority must be one of {names}, got {priority!r}") from None
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None]:
+    """``name`` or ``name@version`` as (name, version or None), both validated."""
+    if not isinstance(ref, str):
+        raise InvalidRequest(f"model {ref!r} is not a valid name")
+    name, at, version = ref.partition("@")
+    validate_model_name(name)
+    if at and not _VERSION.fullmatch(version):
+        raise InvalidRequest(
+            f"model version {version[:40]!r} must be 1 to 64 letters and digits (name@version)"
+        )
+    return name, version if at else None
+
+
+def validate_model_ref(ref: str) -> str:
+    """``name`` or ``name@version``, unchanged once valid."""
+    parse_model_ref(ref)
+    return ref
 
 
 def validate_top_k(top_k: int, num_classes: int | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contract.defaults import KEY_PREFIX
+from contract.job import PRIORITIES, Priority
 
 
 def job_key(job_id: str) -> str:
@@ -35,18 +36,30 @@ def webhook_dead_key() -> str:
     return f"{KEY_PREFIX}:webhooks:dead"
 
 
-def queue_name(model: str) -> str:
-    """The Celery queue that only the workers serving ``model`` consume."""
-    return f"{KEY_PREFIX}.{model}"
+def queue_name(model: str, version: str, priority: str = Priority.NORMAL) -> str:
+    """The Celery queue of ``model``'s ``version`` at ``priority`` (high, normal or low): only
+    workers serving that version consume it, high first."""
+    suffix = "" if priority == Priority.NORMAL else f".{Priority(priority).value}"
+    return f"{KEY_PREFIX}.{model}@{version}{suffix}"
 
 
-def model_key(model: str) -> str:
-    """What the workers serving ``model`` declared about it (weights, classes)."""
-    return f"{KEY_PREFIX}:model:{model}"
+def queue_names(model: str, version: str) -> list[str]:
+    """Every queue of ``model``'s ``version``, in the order its workers serve them."""
+    return [queue_name(model, version, p) for p in PRIORITIES]
+
+
+def model_key(model: str, version: str) -> str:
+    """What the workers serving ``model``'s ``version`` declared about it (weights, classes)."""
+    return f"{KEY_PREFIX}:model:{model}@{version}"
+
+
+def versions_key(model: str) -> str:
+    """Sorted set of ``model``'s registered versions, scored by when each was first seen."""
+    return f"{KEY_PREFIX}:versions:{model}"
 
 
 def declared_key(model: str) -> str:
-    """What an operator declared about ``model`` before any worker serves it (classes)."""
+    """What an operator declared about ``model`` (its default version, classes)."""
     return f"{KEY_PREFIX}:declared:{model}"
 
 

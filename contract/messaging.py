@@ -47,6 +47,9 @@ def make_celery(
             # restore soon the ones a worker's recovery sweep made due (worker/recovery.py).
             "unacked_restore_interval": max(1, min(5, visibility_timeout_s // 4)),
             "unacked_restore_throttle": 1,
+            # BRPOP a worker's queues in the order it lists them (high, normal, low) every time,
+            # instead of kombu's default round robin, which would rotate high to the back.
+            "queue_order_strategy": "priority",
             "socket_keepalive": True,
             "retry_on_timeout": True,
             "health_check_interval": 10,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
 
@@ -18,11 +18,11 @@ from contract.errors import InvalidRequest
 from contract.job import (
     CALLBACK_URL_PATTERN,
     JOB_ID_PATTERN,
-    MODEL_PATTERN,
+    MODEL_REF_PATTERN,
     Job,
     validate_callback_url,
     validate_job_id,
-    validate_model_name,
+    validate_model_ref,
     validate_uri,
 )
 
@@ -68,8 +68,16 @@ Uri = Annotated[
     str, Field(max_length=defaults.MAX_URI_LEN, pattern=URI_PATTERN), _checked(validate_uri)
 ]
 ModelName = Annotated[
-    str, Field(max_length=100, pattern=MODEL_PATTERN), _checked(validate_model_name)
+    str,
+    Field(
+        max_length=165,
+        pattern=MODEL_REF_PATTERN,
+        description="model name, or name@version to pin one version",
+    ),
+    _checked(validate_model_ref),
 ]
+# contract.job.PRIORITIES' values.
+PriorityName = Literal["high", "normal", "low"]
 TopK = Annotated[int, Field(ge=1, le=defaults.MAX_TOP_K)]
 CallbackUrl = Annotated[
     str,
@@ -98,6 +106,7 @@ class SubmitOne(JobIn):
 
     model: ModelName = defaults.MODEL
     top_k: TopK = defaults.TOP_K
+    priority: PriorityName = Field("normal", description="high jobs are served first, low last")
 
 
 class SubmitMany(_Strict):
@@ -109,6 +118,7 @@ class SubmitMany(_Strict):
     callback_url: CallbackUrl | None = Field(
         None, description="The webhook of every job that names none of its own."
     )
+    priority: PriorityName = Field("normal", description="high jobs are served first, low last")
 
 
 def _body_kind(body: Any) -> str | None:
@@ -156,6 +166,8 @@ class JobList(BaseModel):
 
 class ModelOut(BaseModel):
     name: str
+    version: str = Field(description="the default version, where unpinned jobs go")
+    versions: list[str] = Field(description="every registered or declared version")
     weights: str
     random_weights: bool
     num_classes: int

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import IO, Any, TypeVar
 
 import click
@@ -24,7 +24,7 @@ import redis
 from contract import deadletter, defaults, redis_errors, registry
 from contract.connection import connect
 from contract.errors import ServiceError, Unavailable
-from contract.job import Job, validate_model_name
+from contract.job import PRIORITIES, Job, Priority, validate_model_ref
 from contract.logs import configure_logging
 from contract.shards import parse_urls
 from producer import bulk, export
@@ -130,12 +130,19 @@ def main() -> None:
     "--model",
     default=defaults.MODEL,
     show_default=True,
-    help="Model to classify with; a worker must serve it.",
+    help="Model to classify with, or NAME@VERSION to pin a version; a worker must serve it.",
 )
 @click.option("--top-k", default=defaults.TOP_K, show_default=True, help="Labels per image.")
 @click.option(
     "--callback-url",
     help="POST each job's final record here as a signed webhook (sent by python -m notifier).",
+)
+@click.option(
+    "--priority",
+    type=click.Choice([p.value for p in PRIORITIES]),
+    default=Priority.NORMAL.value,
+    show_default=True,
+    help="Each model's workers serve high jobs first, low jobs last.",
 )
 @click.option(
     "--wait",
@@ -182,6 +189,7 @@ def submit(
     model: str,
     top_k: int,
     callback_url: str | None,
+    priority: str,
     wait: float | None,
     ordered: bool,
     from_file: IO[str] | None,
@@ -217,7 +225,7 @@ def submit(
     with _first_sigint_stops() as interrupted:
         try:
             requests = _uris(uris, from_file, s3_prefix)
-            queue = _Queue(model, top_k, callback_url)
+            queue = _Queue(model, top_k, callback_url, priority)
             _queue(client, requests, queue, printer, wait is None, progress, interrupted)
             if wait is not None:
                 _print_finals(client, printer, wait, ordered, progress, interrupted)
@@ -278,6 +286,7 @@ class _Queue:
     model: str
     top_k: int
     callback_url: str | None
+    priority: str
 
 
 def _queue(
@@ -292,7 +301,11 @@ def _queue(
     """Submit batch by batch, stopping between batches on Ctrl-C."""
     bar = _tqdm(None, "queued") if progress else None
     batches = client.iter_submit_batches(
-        requests, model=queue.model, top_k=queue.top_k, callback_url=queue.callback_url
+        requests,
+        model=queue.model,
+        top_k=queue.top_k,
+        callback_url=queue.callback_url,
+        priority=queue.priority,
     )
     for jobs in batches:
         printer.queued(jobs, show)
@@ -542,20 +555,34 @@ def models() -> None:
 @click.option(
     "--num-classes",
     type=click.IntRange(min=1),
-    required=True,
-    help="Classes the model's workers will answer with (top_k is checked against it).",
+    help="Classes the model's workers will answer with (top_k is checked against it); "
+    "taken from the registration when --default-version names a registered version.",
 )
 @click.option("--weights", default="", help="Weights ID to show until a worker registers.")
+@click.option(
+    "--default-version",
+    default="",
+    help="The version unpinned jobs go to (see models list) [default: the one --weights and "
+    "--num-classes make].",
+)
 @click.argument("name")
-def declare(redis_url: str, num_classes: int, weights: str, name: str) -> None:
-    """Let producers queue jobs for NAME before any worker serves it; prints the record."""
+def declare(
+    redis_url: str, num_classes: int | None, weights: str, default_version: str, name: str
+) -> None:
+    """Make a version NAME's default, and let producers queue jobs for it before any worker
+    serves it; prints the record. Without a declaration the newest version is the default."""
     try:
-        validate_model_name(name)
+        validate_model_ref(f"{name}@{default_version}" if default_version else name)
     except ServiceError as e:
         raise click.BadParameter(str(e), param_hint="NAME") from e
     client = Client.from_url(redis_url, _store_urls())
     try:
-        info = registry.declare_model(client.redis, name, num_classes, weights)
+        if num_classes is None:
+            known = default_version and registry.get_model(client.redis, name, default_version)
+            if not known:
+                raise click.BadParameter("give --num-classes", param_hint="--num-classes")
+            num_classes, weights = known.num_classes, weights or known.weights
+        info = registry.declare_model(client.redis, name, num_classes, weights, default_version)
     finally:
         client.close()
     click.echo(info.encode())
@@ -564,13 +591,15 @@ def declare(redis_url: str, num_classes: int, weights: str, name: str) -> None:
 @models.command("list")
 @redis_option
 def list_models(redis_url: str) -> None:
-    """One JSON line per model producers accept: a worker's registration, else a declaration."""
+    """One JSON line per model version producers accept (a worker's registration, else a
+    declaration); ``default`` marks where unpinned jobs go."""
     client = Client.from_url(redis_url, _store_urls())
     try:
         for name in registry.known_models(client.redis):
-            info = registry.get_model(client.redis, name)
-            if info is not None:
-                click.echo(info.encode())
+            default = registry.get_model(client.redis, name)
+            for info in registry.model_versions(client.redis, name):
+                shown = {**asdict(info), "default": info.version == getattr(default, "version", "")}
+                click.echo(json.dumps(shown))
     finally:
         client.close()
 

@@ -6,7 +6,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
@@ -21,14 +21,17 @@ from contract.job import (
     ErrorInfo,
     Job,
     Prediction,
+    Priority,
     new_job_id,
+    parse_model_ref,
     validate_callback_url,
     validate_job_id,
-    validate_model_name,
+    validate_priority,
     validate_top_k,
     validate_uri,
 )
 from contract.messaging import TASK_NAME, make_celery
+from contract.registry import ModelInfo
 from contract.shards import ShardedStore, connect_all, shard_of
 from producer.finished import Announcements
 
@@ -90,10 +93,11 @@ class Client:
         top_k: int = defaults.TOP_K,
         job_id: str | None = None,
         callback_url: str | None = None,
+        priority: str = Priority.NORMAL,
     ) -> Job:
         """Enqueue one job; with ``callback_url``, its final record is also POSTed there."""
         request = SubmitRequest(uri, job_id, callback_url)
-        return self.submit_many([request], model=model, top_k=top_k)[0]
+        return self.submit_many([request], model=model, top_k=top_k, priority=priority)[0]
 
     def submit_many(
         self,
@@ -102,14 +106,18 @@ class Client:
         model: str = defaults.MODEL,
         top_k: int = defaults.TOP_K,
         callback_url: str | None = None,
+        priority: str = Priority.NORMAL,
     ) -> list[Job]:
         """Enqueue every request; returns the records in input order.
 
+        ``model`` is a name (its default version serves the jobs) or ``name@version``.
         An ID that already exists is not queued again: its current record is returned instead
         when the request is the same (uri, model, top_k); else ``IdConflict`` is raised.
         ``callback_url`` is the webhook of every request that names none of its own.
         """
-        jobs = self.iter_submit(requests, model=model, top_k=top_k, callback_url=callback_url)
+        jobs = self.iter_submit(
+            requests, model=model, top_k=top_k, callback_url=callback_url, priority=priority
+        )
         return list(jobs)
 
     def iter_submit(
@@ -119,10 +127,11 @@ class Client:
         model: str = defaults.MODEL,
         top_k: int = defaults.TOP_K,
         callback_url: str | None = None,
+        priority: str = Priority.NORMAL,
     ) -> Iterator[Job]:
         """Like ``submit_many`` but streams, so a backlog of millions never sits in memory."""
         batches = self.iter_submit_batches(
-            requests, model=model, top_k=top_k, callback_url=callback_url
+            requests, model=model, top_k=top_k, callback_url=callback_url, priority=priority
         )
         for batch in batches:
             yield from batch
@@ -134,34 +143,48 @@ class Client:
         model: str = defaults.MODEL,
         top_k: int = defaults.TOP_K,
         callback_url: str | None = None,
+        priority: str = Priority.NORMAL,
     ) -> Iterator[list[Job]]:
         """Like ``iter_submit``, one list per write batch: each list is queued as a whole, so a
         caller that stops between lists (on Ctrl-C) knows every job it queued."""
-        self.check_model(model, top_k)
-        if callback_url is not None:
-            validate_callback_url(callback_url)
+        info = self.check_model(model, top_k)
+        template = Job(
+            id="",
+            uri="",
+            model=info.name,
+            top_k=top_k,
+            callback_url=None if callback_url is None else validate_callback_url(callback_url),
+            version=info.version,
+            priority=validate_priority(priority),
+        )
         it = iter(requests)
         while batch := list(itertools.islice(it, _WRITE_BATCH)):
-            yield self._submit_batch(batch, model, top_k, callback_url)
+            yield self._submit_batch(batch, template)
 
-    def check_model(self, model: str, top_k: int) -> None:
-        """Refuse, before anything is queued, a model no worker serves or a top_k it cannot give."""
-        validate_model_name(model)
+    def check_model(self, model: str, top_k: int) -> ModelInfo:
+        """The version that will serve ``model`` (``name`` or ``name@version``); refuses, before
+        anything is queued, a model or version no worker serves or a top_k it cannot give."""
+        name, version = parse_model_ref(model)
         validate_top_k(top_k)
-        info = registry.get_model(self.redis, model)
+        info = registry.get_model(self.redis, name, version)
         if info is None:
-            known = ", ".join(registry.known_models(self.redis)) or "none yet"
-            raise UnsupportedModel(
-                f"no worker has registered model {model!r} (registered: {known}); "
-                f"start one with: python -m worker --model {model}"
-            )
+            raise UnsupportedModel(self._unknown(name, version))
         validate_top_k(top_k, info.num_classes)
+        return info
 
-    def _submit_batch(
-        self, batch: list[SubmitRequest | str], model: str, top_k: int, callback_url: str | None
-    ) -> list[Job]:
+    def _unknown(self, name: str, version: str | None) -> str:
+        if version is not None and name in registry.known_models(self.redis):
+            known = ", ".join(registry.versions(self.redis, name))
+            return f"model {name!r} has no version {version!r} (versions: {known})"
+        known = ", ".join(registry.known_models(self.redis)) or "none yet"
+        return (
+            f"no worker has registered model {name!r} (registered: {known}); "
+            f"start one with: python -m worker --model {name}"
+        )
+
+    def _submit_batch(self, batch: list[SubmitRequest | str], template: Job) -> list[Job]:
         now = time.time()
-        jobs = [self._new_job(r, model, top_k, now, callback_url) for r in batch]
+        jobs = [self._new_job(r, template, now) for r in batch]
         self._refuse_conflicts(jobs, [j for j, r in zip(jobs, batch, strict=True) if _named(r)])
         created = self.store.create_many(jobs)
         fresh = [j for j, c in zip(jobs, created, strict=True) if c]
@@ -174,26 +197,18 @@ class Client:
         _raise_on_conflict(old, existing)
         return [j if c else existing.get(j.id, j) for j, c in zip(jobs, created, strict=True)]
 
-    def _new_job(
-        self,
-        request: SubmitRequest | str,
-        model: str,
-        top_k: int,
-        now: float,
-        callback_url: str | None,
-    ) -> Job:
+    def _new_job(self, request: SubmitRequest | str, template: Job, now: float) -> Job:
+        """A queued job from ``request``, for ``template``'s model, version, top_k, priority
+        and callback URL (unless the request names its own)."""
         if isinstance(request, str):
             request = SubmitRequest(request)
         uri = absolute_uri(request.uri) if self.absolute_paths else request.uri
         job_id = new_job_id() if request.job_id is None else validate_job_id(request.job_id)
-        callback = request.callback_url or callback_url
-        return Job(
-            id=job_id,
-            uri=validate_uri(uri),
-            model=model,
-            top_k=top_k,
-            callback_url=None if callback is None else validate_callback_url(callback),
-            submitted=now,
+        callback = template.callback_url
+        if request.callback_url is not None:
+            callback = validate_callback_url(request.callback_url)
+        return replace(
+            template, id=job_id, uri=validate_uri(uri), callback_url=callback, submitted=now
         )
 
     def _refuse_conflicts(self, jobs: list[Job], named: list[Job]) -> None:
@@ -214,15 +229,27 @@ class Client:
         """Send the jobs of ``job_ids`` that are still queued again; returns their IDs.
 
         For a message that never ran (dead-lettered): final or running jobs are left alone."""
-        queued = [j for j in self.store.get_many(job_ids) if j is not None and j.status == QUEUED]
-        for model in dict.fromkeys(j.model for j in queued):
-            self._enqueue([j for j in queued if j.model == model])
+        found = self.store.get_many(job_ids)
+        queued = [p for j in found if j is not None and j.status == QUEUED and (p := self._pin(j))]
+        for route in dict.fromkeys(_route(j) for j in queued):
+            self._enqueue([j for j in queued if _route(j) == route])
         return [j.id for j in queued]
 
+    def _pin(self, job: Job) -> Job | None:
+        """``job`` with a version: a record from before versions existed is checked against
+        its model's default version now, or left alone (None) if that version cannot take it."""
+        if job.version is not None:
+            return job
+        try:
+            return replace(job, version=self.check_model(job.model, job.top_k).version)
+        except ServiceError:
+            return None
+
     def _enqueue(self, jobs: Sequence[Job]) -> None:
+        """Send ``jobs``, all of one model version and priority, in messages of a chunk each."""
         if not jobs:
             return
-        queue = keys.queue_name(jobs[0].model)
+        queue = keys.queue_name(*_route(jobs[0]))
         sent = 0
         try:
             with self.celery.producer_or_acquire() as producer:
@@ -365,3 +392,8 @@ def _raise_on_conflict(jobs: Iterable[Job], existing: dict[str, Job]) -> None:
                 f"(uri {old.uri!r}, model {old.model!r}, top_k {old.top_k}); "
                 "resubmit it unchanged to read it, or choose another ID"
             )
+
+
+def _route(job: Job) -> tuple[str, str, str]:
+    """(model, version, priority): what picks a job's queue."""
+    return job.model, job.version or "", job.priority

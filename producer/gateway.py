@@ -265,11 +265,16 @@ def submit(body: Submission, client: ClientDep) -> dict[str, Any]:
             top_k=body.top_k,
             job_id=body.id,
             callback_url=body.callback_url,
+            priority=body.priority,
         )
         return job.to_dict()
     requests = [SubmitRequest(j.uri, j.id, j.callback_url) for j in body.jobs]
     jobs = client.submit_many(
-        requests, model=body.model, top_k=body.top_k, callback_url=body.callback_url
+        requests,
+        model=body.model,
+        top_k=body.top_k,
+        callback_url=body.callback_url,
+        priority=body.priority,
     )
     return {"jobs": [j.to_dict() for j in jobs]}
 
@@ -306,13 +311,17 @@ def models(client: ClientDep) -> dict[str, Any]:
     for state in status.snapshot(client.redis, records=client.store):
         info = registry.get_model(client.redis, state.model)
         if info is not None:
-            found.append(_model_out(info, state))
+            found.append(_model_out(info, state, registry.versions(client.redis, state.model)))
     return {"models": found}
 
 
-def _model_out(info: registry.ModelInfo, state: status.ModelStatus) -> dict[str, Any]:
+def _model_out(
+    info: registry.ModelInfo, state: status.ModelStatus, versions: list[str]
+) -> dict[str, Any]:
     return {
         "name": info.name,
+        "version": info.version,
+        "versions": versions,
         "weights": info.weights,
         "random_weights": info.random_weights,
         "num_classes": info.num_classes,

@@ -66,9 +66,11 @@ def test_list_replay_and_purge_from_the_command_line(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
     store = JobStore(redis_client)
-    queued, done = (Job(id=i, uri="a.jpg", model=MODEL, top_k=1) for i in ("q1", "d1"))
+    queued, done = (
+        Job(id=i, uri="a.jpg", model=MODEL, top_k=1, version="v1") for i in ("q1", "d1")
+    )
     store.create_many([queued, done.failed(ErrorInfo("not_found", "gone"), 1.0)])
-    queue = keys.queue_name(MODEL)
+    queue = keys.queue_name(MODEL, "v1")
     deadletter.append(redis_client, {"reason": "garbage", "queue": queue, "message": "junk"})
     message = _message(redis_url, ["q1", "d1"])
     deadletter.append(redis_client, {"reason": "sets eta=…", "queue": queue, "message": message})

@@ -23,6 +23,7 @@ def service() -> Service:
     client = fakeredis.FakeRedis()
     service = Service.__new__(Service)  # only what claiming and dead-lettering use
     service.model, service.worker_id, service.max_attempts = "m", "w1", 3
+    service.version = "v1"
     service.store, service.clock, service.metrics = JobStore(client), lambda: 1.0, Metrics("m")
     service.dead_letters = DeadLetters(client, "w1")
     return service
@@ -38,7 +39,7 @@ def test_a_message_that_is_not_a_list_of_ids_is_dead_lettered_whole(service: Ser
         service.handle({"not": "ids"})
     (entry,) = _entries(service)
     assert set(entry) == _SHAPE
-    assert (entry["queue"], entry["worker"]) == (keys.queue_name("m"), "w1")
+    assert (entry["queue"], entry["worker"]) == (keys.queue_name("m", "v1"), "w1")
     assert json.loads(str(entry["message"])) == {"not": "ids"}
 
 

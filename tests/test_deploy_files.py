@@ -21,8 +21,9 @@ import kubernetes_validate.utils as k8s_schemas
 import pytest
 import yaml
 from referencing import Registry, Resource
+from torchvision.models import get_model_weights
 
-from contract import keys
+from contract import keys, registry
 from producer.cli import main as producer_cli
 from producer.gateway import create_app
 from tests.support import ROOT
@@ -108,11 +109,19 @@ def test_keda_scaled_object_targets_the_worker_deployment_and_its_own_queue() ->
     target = scaled["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", worker["metadata"]["name"])
     assert scaled["metadata"]["namespace"] == worker["metadata"]["namespace"]
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "redis"
-    assert trigger["metadata"]["listName"] == keys.queue_name(model)
-    assert trigger["metadata"]["address"] == _redis_address()
-    assert int(trigger["metadata"]["listLength"]) >= 1
+    args = _worker_container(worker)["args"]
+    weights = get_model_weights(model)[_arg(args, "--weights")]
+    version = registry.model_version(str(weights), len(weights.meta["categories"]))
+    gateway = _k8s("Deployment", "imgcls-gateway")[0]["spec"]["template"]["spec"]
+    declare = gateway["initContainers"][0]
+    declared = (_arg(declare["args"], "--weights"), int(_arg(declare["args"], "--num-classes")))
+    assert registry.model_version(*declared) == version  # jobs queued at zero reach the workers
+    triggers = scaled["spec"]["triggers"]
+    assert [t["metadata"]["listName"] for t in triggers] == keys.queue_names(model, version)
+    for trigger in triggers:
+        assert trigger["type"] == "redis"
+        assert trigger["metadata"]["address"] == _redis_address()
+        assert int(trigger["metadata"]["listLength"]) >= 1
     assert 0 <= scaled["spec"]["minReplicaCount"] < scaled["spec"]["maxReplicaCount"]
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from torchvision import transforms
 
 from contract import keys
-from contract.errors import InvalidRequest, UnsupportedModel
+from contract.errors import IdConflict, InvalidRequest, UnsupportedModel
 from demo.stack import RedisServer
 from producer import Client, SubmitRequest
 from tests.support import ROOT, WorkerProcess, make_jpeg
@@ -231,7 +231,7 @@ def test_unknown_models_are_refused_before_anything_is_queued(env: dict) -> None
     with pytest.raises(UnsupportedModel, match="python -m worker --model resnet5000"):
         client.submit_many(["a.jpg"], model="resnet5000")
     assert set(client.redis.scan_iter(match=keys.job_key("*"))) == jobs_before
-    assert client.redis.llen(keys.queue_name("resnet5000")) == 0
+    assert not client.redis.keys(f"{keys.queue_name('resnet5000', '')}*")
 
 
 def test_top_k_beyond_the_models_classes_is_refused_at_submit(env: dict) -> None:
@@ -244,10 +244,11 @@ def test_resubmitting_an_id_never_runs_the_job_twice(env: dict) -> None:
     uri = str(env["images"]["photo0"])
     first = client.submit(uri, model="resnet18", job_id="same-id-1")
     done = client.wait(first.id, timeout=60)
-    again = client.submit_many(
-        [SubmitRequest(str(env["images"]["photo1"]), "same-id-1")], model="resnet18"
-    )[0]
+    again = client.submit_many([SubmitRequest(uri, "same-id-1")], model="resnet18")[0]
     assert again == done
+    other = SubmitRequest(str(env["images"]["photo1"]), "same-id-1")
+    with pytest.raises(IdConflict):  # the same ID for another image: refused, not run
+        client.submit_many([other], model="resnet18")
     assert client.wait(first.id, timeout=1) == done
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from contract import keys
+from contract import keys, registry
 from contract.job import Job, new_job_id
 from contract.messaging import TASK_NAME
 from producer.client import Client
@@ -170,6 +170,13 @@ def test_a_soak_of_ten_thousand_jobs_with_one_percent_bad_accounts_for_every_one
     producer.close()
 
 
+def _queue(client: redis.Redis) -> str:
+    """The normal-priority queue of the version the running worker serves."""
+    info = registry.get_model(client, MODEL)
+    assert info is not None
+    return keys.queue_name(MODEL, info.version)
+
+
 def _redeliveries_behind_holds(
     producer: Client, server: ImageServer, images: list[Path]
 ) -> tuple[list[str], list[str]]:
@@ -184,7 +191,8 @@ def _redeliveries_behind_holds(
         ]
         producer.store.create_many([first, *rest])
         ids = [first.id] + [j.id for j in rest]
-        producer.celery.send_task(TASK_NAME, args=[ids], queue=keys.queue_name(MODEL))
+        queue = _queue(producer.redis)
+        producer.celery.send_task(TASK_NAME, args=[ids], queue=queue, routing_key=queue)
         held.append(first.id)
         again += [j.id for j in rest]
     return held, again
@@ -240,7 +248,7 @@ def test_messages_popped_while_redis_is_full_wait_for_memory_instead_of_being_lo
     write is refused just after the message left the queue."""
     producer = Client.from_url(redis_url)
     start_worker(MODEL, *model_args, "--concurrency", str(_CONCURRENCY))
-    staging = keys.queue_name("staging")  # a queue no worker takes, moved over below
+    staging = keys.queue_name("staging", "v")  # a queue no worker takes, moved over below
     jobs = [Job(id=new_job_id(), uri=str(p), model=MODEL, top_k=5) for p in images[:128]]
     producer.store.create_many(jobs)
     for start in range(0, len(jobs), 32):
@@ -251,7 +259,7 @@ def test_messages_popped_while_redis_is_full_wait_for_memory_instead_of_being_lo
     used = int(redis_client.info("memory")["used_memory"])
     redis_client.config_set("maxmemory", used - 1024)
     try:
-        redis_client.rename(staging, keys.queue_name(MODEL))  # RENAME needs no memory
+        redis_client.rename(staging, _queue(redis_client))  # RENAME needs no memory
         wait_until(lambda: _rejected(redis_client, "zadd") >= 3, "unacked bookkeeping refused")
     finally:
         redis_client.config_set("maxmemory", 0)

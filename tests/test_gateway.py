@@ -16,7 +16,7 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contract import keys
+from contract import keys, registry
 from contract.errors import InvalidRequest, UnsupportedModel
 from contract.job import ErrorInfo, validate_job_id, validate_uri
 from contract.store import JobStore
@@ -130,15 +130,16 @@ def test_resubmitting_an_id_returns_the_existing_record_or_409_for_another_reque
 
 
 def test_a_conflicting_id_refuses_the_whole_batch(stack: Stack) -> None:
-    stack.http.post("/v1/jobs", json={"uri": "held.jpg", "id": "held", "model": IDLE})
-    before = redis.Redis.from_url(stack.redis_url).llen(keys.queue_name(IDLE))
+    held = stack.http.post("/v1/jobs", json={"uri": "held.jpg", "id": "held", "model": IDLE})
+    queue = keys.queue_name(IDLE, held.json()["version"])
+    before = redis.Redis.from_url(stack.redis_url).llen(queue)
     jobs = [{"uri": "fresh.jpg", "id": "fresh"}, {"uri": "other.jpg", "id": "held"}]
 
     reply = stack.http.post("/v1/jobs", json={"jobs": jobs, "model": IDLE})
 
     assert reply.status_code == 409 and reply.json()["error"]["type"] == "conflict"
     assert stack.http.get("/v1/jobs/fresh").status_code == 404
-    assert redis.Redis.from_url(stack.redis_url).llen(keys.queue_name(IDLE)) == before
+    assert redis.Redis.from_url(stack.redis_url).llen(queue) == before
 
 
 def test_a_relative_path_is_queued_as_given_over_http(stack: Stack) -> None:
@@ -200,7 +201,7 @@ def test_models_lists_live_workers_and_queue_depth(stack: Stack) -> None:
 
     assert stack.worker.worker_id in models[MODEL]["workers"]
     assert models[IDLE]["workers"] == []
-    depth = redis.Redis.from_url(stack.redis_url).llen(keys.queue_name(IDLE))
+    depth = registry.queue_depth(redis.Redis.from_url(stack.redis_url), IDLE)
     assert models[IDLE]["queue_depth"] == depth >= 2
     assert models[IDLE]["oldest_queued_age_s"] >= 0
 
@@ -244,13 +245,13 @@ def test_unknown_model_gives_the_same_error_type_as_the_python_api(stack: Stack)
 def test_invalid_requests_are_422_invalid_request_and_queue_nothing(
     stack: Stack, body: object
 ) -> None:
-    before = redis.Redis.from_url(stack.redis_url).llen(keys.queue_name(MODEL))
+    before = registry.queue_depth(redis.Redis.from_url(stack.redis_url), MODEL)
 
     reply = stack.http.post("/v1/jobs", json=body)
 
     assert reply.status_code == 422
     assert reply.json()["error"]["type"] == InvalidRequest.type
-    assert redis.Redis.from_url(stack.redis_url).llen(keys.queue_name(MODEL)) == before
+    assert registry.queue_depth(redis.Redis.from_url(stack.redis_url), MODEL) == before
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import pytest
 import redis
 from PIL import Image
 
-from contract import keys
+from contract import keys, registry
 from contract.messaging import TASK_NAME, make_celery
 from demo.stack import RedisServer, free_port
 from producer.client import Client
@@ -117,6 +117,13 @@ def _bad_messages(envelope: dict, marker: Path) -> list[tuple[bytes | str, str]]
     ]
 
 
+def _queue(client: redis.Redis) -> str:
+    """The normal-priority queue of the version the running worker serves."""
+    info = registry.get_model(client, MODEL)
+    assert info is not None
+    return keys.queue_name(MODEL, info.version)
+
+
 def _dead_letters(client: redis.Redis, count: int) -> list[dict]:
     deadline = time.monotonic() + SETTLE_S
     while client.llen(keys.dead_letter_key()) < count and time.monotonic() < deadline:
@@ -131,12 +138,12 @@ def test_garbage_on_the_queue_is_dead_lettered_and_the_worker_keeps_serving(
     marker = tmp_path / "pickle-ran"
     bad = _bad_messages(_envelope(worker.redis_url), marker)
     for raw, _ in bad:
-        redis_client.lpush(keys.queue_name(MODEL), raw)
+        redis_client.lpush(_queue(redis_client), raw)
     entries = _dead_letters(redis_client, len(bad))
     assert len(entries) == len(bad), entries
     for entry, (raw, words) in zip(entries, bad, strict=True):
         assert words in entry["reason"], (raw, entry)
-        assert entry["queue"] == keys.queue_name(MODEL)
+        assert entry["queue"] == _queue(redis_client)
     assert not marker.exists(), "a pickle body was deserialised"
     image = tmp_path / "good.jpg"
     image.write_bytes(small_jpeg())
@@ -150,7 +157,8 @@ def test_a_message_of_thousands_of_unknown_ids_writes_one_dead_letter_entry(
 ) -> None:
     start_worker(MODEL, *model_args, "--allowed-root", str(tmp_path))
     unknown = [f"unknown-{n}" for n in range(5000)]
-    producer.celery.send_task(TASK_NAME, args=[unknown], queue=keys.queue_name(MODEL))
+    queue = _queue(redis_client)
+    producer.celery.send_task(TASK_NAME, args=[unknown], queue=queue, routing_key=queue)
 
     (entry,) = _dead_letters(redis_client, 1)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from hashlib import sha256
 from pathlib import Path
 
 import fakeredis
@@ -103,10 +104,14 @@ def test_a_declared_model_queues_jobs_until_a_worker_starts(
     with pytest.raises(UnsupportedModel):
         producer.submit(str(images[0]), model=MODEL)
 
+    # The weights ID the worker will register: declaring it queues jobs for that version.
+    model_file = Path(model_args[model_args.index("--model-file") + 1])
+    weights = f"torchscript:{model_file.name}#{sha256(model_file.read_bytes()).hexdigest()[:12]}"
     declared = CliRunner().invoke(
         producer_cli,
-        ["models", "declare", MODEL, "--num-classes", str(NUM_CLASSES), "--redis-url", redis_url],
-    )
+        ["models", "declare", MODEL, "--num-classes", str(NUM_CLASSES), "--weights", weights,
+         "--redis-url", redis_url],
+    )  # fmt: skip
     assert declared.exit_code == 0, declared.output
     with pytest.raises(InvalidRequest):  # top_k is checked against the declared classes
         producer.submit(str(images[0]), model=MODEL, top_k=NUM_CLASSES + 1)
@@ -118,21 +123,39 @@ def test_a_declared_model_queues_jobs_until_a_worker_starts(
     assert [r.status for r in records if r] == ["done"] * len(ids)
     listed = CliRunner().invoke(producer_cli, ["models", "list", "--redis-url", redis_url])
     shown = [json.loads(line) for line in listed.output.splitlines()]
-    assert [(m["name"], m["declared"]) for m in shown] == [(MODEL, False)]  # the worker's
+    # The worker's registration of the declared version, the default.
+    assert [(m["name"], m["declared"], m["default"]) for m in shown] == [(MODEL, False, True)]
     producer.close()
 
 
 def test_a_registration_and_a_declaration_never_overwrite_each_other() -> None:
     client = fakeredis.FakeRedis()
-    registry.declare_model(client, "m", 10, "W1")
-    registry.register_model(client, ModelInfo("m", "W2", False, 1000, "cuda:0"))
-    assert registry.get_model(client, "m") == ModelInfo("m", "W2", False, 1000, "cuda:0")
+    declared = registry.declare_model(client, "m", 10, "W1")
+    other = ModelInfo("m", "W2", False, 1000, "cuda:0")
+    registry.register_model(client, other)
+    # The declaration names the default version; another version's worker does not change it.
+    assert registry.get_model(client, "m") == declared
+    assert registry.get_model(client, "m", other.version) == other
 
-    registry.declare_model(client, "m", 20)  # a later declaration leaves the worker's record
-    assert registry.get_model(client, "m").num_classes == 1000
+    worker = ModelInfo("m", "W1", False, 10, "cuda:0")  # a worker of the declared version
+    registry.register_model(client, worker)
+    assert worker.version == declared.version
+    assert registry.get_model(client, "m") == worker
 
-    client.delete(keys.model_key("m"))  # Redis lost the registration; the declaration remains
-    assert registry.get_model(client, "m") == ModelInfo("m", "declared", False, 20, "none", True)
+    client.delete(keys.model_key("m", worker.version))  # Redis lost it; the declaration remains
+    assert registry.get_model(client, "m") == declared
+
+
+def test_without_a_declaration_the_newest_version_is_the_default() -> None:
+    client = fakeredis.FakeRedis()
+    old, new = ModelInfo("m", "W1", False, 10), ModelInfo("m", "W1", False, 3)
+    registry.register_model(client, old)
+    registry.register_model(client, new)
+    registry.register_model(client, old)  # beating again does not make it newer
+
+    assert old.version != new.version
+    assert registry.get_model(client, "m") == new
+    assert registry.versions(client, "m") == [old.version, new.version]
 
 
 # -- recovery of a dead worker's messages -------------------------------------------------

@@ -139,7 +139,9 @@ def test_queue_collector_exports_depth_and_age_for_scaling() -> None:
     fake = fakeredis.FakeRedis()
     job = Job(id="j1", uri="a.jpg", model=IDLE, top_k=5, submitted=0.0)
     fake.set(keys.job_key("j1"), job.encode())
-    fake.lpush(keys.queue_name(IDLE), _celery_message(["j1", "j2"]))
+    version = registry.model_version("none", 1000)
+    registry.register_model(fake, registry.ModelInfo(IDLE, "none", True, 1000))
+    fake.lpush(keys.queue_name(IDLE, version, "low"), _celery_message(["j1", "j2"]))
     collector = gauges.QueueCollector(fake, lambda: [IDLE])
 
     samples = {m.name: m.samples[0] for m in collector.collect()}

@@ -74,8 +74,9 @@ def test_resubmitting_an_id_with_a_different_request_is_refused(
 def test_a_conflict_refuses_the_whole_batch_before_anything_is_queued(
     client: Client, redis_client: redis.Redis
 ) -> None:
-    client.submit("/data/a.jpg", model=IDLE, job_id="old")
-    before = redis_client.llen(keys.queue_name(IDLE))
+    old = client.submit("/data/a.jpg", model=IDLE, job_id="old")
+    queue = keys.queue_name(IDLE, old.version or "")
+    before = redis_client.llen(queue)
     batch = [SubmitRequest("/data/new.jpg", "new"), SubmitRequest("/data/other.jpg", "old")]
     twice = [SubmitRequest("/data/x.jpg", "dup"), SubmitRequest("/data/y.jpg", "dup")]
 
@@ -85,7 +86,7 @@ def test_a_conflict_refuses_the_whole_batch_before_anything_is_queued(
         client.submit_many(twice, model=IDLE)
 
     assert client.get_many(["new", "dup"]) == [None, None]
-    assert redis_client.llen(keys.queue_name(IDLE)) == before
+    assert redis_client.llen(queue) == before
 
 
 def test_a_relative_path_is_made_absolute_against_the_callers_directory(

@@ -15,7 +15,7 @@ import redis
 from celery import signals
 from prometheus_client.parser import text_string_to_metric_families
 
-from contract import keys, registry
+from contract import registry
 from producer.client import Client
 from tests.support import RedisServer, WorkerProcess, free_port, write_images
 from worker.health import HealthServer
@@ -177,7 +177,7 @@ def test_a_warm_worker_is_not_ready_until_its_consumer_runs(
 
         assert warm == [200, 503]
         assert registered == []
-        assert admin.exists(keys.model_key(MODEL))  # registered once writes resumed
+        assert registry.get_model(admin, MODEL) is not None  # registered once writes resumed
         assert worker.terminate(timeout=60) == 0
     finally:
         admin.execute_command("CLIENT", "UNPAUSE")

@@ -117,6 +117,13 @@ def setup(settings: Settings) -> Runtime:
         classifier, store, metrics, max_batch=batch_size, max_wait_s=settings.max_wait_ms / 1000
     )
     io_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="io")
+    info = ModelInfo(
+        settings.model,
+        loaded.weights_id,
+        loaded.random_weights,
+        len(loaded.categories),
+        str(device),
+    )
     service = Service(
         model=settings.model,
         worker_id=settings.worker_id,
@@ -129,13 +136,7 @@ def setup(settings: Settings) -> Runtime:
         io_pool=io_pool,
         decode_policy=_decode_policy(settings, classifier),
         max_attempts=settings.max_attempts,
-    )
-    info = ModelInfo(
-        settings.model,
-        loaded.weights_id,
-        loaded.random_weights,
-        len(loaded.categories),
-        str(device),
+        version=info.version,
     )
     pipeline.start()
     return Runtime(settings, client, service, pipeline, io_pool, metrics, dead_letters, info)
@@ -219,6 +220,7 @@ class Heartbeat(threading.Thread):
             "worker": rt.settings.worker_id,
             "device": rt.info.device,
             "weights": rt.info.weights,
+            "version": rt.info.version,
             "started": time.time(),
         }
         ttl_s = heartbeat_ttl_s(self.interval_s)
@@ -265,7 +267,8 @@ def run_worker(runtime: Runtime, heartbeat_s: float) -> int:
     worker = app.Worker(
         pool="threads",
         concurrency=settings.concurrency,
-        queues=[keys.queue_name(settings.model)],
+        # High first: kombu BRPOPs these in this order (queue_order_strategy "priority").
+        queues=keys.queue_names(settings.model, runtime.info.version),
         hostname=f"{settings.model}@{settings.worker_id}",
         loglevel=settings.log_level,
         without_gossip=True,

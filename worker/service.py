@@ -67,8 +67,10 @@ class Service:
         decode_policy: DecodePolicy,
         max_attempts: int,
         clock: Callable[[], float] = time.time,
+        version: str = "",
     ) -> None:
         self.model = model
+        self.version = version
         self.worker_id = worker_id
         self.store = store
         self.fetcher = fetcher
@@ -115,7 +117,7 @@ class Service:
         raise MalformedMessage(f"message is not a list of job IDs: {message[:200]}")
 
     def _dead_letter(self, reason: str, message: str, **extra: object) -> None:
-        queue = keys.queue_name(self.model)
+        queue = keys.queue_name(self.model, self.version)
         self.dead_letters.record(reason, queue=queue, message=message, **extra)
 
     def _claim(self, ids: Sequence[str], *, fresh_only: bool) -> list[Claim]:
