@@ -178,7 +178,10 @@ def _children(parent: WorkerProcess) -> dict[str, int]:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except FileNotFoundError:
             continue
-        found[args[args.index(b"--worker-id", 3) + 1].decode()] = int(pid)
+        if b"--worker-id" not in args:  # a zombie not yet reaped
+            continue
+        last = len(args) - 1 - args[::-1].index(b"--worker-id")  # the child's own, last
+        found[args[last + 1].decode()] = int(pid)
     return found
 
 
