@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from click.testing import CliRunner
 
 from contract import keys
 from producer.client import Client
@@ -32,6 +33,7 @@ from tests.faults_support import (
 )
 from tests.support import WorkerProcess, write_images
 from worker import supervisor
+from worker.cli import main
 from worker.supervisor import ChildSpec, Supervisor
 
 # -- the layout ------------------------------------------------------------------------------
@@ -277,3 +279,13 @@ def test_a_model_that_cannot_load_exits_2_with_one_line_and_no_restart(
     assert worker.wait_exit(timeout=SETTLE_S) == 2
     assert worker.log().count("worker not started:") == 1
     assert "Traceback" not in worker.log()
+
+
+def test_processes_defaults_to_auto_and_the_cli_refuses_a_bad_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("IMGCLS_PROCESSES", raising=False)  # the suite's own setting
+    ctx = main.make_context("worker", ["--model", "m"])
+    assert ctx.params["processes"] is None and ctx.params["processes_per_gpu"] == 2
+    refused = CliRunner().invoke(main, ["--model", "m", "--processes", "0"])
+    assert refused.exit_code == 2 and "auto or a count" in refused.output
