@@ -6,8 +6,9 @@
 #
 # Stages: (0) the device's batch steps alone: resize calls and ms per batch on uniform and mixed
 # sizes, forward eager vs CUDA graphs; (1) ResNet-50 fp16, ImageNet-size JPEGs, bulk submission,
-# 1/2/4 workers; (2) GPU fp16 vs CPU fp32 answers, mixed sizes included; (3) ResNet-50 fp16,
-# 12-MP photos and mixed sizes; (4) EfficientNet-B0 and MobileNetV3-Large,
+# 1, 4 and 8 worker processes on the one GPU (complete workers, the layout --processes-per-gpu
+# makes); (2) GPU fp16 vs CPU fp32 answers, mixed sizes included; (3) ResNet-50 fp16, 12-MP
+# photos and mixed sizes; (4) EfficientNet-B0 and MobileNetV3-Large,
 # ImageNet-size; (5) ResNet-50 with --compile, if time is left. Then
 # summary.md. Each stage's JSON is rewritten after every measurement, so a stage cut short by its
 # time cap still leaves what it measured.
@@ -75,7 +76,7 @@ if [ "$QUICK" = 1 ]; then
   big=mobilenet_v3_small small=mobilenet_v3_small scale=1,2 gpu=(--quick) check=(imagenet=4,12mp=1,mixed=4)
   steps=(--batch 8 --repeat 2)
 else
-  big=resnet50 small=efficientnet_b0,mobilenet_v3_large scale=1,2,4 gpu=(--precision fp16)
+  big=resnet50 small=efficientnet_b0,mobilenet_v3_large scale=1,4,8 gpu=(--precision fp16)
   check=(imagenet=64,12mp=8,mixed=64) steps=(--batch 256 --repeat 20)
 fi
 rest=(--stages seed,ceiling,e2e,latency)

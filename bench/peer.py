@@ -32,8 +32,10 @@ from PIL import Image
 from bench.e2e import run_e2e
 from bench.images import IMAGENET, image_pool
 from bench.services import RedisServer, WorkerPool
+from contract import registry
 from demo.stack import ROOT, free_port
 from producer.client import Client
+from worker import supervisor
 
 MODEL = "mobilenet_v3_large"
 # Images per pass, as in the issue's measurement.
@@ -53,10 +55,15 @@ class Layout:
 
     server: str  # "litserve" or "imgcls"
     workers: int
-    threads: int | None  # None: torch's default
+    threads: int | None  # None: torch's default (imgcls: what --processes chooses)
+    processes: str = "1"  # imgcls: each worker's --processes ("auto" is the default)
 
     @property
     def name(self) -> str:
+        if self.server == "imgcls":
+            return f"imgcls, --processes {self.processes}" + (
+                " (the default)" if self.processes == "auto" else ""
+            )
         threads = "default threads" if self.threads is None else f"{self.threads} thread(s) each"
         return f"{self.server}, {self.workers} worker(s), {threads}"
 
@@ -65,8 +72,8 @@ class Layout:
 
 
 LAYOUTS = (
-    Layout("imgcls", 1, None),
-    Layout("imgcls", 2, 1),
+    Layout("imgcls", 1, None, "1"),
+    Layout("imgcls", 1, None, "auto"),
     Layout("litserve", 1, None),
     Layout("litserve", 2, 1),
 )
@@ -168,11 +175,12 @@ def imgcls_rates(
 ) -> list[float]:
     redis_server = RedisServer(workdir).start()
     args = ["--weights", "none", "--allowed-root", str(Path(paths[0]).parent)]
-    args += ["--log-level", "WARNING"]
+    args += ["--log-level", "WARNING", "--processes", layout.processes]
     pool = WorkerPool(redis_server.url, MODEL, args, log_dir, layout.env(), ["auto"])
     client = Client.from_url(redis_server.url)
     try:
         pool.ensure(layout.workers, READY_TIMEOUT_S)
+        _wait_warm(client, layout.workers * _processes(layout.processes))
         run_e2e(client, MODEL, paths, len(paths), 5, layout.workers)  # warm-up
         runs = [run_e2e(client, MODEL, paths, len(paths), 5, layout.workers) for _ in range(repeat)]
         assert all(r.all_done for r in runs), runs
@@ -181,6 +189,21 @@ def imgcls_rates(
         client.close()
         pool.stop()
         redis_server.stop()
+
+
+def _processes(processes: str) -> int:
+    """Worker processes ``--processes`` makes on this (CPU) machine."""
+    return supervisor.parse_processes(processes) or supervisor.cpu_count()
+
+
+def _wait_warm(client: Client, count: int) -> None:
+    """Until ``count`` worker processes beat: a supervisor's later children start after its
+    first is warm."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while len(registry.live_workers(client.redis, MODEL)) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} worker processes warm")
+        time.sleep(0.2)
 
 
 def run_peer(

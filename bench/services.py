@@ -64,7 +64,9 @@ class WorkerPool:
 
     def _worker(self, index: int) -> WorkerProcess:
         device = self.devices[index % len(self.devices)]
-        args = [*self.args, "--device", device]  # a repeated click option: the last one wins
+        # One process per worker unless the caller's args ask otherwise (the last one wins),
+        # so a pool of N workers is N processes.
+        args = ["--processes", "1", *self.args, "--device", device]
         worker_id = f"bench-{self.model}-{index}-{os.getpid()}"
         return WorkerProcess(
             self.redis_url,

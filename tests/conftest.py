@@ -15,6 +15,10 @@ from demo.stack import RedisServer, WorkerProcess, free_port
 
 __all__ = ["RedisServer", "WorkerProcess", "free_port"]
 
+# Worker processes the tests start serve in one process (``python -m worker`` would otherwise
+# start one child per core); tests/test_supervisor.py asks for several with --processes.
+os.environ.setdefault("IMGCLS_PROCESSES", "1")
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:

@@ -282,7 +282,27 @@ def _show_envvars(command: click.Command) -> click.Command:
     default=worker_defaults.METRICS_HOST,
     help="Address the metrics and health endpoint listens on.",
 )
-@click.option("--worker-id", envvar="IMGCLS_WORKER_ID", help="[default: HOSTNAME-PID]")
+@click.option(
+    "--processes",
+    envvar="IMGCLS_PROCESSES",
+    default=worker_defaults.PROCESSES,
+    callback=lambda _ctx, _param, value: _processes(value),
+    help="Worker processes on this host, each a complete worker: auto is one single-threaded "
+    "process per core on a CPU and --processes-per-gpu per GPU on a GPU host; 1 serves in "
+    "this process.",
+)
+@click.option(
+    "--processes-per-gpu",
+    envvar="IMGCLS_PROCESSES_PER_GPU",
+    type=click.IntRange(min=1),
+    default=worker_defaults.PROCESSES_PER_GPU,
+    help="With --processes auto on a GPU host: worker processes per GPU.",
+)
+@click.option(
+    "--worker-id",
+    envvar="IMGCLS_WORKER_ID",
+    help="[default: HOSTNAME-PID; with several processes, each gets -0, -1, ...]",
+)
 @click.option("--log-level", envvar="IMGCLS_LOG_LEVEL", default=worker_defaults.LOG_LEVEL)
 @click.option(
     "--log-json/--no-log-json",
@@ -307,6 +327,7 @@ def main(**opts: object) -> None:
 
     for url in (settings.redis_url, *settings.store_urls):
         _check_redis(url)  # before the model: a wrong password fails in a second
+    _supervise_if_several(opts, settings)
     # Up before the model loads: live but not ready while it warms.
     port = settings.metrics_port
     health = HealthServer(settings.metrics_host, port).start() if port else None
@@ -333,6 +354,40 @@ def _check_redis(url: str) -> None:
         code, line = redis_errors.describe(e, url)
         log.critical("worker not started: %s", line)
         sys.exit(code)
+
+
+def _processes(value: str) -> int | None:
+    from worker.supervisor import parse_processes
+
+    try:
+        return parse_processes(value)
+    except ValueError as e:
+        raise click.BadParameter("give auto or a count >= 1") from e
+
+
+def _supervise_if_several(opts: dict[str, Any], settings: Settings) -> None:
+    """With more than one process planned, run them as children and exit with their status."""
+    from worker import supervisor
+
+    if opts["processes"] == 1:
+        return
+    device = settings.device
+    cores = supervisor.cpu_count()
+    gpus = supervisor.gpu_count(device)
+    devices = supervisor.plan_devices(
+        opts["processes"], device, opts["processes_per_gpu"], gpus, cores
+    )
+    if len(devices) == 1:
+        return
+    try:
+        settings.validate()  # once here, not once per child
+    except ValueError as e:
+        log.critical("worker not started: %s", e)
+        sys.exit(2)
+    ready = supervisor.heartbeat_ready(settings.redis_url, settings.model)
+    sys.exit(
+        supervisor.serve(sys.argv[1:], devices, settings.worker_id, settings.metrics_port, ready)
+    )
 
 
 def _settings(o: dict[str, Any]) -> Settings:

@@ -50,6 +50,10 @@ DEVICE = "auto"
 PRECISION = "auto"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LOG_LEVEL = "INFO"
+# Worker processes on this host: "auto" is one single-threaded process per core on a CPU, and
+# PROCESSES_PER_GPU per GPU on a GPU host (worker/supervisor.py; README "Processes per host").
+PROCESSES = "auto"
+PROCESSES_PER_GPU = 2
 
 
 @dataclass(frozen=True)
