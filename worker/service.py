@@ -33,7 +33,7 @@ from worker.decode import (
     rgb_uint8,
 )
 from worker.fetch import Fetcher
-from worker.inference import Classifier, Payload, PayloadKind
+from worker.inference import Classifier, Payload, PayloadKind, crop_on_host
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline, WorkItem
 from worker.resilience import retry_redis
@@ -180,9 +180,9 @@ class Service:
         policy = self.decode_policy
         if not self.classifier.device_preprocess:
             started = time.perf_counter()
-            pixels = self.classifier.loaded.transforms(decode_rgb(data, policy))
+            pixels = crop_on_host(decode_rgb(data, policy), self.classifier.loaded.transforms)
             self.metrics.stage("decode", time.perf_counter() - started)
-            return Payload(PayloadKind.READY, pixels)
+            return Payload(PayloadKind.CROPPED, pixels)
         if is_gpu_decodable(data, policy) and _has_end_marker(data):
             return Payload(PayloadKind.JPEG, encoded_tensor(data))
         return Payload(PayloadKind.PIXELS, rgb_uint8(data, policy))
