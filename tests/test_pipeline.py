@@ -150,6 +150,24 @@ def test_a_job_marked_alone_runs_in_a_batch_of_its_own(tiny, store) -> None:
     assert sum(tiny.calls) == 4
 
 
+def test_items_handed_over_together_are_split_into_batches_and_each_resolved(tiny, store) -> None:
+    items = [_item(store, n, 0.5) for n in range(10)]
+    items[6].alone = True
+    pipeline = _pipeline(tiny, store, max_batch=4, wait_s=0.5)
+    pipeline.start()
+    pipeline.expect(len(items))
+    try:
+        pipeline.submit_many(items[:7])
+        pipeline.submit_many(items[7:])
+        records = [i.done.result(timeout=10) for i in items]
+    finally:
+        assert pipeline.close(timeout_s=10)
+    assert [r.id for r in records] == [f"j{n}" for n in range(10)]
+    assert all(r.status == "done" for r in records)
+    assert max(tiny.calls) <= 4 and sum(tiny.calls) == 10
+    assert 1 in tiny.calls
+
+
 class StuckStore(CountingStore):
     """A store whose write blocks until released: a stage that cannot finish."""
 
