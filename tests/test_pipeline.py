@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.transforms._presets import ImageClassification
 
 from contract.errors import NotFound
-from contract.job import Job
+from contract.job import ErrorInfo, Job
 from contract.store import JobStore
 from worker.inference import Classifier, Payload, PayloadKind
 from worker.metrics import Metrics
@@ -195,3 +195,24 @@ def test_close_stops_waiting_for_a_stuck_stage_at_its_timeout(tiny) -> None:
         store.release.set()
     assert done.result(timeout=10).status == "done"
     assert pipeline.close(timeout_s=10) is True
+
+
+def test_metrics_count_a_batch_of_records_by_outcome_and_show_only_stages_seen() -> None:
+    metrics = Metrics("tiny")
+    job = Job(id="j", uri="j.jpg", model="tiny", top_k=1, submitted=0.0)
+    missing = ErrorInfo("not_found", "no such file")
+    metrics.finished([job.done([], "w", False, 1.0)] * 3 + [job.failed(missing, 1.0)] * 2)
+    metrics.stage("fetch", 0.01)
+    metrics.stage("fetch", 0.02)
+    registry = metrics.registry
+    assert (
+        registry.get_sample_value(
+            "imgcls_jobs_total", {"model": "tiny", "status": "done", "error_type": ""}
+        )
+        == 3
+    )
+    labels = {"model": "tiny", "status": "failed", "error_type": "not_found"}
+    assert registry.get_sample_value("imgcls_jobs_total", labels) == 2
+    count = "imgcls_stage_seconds_count"
+    assert registry.get_sample_value(count, {"model": "tiny", "stage": "fetch"}) == 2
+    assert registry.get_sample_value(count, {"model": "tiny", "stage": "decode"}) is None
