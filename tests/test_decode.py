@@ -70,3 +70,23 @@ def test_the_resize_computed_from_the_header_is_the_one_torchvision_makes(
         out.shape[-1],
         out.shape[-2],
     )
+
+
+def test_an_rgb_image_is_decoded_without_a_copy_and_others_are_converted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    converted: list[str] = []
+    convert = Image.Image.convert
+
+    def counted(self: Image.Image, mode: str) -> Image.Image:
+        converted.append(self.mode)
+        return convert(self, mode)
+
+    monkeypatch.setattr(Image.Image, "convert", counted)
+    out = io.BytesIO()
+    Image.new("RGB", (40, 30), (90, 120, 30)).save(out, format="JPEG")
+    assert decode_rgb(out.getvalue(), POLICY).mode == "RGB"
+    grey = io.BytesIO()
+    Image.new("L", (40, 30), 90).save(grey, format="PNG")
+    assert decode_rgb(grey.getvalue(), POLICY).mode == "RGB"
+    assert converted == ["L"]

@@ -12,7 +12,7 @@ from PIL import Image
 from tests.support import make_jpeg
 from worker import resize
 from worker.decode import DecodePolicy, decode_rgb, encoded_tensor, rgb_uint8
-from worker.inference import Classifier, Payload, PayloadKind
+from worker.inference import Classifier, Payload, PayloadKind, crop_on_host
 from worker.models import LoadedModel, load_model
 from worker.settings import Settings
 
@@ -125,3 +125,16 @@ def test_both_paths_give_the_same_top_class() -> None:
     top_host = [t.indices[0] for t in cpu.predict(host_inputs, 1)]
     top_device = [t.indices[0] for t in dev.predict(device_inputs, 1)]
     assert top_host == top_device
+
+
+@pytest.mark.parametrize("sizes", [[(500, 375), (64, 48), (301, 300)], [(20, 1000)]], ids=str)
+def test_the_cpu_path_normalising_per_batch_matches_the_transforms_to_the_bit(
+    loaded: LoadedModel, sizes: list[tuple[int, int]]
+) -> None:
+    images = [decode_rgb(make_jpeg(w, h, seed=w), POLICY) for w, h in sizes]
+    payloads = [Payload(PayloadKind.CROPPED, crop_on_host(i, loaded.transforms)) for i in images]
+    payloads.insert(1, Payload(PayloadKind.READY, loaded.transforms(images[0])))
+    x, errors = _classifier(loaded, False).make_batch(payloads)
+    reference = torch.stack([loaded.transforms(i) for i in [images[0], *images]])
+    assert not errors
+    assert torch.equal(x, reference)

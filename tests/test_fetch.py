@@ -137,6 +137,20 @@ def test_symlink_within_the_root_is_followed(local: Fetcher, root: Path) -> None
     assert local.fetch(str(root / "alias.jpg")) == IMAGE
 
 
+def test_only_a_path_not_written_plainly_costs_a_realpath(
+    local: Fetcher, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (root / "alias.jpg").symlink_to("cat.jpg")
+    resolved: list[str] = []
+    realpath = os.path.realpath
+    monkeypatch.setattr(os.path, "realpath", lambda p: resolved.append(p) or realpath(p))
+    assert local.fetch(str(root / "cat.jpg")) == IMAGE
+    assert resolved == []
+    assert local.fetch(f"{root}/./cat.jpg") == IMAGE
+    assert local.fetch(str(root / "alias.jpg")) == IMAGE
+    assert len(resolved) >= 1
+
+
 def test_missing_file_is_not_found(local: Fetcher, root: Path) -> None:
     with pytest.raises(NotFound, match=re.escape("dog.jpg")):
         local.fetch(str(root / "dog.jpg"))

@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.transforms._presets import ImageClassification
 
 from contract.errors import NotFound
-from contract.job import Job
+from contract.job import ErrorInfo, Job
 from contract.store import JobStore
 from worker.inference import Classifier, Payload, PayloadKind
 from worker.metrics import Metrics
@@ -150,6 +150,24 @@ def test_a_job_marked_alone_runs_in_a_batch_of_its_own(tiny, store) -> None:
     assert sum(tiny.calls) == 4
 
 
+def test_items_handed_over_together_are_split_into_batches_and_each_resolved(tiny, store) -> None:
+    items = [_item(store, n, 0.5) for n in range(10)]
+    items[6].alone = True
+    pipeline = _pipeline(tiny, store, max_batch=4, wait_s=0.5)
+    pipeline.start()
+    pipeline.expect(len(items))
+    try:
+        pipeline.submit_many(items[:7])
+        pipeline.submit_many(items[7:])
+        records = [i.done.result(timeout=10) for i in items]
+    finally:
+        assert pipeline.close(timeout_s=10)
+    assert [r.id for r in records] == [f"j{n}" for n in range(10)]
+    assert all(r.status == "done" for r in records)
+    assert max(tiny.calls) <= 4 and sum(tiny.calls) == 10
+    assert 1 in tiny.calls
+
+
 class StuckStore(CountingStore):
     """A store whose write blocks until released: a stage that cannot finish."""
 
@@ -177,3 +195,24 @@ def test_close_stops_waiting_for_a_stuck_stage_at_its_timeout(tiny) -> None:
         store.release.set()
     assert done.result(timeout=10).status == "done"
     assert pipeline.close(timeout_s=10) is True
+
+
+def test_metrics_count_a_batch_of_records_by_outcome_and_show_only_stages_seen() -> None:
+    metrics = Metrics("tiny")
+    job = Job(id="j", uri="j.jpg", model="tiny", top_k=1, submitted=0.0)
+    missing = ErrorInfo("not_found", "no such file")
+    metrics.finished([job.done([], "w", False, 1.0)] * 3 + [job.failed(missing, 1.0)] * 2)
+    metrics.stage("fetch", 0.01)
+    metrics.stage("fetch", 0.02)
+    registry = metrics.registry
+    assert (
+        registry.get_sample_value(
+            "imgcls_jobs_total", {"model": "tiny", "status": "done", "error_type": ""}
+        )
+        == 3
+    )
+    labels = {"model": "tiny", "status": "failed", "error_type": "not_found"}
+    assert registry.get_sample_value("imgcls_jobs_total", labels) == 2
+    count = "imgcls_stage_seconds_count"
+    assert registry.get_sample_value(count, {"model": "tiny", "stage": "fetch"}) == 2
+    assert registry.get_sample_value(count, {"model": "tiny", "stage": "decode"}) is None

@@ -88,7 +88,7 @@ def decode_rgb(data: bytes, policy: DecodePolicy) -> Image.Image:
         image.draft("RGB", (side, side))
     try:
         image.load()
-        return image.convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise NotAnImage(f"image data is truncated or corrupt: {e}") from e
 

@@ -89,6 +89,8 @@ _S3_TRANSIENT = frozenset(
 )
 _BOTO_TRANSIENT = (BotoConnectionError, HTTPClientError, ResponseStreamingError)
 _FILE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+# Path components that make a local path take the realpath route (worker.fetch._open_plain).
+_UNPLAIN = frozenset({"", ".", ".."})
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -154,6 +156,7 @@ class Fetcher:
         self.policy = policy
         self._roots = tuple(Path(os.path.realpath(root)) for root in policy.allowed_roots)
         self._root_fds = tuple(open_root(root) for root in self._roots)
+        self._root_prefixes = tuple(os.path.join(root, "") for root in self._roots)
         self._open = opener or (open_beneath if openat2_works(self._root_fds) else walk_beneath)
         self._s3 = s3_client
         self._s3_lock = threading.Lock()
@@ -210,9 +213,28 @@ class Fetcher:
     # Local files
 
     def _read_local(self, uri: str, deadline: Deadline) -> bytes:
-        root_fd, relative = self._beneath_root(uri, local_path(uri))
-        fd = self._open_file(uri, root_fd, relative)
+        path = local_path(uri)
+        fd = self._open_plain(path)
+        if fd is None:
+            root_fd, relative = self._beneath_root(uri, path)
+            fd = self._open_file(uri, root_fd, relative)
         return read_regular(uri, fd, self.policy.max_bytes, deadline)
+
+    def _open_plain(self, path: str) -> int | None:
+        """The common case without realpath's lstat per component: a path written plainly
+        under a root (no ``.``, ``..`` or empty component) is opened beneath the root's
+        descriptor as it is, so it still cannot lead outside. None (a symlink the opener will
+        not follow, a missing file, any failure) sends it the long way, which decides the
+        outcome and its wording exactly as before."""
+        for root, fd in zip(self._root_prefixes, self._root_fds, strict=True):
+            if path.startswith(root):
+                relative = path[len(root) :]
+                if _UNPLAIN.isdisjoint(relative.split("/")):
+                    try:
+                        return self._open(fd, relative)
+                    except OSError:
+                        return None
+        return None
 
     def _beneath_root(self, uri: str, path: str) -> tuple[int, str]:
         """The root (as its open descriptor) the path lies under, and the path relative to it.

@@ -10,8 +10,12 @@ import logging
 from dataclasses import dataclass
 from enum import Enum
 
+import numpy as np
 import torch
+import torchvision.transforms.functional as F
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms._presets import ImageClassification
 
 from worker.graphs import GRAPH_TOP_K, CudaGraphs, Step, make_step, unpack
 from worker.models import LoadedModel, ModelLoadError
@@ -23,7 +27,8 @@ log = logging.getLogger(__name__)
 class PayloadKind(str, Enum):
     """What a loaded image carries to the device."""
 
-    READY = "ready"  # float pixels, already preprocessed (the CPU path)
+    READY = "ready"  # float pixels, already preprocessed
+    CROPPED = "cropped"  # uint8 HWC pixels resized and cropped on the CPU, normalised per batch
     PIXELS = "pixels"  # uint8 pixels, resized and normalised on the device
     JPEG = "jpeg"  # encoded JPEG bytes, for nvJPEG on the device
 
@@ -134,13 +139,27 @@ class Classifier:
 
     def _make_batch(self, payloads: list[Payload]) -> tuple[torch.Tensor, dict[int, Exception]]:
         if not self.device_preprocess:
-            return self._cast(torch.stack([p.data for p in payloads])), {}
+            return self._cast(self._host_batch(payloads)), {}
         images, errors = self._to_device_pixels(payloads)
         good = [i for i in range(len(payloads)) if i not in errors]
         if not good:
             return torch.empty(0, 3, self.crop, self.crop, device=self.device), errors
         x = resize_crop_normalize([images[i] for i in good], self.resize_spec)
         return self._cast(x), errors
+
+    def _host_batch(self, payloads: list[Payload]) -> torch.Tensor:
+        """Stack the batch; cropped uint8 pixels are converted and normalised together, once."""
+        cropped = [i for i, p in enumerate(payloads) if p.kind == PayloadKind.CROPPED]
+        if not cropped:
+            return torch.stack([p.data for p in payloads])
+        pixels = torch.stack([payloads[i].data for i in cropped])
+        normalised = normalize_batch(pixels, self.loaded.transforms)
+        if len(cropped) == len(payloads):
+            return normalised
+        tensors = [p.data for p in payloads]
+        for n, i in enumerate(cropped):
+            tensors[i] = normalised[n]
+        return torch.stack(tensors)
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor, k: int) -> list[TopK]:
@@ -215,6 +234,25 @@ class Classifier:
         except RuntimeError as e:
             errors[i] = e
             return None
+
+
+def crop_on_host(image: Image.Image, transforms: ImageClassification) -> torch.Tensor:
+    """The resize and centre crop of ``transforms`` (the first half of its ``forward``), as HWC
+    uint8 pixels: converting and normalising them costs less once per batch (normalize_batch)."""
+    size, interpolation = transforms.resize_size, transforms.interpolation
+    image = F.resize(image, size, interpolation=interpolation, antialias=transforms.antialias)
+    image = F.center_crop(image, transforms.crop_size)
+    return torch.from_numpy(np.array(image, dtype=np.uint8))
+
+
+def normalize_batch(pixels: torch.Tensor, transforms: ImageClassification) -> torch.Tensor:
+    """NHWC uint8 to NCHW normalised floats (channels-last strides), computed as the second half
+    of ``transforms.forward`` computes it per image (``convert_image_dtype``, ``normalize``),
+    so every value is the same to the bit."""
+    x = pixels.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    mean = torch.as_tensor(transforms.mean, dtype=x.dtype).view(-1, 1, 1)
+    std = torch.as_tensor(transforms.std, dtype=x.dtype).view(-1, 1, 1)
+    return x.sub_(mean).div_(std)
 
 
 def _bucket_sizes(batch_size: int) -> tuple[int, ...]:

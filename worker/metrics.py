@@ -5,6 +5,7 @@ Each worker has its own registry (no module-level state), served by ``worker.hea
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -57,17 +58,26 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        # Each stage's labelled histogram, looked up on its first observation only (a stage
+        # never observed stays out of the exposition, as before).
+        self._stage: dict[str, Histogram] = {}
 
     def stage(self, name: str, seconds: float) -> None:
-        self.stages.labels(self.model, name).observe(seconds)
+        child = self._stage.get(name)
+        if child is None:
+            child = self._stage.setdefault(name, self.stages.labels(self.model, name))
+        child.observe(seconds)
 
     def batch(self, size: int) -> None:
         self.batches.labels(self.model).observe(size)
 
     def finished(self, records: Iterable[Job]) -> None:
-        for job in records:
-            error_type = job.error.type if job.error is not None else ""
-            self.jobs.labels(self.model, job.status, error_type).inc()
+        """Count final records: one counter update per (status, error type) of the batch."""
+        counts = collections.Counter(
+            (job.status, job.error.type if job.error is not None else "") for job in records
+        )
+        for (status, error_type), n in counts.items():
+            self.jobs.labels(self.model, status, error_type).inc(n)
 
     def watch_device(self, device: str) -> None:
         """Sample the device memory allocated at scrape time; a CPU worker has no sample."""

@@ -17,6 +17,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -80,7 +81,9 @@ class Pipeline:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.clock = clock
-        self._inbox: queue.Queue[WorkItem | _Stop] = queue.Queue()
+        self._inbox: queue.Queue[list[WorkItem] | _Stop] = queue.Queue()
+        # Items taken from the inbox but not batched yet (only the assemble thread uses it).
+        self._pending: deque[WorkItem] = deque()
         self._lock = threading.Lock()
         self._expected = 0
         self._to_infer: queue.Queue[_Batch | _Stop] = queue.Queue(maxsize=2)
@@ -111,10 +114,16 @@ class Pipeline:
             self._expected += count
 
     def submit(self, item: WorkItem) -> Future[Job]:
-        with self._lock:
-            self._expected = max(0, self._expected - 1)
-        self._inbox.put(item)
+        self.submit_many([item])
         return item.done
+
+    def submit_many(self, items: list[WorkItem]) -> None:
+        """Hand over loaded items in one queue operation (each resolves its own ``done``)."""
+        if not items:
+            return
+        with self._lock:
+            self._expected = max(0, self._expected - len(items))
+        self._inbox.put(items)
 
     def _more_coming(self) -> bool:
         with self._lock:
@@ -146,7 +155,7 @@ class Pipeline:
 
         The wait is skipped when nothing else is on its way, so a lone job at idle runs at once.
         """
-        first = self._inbox.get()
+        first = self._next(None)
         if isinstance(first, _Stop):
             return None
         items = [first]
@@ -154,17 +163,29 @@ class Pipeline:
             return items
         deadline = time.monotonic() + self.max_wait_s
         while len(items) < self.max_batch:
-            if self._inbox.empty() and not self._more_coming():
+            if not self._pending and self._inbox.empty() and not self._more_coming():
                 break
             try:
-                item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                item = self._next(max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if isinstance(item, _Stop) or item.alone:
-                self._inbox.put(item)  # handled after this batch: a suspect runs by itself
+            if isinstance(item, _Stop):
+                self._inbox.put(item)  # handled after this batch
+                break
+            if item.alone:
+                self._pending.appendleft(item)  # a suspect runs by itself, after this batch
                 break
             items.append(item)
         return items
+
+    def _next(self, timeout: float | None) -> WorkItem | _Stop:
+        """The next item submitted, waiting up to ``timeout`` (queue.Empty after it)."""
+        if not self._pending:
+            got = self._inbox.get(timeout=timeout)
+            if isinstance(got, _Stop):
+                return got
+            self._pending.extend(got)
+        return self._pending.popleft()
 
     def _assemble(self, items: list[WorkItem]) -> _Batch:
         started = time.perf_counter()

@@ -45,10 +45,31 @@ def _log_retry(state: tenacity.RetryCallState) -> None:
 
 
 def retry_redis(call: Callable[[], T]) -> T:
-    retrying = tenacity.Retrying(
+    """``call()``, retried while Redis is transiently unavailable. The first try runs bare:
+    building the retry machinery costs more than a round trip, and is needed only after a
+    failure, which then counts as its first attempt."""
+    first_failure: Exception | None
+    try:
+        return call()
+    except Exception as e:
+        if not is_transient(e):
+            raise
+        first_failure = e
+
+    def again() -> T:
+        nonlocal first_failure
+        if first_failure is not None:
+            failure, first_failure = first_failure, None
+            raise failure
+        return call()
+
+    return _retrying()(again)
+
+
+def _retrying() -> tenacity.Retrying:
+    return tenacity.Retrying(
         retry=tenacity.retry_if_exception(is_transient),
         wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
         before_sleep=_log_retry,
         reraise=True,
     )
-    return retrying(call)

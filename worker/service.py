@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis
 
@@ -34,12 +35,13 @@ from worker.decode import (
     rgb_uint8,
 )
 from worker.fetch import Fetcher
-from worker.inference import Classifier, Payload, PayloadKind
+from worker.inference import Classifier, Payload, PayloadKind, crop_on_host
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline, WorkItem
 from worker.resilience import retry_redis
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Service:
         metrics: Metrics,
         dead_letters: DeadLetters,
         io_pool: ThreadPoolExecutor,
+        io_threads: int,
         decode_policy: DecodePolicy,
         max_attempts: int,
         clock: Callable[[], float] = time.time,
@@ -79,6 +82,7 @@ class Service:
         self.metrics = metrics
         self.dead_letters = dead_letters
         self.io_pool = io_pool
+        self.io_threads = io_threads
         self.decode_policy = decode_policy
         self.max_attempts = max_attempts
         self.clock = clock
@@ -87,7 +91,7 @@ class Service:
         """Process one message's jobs. Returns only once every claimed job's record is final."""
         ids = self._checked_ids(job_ids)
         claims = self._claim(ids, fresh_only=True)
-        items = [self._start(job) for job in _claimed_jobs(claims)]
+        items = self._start(_claimed_jobs(claims))
         suspects = [c.job_id for c in claims if c.state == SUSPECT]
         finished = [item.done.result() for item in items]
         finished += [job for job_id in suspects if (job := self._run_alone(job_id))]
@@ -154,16 +158,20 @@ class Service:
         message = json.dumps([c.job_id for c in claims])
         self._dead_letter("records missing or corrupt", message, job_ids=ids, **counts)
 
-    def _start(self, job: Job) -> WorkItem:
-        item = WorkItem(job)
-        self.pipeline.expect(1)
-        self.metrics.stage("queue_wait", max(0.0, (job.started or 0) - (job.submitted or 0)))
-        self.io_pool.submit(self._load_and_submit, item)
-        return item
+    def _start(self, jobs: list[Job]) -> list[WorkItem]:
+        """Load the jobs on the I/O threads: one task per thread's share, not one per job."""
+        items = [WorkItem(job) for job in jobs]
+        self.pipeline.expect(len(items))
+        for job in jobs:
+            self.metrics.stage("queue_wait", max(0.0, (job.started or 0) - (job.submitted or 0)))
+        for share in _shares(items, self.io_threads):
+            self.io_pool.submit(self._load_and_submit, share)
+        return items
 
-    def _load_and_submit(self, item: WorkItem) -> None:
-        self.load_image(item)
-        self.pipeline.submit(item)
+    def _load_and_submit(self, items: list[WorkItem]) -> None:
+        for item in items:
+            self.load_image(item)
+        self.pipeline.submit_many(items)
 
     def load_image(self, item: WorkItem) -> None:
         """Fetch and decode one job's image into ``item``: a payload, or the error that ends it."""
@@ -183,9 +191,9 @@ class Service:
         policy = self.decode_policy
         if not self.classifier.device_preprocess:
             started = time.perf_counter()
-            pixels = self.classifier.loaded.transforms(decode_rgb(data, policy))
+            pixels = crop_on_host(decode_rgb(data, policy), self.classifier.loaded.transforms)
             self.metrics.stage("decode", time.perf_counter() - started)
-            return Payload(PayloadKind.READY, pixels)
+            return Payload(PayloadKind.CROPPED, pixels)
         if is_gpu_decodable(data, policy) and _has_end_marker(data):
             return Payload(PayloadKind.JPEG, encoded_tensor(data))
         return Payload(PayloadKind.PIXELS, rgb_uint8(data, policy))
@@ -208,6 +216,12 @@ class Service:
 def _claimed_jobs(claims: Sequence[Claim]) -> list[Job]:
     """The jobs this worker now runs: a claimed job always has its record."""
     return [c.job for c in claims if c.state == CLAIMED and c.job is not None]
+
+
+def _shares(items: list[T], parts: int) -> list[list[T]]:
+    """``items`` cut into at most ``parts`` runs of nearly equal length, in order."""
+    size = max(1, -(-len(items) // max(1, parts)))
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _has_end_marker(data: bytes) -> bool:
