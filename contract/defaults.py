@@ -6,6 +6,11 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 KEY_PREFIX = "imgcls"
 # Seconds a job record lives in Redis after submission (24 h).
 JOB_TTL_S = 24 * 3600
+# Entries the job events stream keeps (approximately: trimmed with MAXLEN ~).
+EVENTS_MAX_LEN = 100_000
+# Seconds after which a process writes the names and labels its records refer to again, in
+# case Redis lost them (a restart without persistence).
+CATALOG_REWRITE_S = 60.0
 # Labels returned per job when the caller does not say.
 TOP_K = 5
 # Largest top_k a caller may ask for.

@@ -1,0 +1,302 @@
+"""How a ``Job`` is stored in Redis: a small hash of one-letter fields, cheap to keep and claim.
+
+A finished top-5 record of the JSON form took 856 bytes of Redis memory; this form takes about a
+third. What many records share is stored once and referred to by a short ID (``Catalog``): the
+worker's name, and what answered (weights, random or not) together with its labels, which are
+looked up by class index when a record is read. Times are integer microseconds: ``submitted``
+since the epoch, ``started`` and ``finished`` after ``submitted``. Predictions are packed binary:
+the class index and its float32 probability (what the model computed) per class. The record's
+key holds its ID. The store's Lua scripts read and write single fields by these names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from contract.errors import MalformedRecord
+from contract.job import DONE, FAILED, QUEUED, RUNNING, ErrorInfo, Job, JobStatus, Prediction
+
+URI = "u"
+MODEL = "m"
+TOP_K = "k"
+STATUS = "s"
+SUBMITTED = "t"  # microseconds since the epoch
+STARTED = "b"  # microseconds after SUBMITTED
+FINISHED = "f"  # microseconds after SUBMITTED
+ATTEMPTS = "a"
+WORKER = "w"  # a Catalog ID
+ANSWERER = "v"  # a Catalog ID: [weights, random_weights]
+PREDICTIONS = "p"  # packed, see pack_predictions
+ERROR = "e"  # "<type>:<message>"
+# Every field, in the order the claim script reads them and answers them.
+FIELDS = (
+    URI,
+    MODEL,
+    TOP_K,
+    STATUS,
+    SUBMITTED,
+    STARTED,
+    FINISHED,
+    ATTEMPTS,
+    WORKER,
+    ANSWERER,
+    PREDICTIONS,
+    ERROR,
+)
+# Fields a record cannot be run without (its ID is the key).
+REQUIRED = (URI, MODEL, TOP_K, STATUS)
+
+STATUS_CODES: Mapping[JobStatus, str] = {QUEUED: "q", RUNNING: "r", DONE: "d", FAILED: "f"}
+_STATUS_OF = {code: status for status, code in STATUS_CODES.items()}
+
+# The first byte of packed predictions says the width of each class index.
+_NARROW, _WIDE = b"h", b"i"
+_ENTRY = {_NARROW: struct.Struct("<Hf"), _WIDE: struct.Struct("<If")}
+
+
+def micros(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+def name_id(text: str) -> int:
+    """The catalog ID of ``text``: a 31-bit hash, so that every process derives the same one
+    without asking Redis, and a Redis that lost its catalog gets the same IDs written again."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "big") >> 1
+
+
+def answerer_text(weights: str | None, random_weights: bool | None) -> str:
+    return json.dumps([weights, random_weights], separators=(",", ":"))
+
+
+def pack_predictions(predictions: Sequence[Prediction]) -> bytes:
+    wide = any(p.index > 0xFFFF for p in predictions)
+    kind = _WIDE if wide else _NARROW
+    entry = _ENTRY[kind]
+    return kind + b"".join(entry.pack(p.index, p.probability) for p in predictions)
+
+
+def unpack_predictions(packed: bytes) -> list[tuple[int, float]]:
+    """(index, probability) pairs; a float32 shown with the 7 digits it holds."""
+    entry = _ENTRY.get(packed[:1])
+    if entry is None or (len(packed) - 1) % entry.size:
+        raise MalformedRecord("job record has unreadable predictions")
+    return [(i, float(f"{p:.7g}")) for i, p in entry.iter_unpack(packed[1:])]
+
+
+def to_fields(job: Job, catalog: Catalog) -> dict[str, str | int | bytes]:
+    """The hash fields of ``job``; absent fields are null (or zero attempts)."""
+    base = 0 if job.submitted is None else micros(job.submitted)
+    fields: dict[str, str | int | bytes] = {
+        URI: job.uri,
+        MODEL: job.model,
+        TOP_K: job.top_k,
+        STATUS: STATUS_CODES[JobStatus(job.status)],
+        ATTEMPTS: job.attempts,
+    }
+    if job.submitted is not None:
+        fields[SUBMITTED] = base
+    if job.started is not None:
+        fields[STARTED] = micros(job.started) - base
+    if job.worker is not None:
+        fields[WORKER] = catalog.name(job.worker)
+    fields.update(result_fields(job, base, catalog))
+    return fields
+
+
+def result_fields(job: Job, base: int, catalog: Catalog) -> dict[str, str | int | bytes]:
+    """The fields finishing ``job`` writes: when, what answered, and its predictions or error."""
+    fields: dict[str, str | int | bytes] = {}
+    if job.finished is not None:
+        fields[FINISHED] = micros(job.finished) - base
+    if job.weights is not None or job.random_weights is not None:
+        fields[ANSWERER] = catalog.answerer(job)
+    if job.predictions is not None:
+        fields[PREDICTIONS] = pack_predictions(job.predictions)
+    if job.error is not None:
+        fields[ERROR] = f"{job.error.type}:{job.error.message}"
+    return fields
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One record as read: field values in ``FIELDS`` order, None where absent."""
+
+    job_id: str
+    values: Sequence[bytes | None]
+
+    def get(self, name: str) -> bytes | None:
+        return self.values[_POSITION[name]]
+
+    def ids(self) -> list[int]:
+        """The catalog IDs this record refers to."""
+        return [int(v) for v in (self.get(WORKER), self.get(ANSWERER)) if v is not None]
+
+
+_POSITION = {name: i for i, name in enumerate(FIELDS)}
+
+
+def stored(job_id: str, values: Sequence[bytes | None]) -> Stored:
+    if len(values) != len(FIELDS):
+        raise MalformedRecord(f"job record {job_id!r} has {len(values)} fields, not {len(FIELDS)}")
+    return Stored(job_id, values)
+
+
+def from_fields(record: Stored, catalog: Catalog) -> Job:
+    """The ``Job`` a stored record holds; names and labels come from ``catalog``."""
+    missing = [name for name in REQUIRED if record.get(name) is None]
+    if missing:
+        raise MalformedRecord(f"job record {record.job_id!r} has no field {missing[0]!r}")
+    try:
+        return _job(record, catalog)
+    except (ValueError, KeyError, TypeError) as e:
+        raise MalformedRecord(
+            f"job record {record.job_id!r} does not follow the schema: {e}"
+        ) from e
+
+
+def _job(record: Stored, catalog: Catalog) -> Job:
+    get = record.get
+    model = _text(get(MODEL))
+    submitted = _int(get(SUBMITTED))
+    base = submitted or 0
+    weights, random_weights = catalog.answerer_of(_int(get(ANSWERER)))
+    worker = _int(get(WORKER))
+    return Job(
+        id=record.job_id,
+        uri=_text(get(URI)),
+        model=model,
+        top_k=int(get(TOP_K)),  # type: ignore[arg-type]
+        status=_STATUS_OF[_text(get(STATUS))],
+        submitted=_seconds(submitted, 0),
+        started=_seconds(_int(get(STARTED)), base),
+        finished=_seconds(_int(get(FINISHED)), base),
+        attempts=_int(get(ATTEMPTS)) or 0,
+        worker=None if worker is None else catalog.text(worker),
+        weights=weights,
+        random_weights=random_weights,
+        predictions=_predictions(get(PREDICTIONS), model, _int(get(ANSWERER)), catalog),
+        error=_error(get(ERROR)),
+    )
+
+
+def _predictions(
+    packed: bytes | None, model: str, answerer: int | None, catalog: Catalog
+) -> tuple[Prediction, ...] | None:
+    if packed is None:
+        return None
+    return tuple(
+        Prediction(catalog.label(model, answerer, i), i, p) for i, p in unpack_predictions(packed)
+    )
+
+
+def _error(raw: bytes | None) -> ErrorInfo | None:
+    if raw is None:
+        return None
+    kind, _, message = _text(raw).partition(":")
+    return ErrorInfo(kind, message)
+
+
+def _text(raw: bytes | None) -> str:
+    # surrogateescape: a record written before names were checked for UTF-8 still reads.
+    return "" if raw is None else raw.decode("utf-8", "surrogateescape")
+
+
+def _int(raw: bytes | None) -> int | None:
+    return None if raw is None else int(raw)
+
+
+def _seconds(micros_: int | None, base: int) -> float | None:
+    return None if micros_ is None else (base + micros_) / 1_000_000
+
+
+class Catalog:
+    """Texts many records share, by short ID, and the labels of each answerer, by class index.
+
+    Read from Redis once per process and cached (an ID always means the same text). Writers
+    say what they referred to with ``name`` and ``answerer``; ``take_pending`` hands the ones
+    not written yet to the caller's pipeline, ``written`` marks them done.
+    """
+
+    def __init__(self) -> None:
+        self._texts: dict[int, str] = {}
+        self._labels: dict[tuple[str, int], dict[int, str]] = {}
+        self._unwritten_names: dict[int, str] = {}
+        self._unwritten_labels: dict[tuple[str, int], dict[int, str]] = {}
+        self._written: set[tuple[str, int, int] | int] = set()
+
+    def name(self, text: str) -> int:
+        ident = name_id(text)
+        self._texts[ident] = text
+        if ident not in self._written:
+            self._unwritten_names[ident] = text
+        return ident
+
+    def answerer(self, job: Job) -> int:
+        ident = self.name(answerer_text(job.weights, job.random_weights))
+        for p in job.predictions or ():
+            if (job.model, ident, p.index) not in self._written:
+                self._unwritten_labels.setdefault((job.model, ident), {})[p.index] = p.label
+        return ident
+
+    def take_pending(self) -> tuple[dict[int, str], dict[tuple[str, int], dict[int, str]]]:
+        """Names and labels referred to but not written yet by this process, handed over."""
+        names, labels = self._unwritten_names, self._unwritten_labels
+        self._unwritten_names, self._unwritten_labels = {}, {}
+        return names, labels
+
+    def written(
+        self, names: Mapping[int, str], labels: Mapping[tuple[str, int], Mapping[int, str]]
+    ) -> None:
+        """These names and labels are in Redis now."""
+        self._written.update(names)
+        for (model, ident), by_index in labels.items():
+            self._labels.setdefault((model, ident), {}).update(by_index)
+            self._written.update((model, ident, i) for i in by_index)
+
+    def forget_written(self) -> None:
+        """Write everything again on next use: Redis may have lost it (a restart)."""
+        self._written.clear()
+
+    def unknown(self, records: Iterable[Stored]) -> tuple[set[int], set[tuple[str, int]]]:
+        """Names and label sets ``records`` need that this process has not read yet."""
+        names: set[int] = set()
+        labels: set[tuple[str, int]] = set()
+        for record in records:
+            names.update(i for i in record.ids() if i not in self._texts)
+            answerer, packed = _int(record.get(ANSWERER)), record.get(PREDICTIONS)
+            if answerer is None or packed is None:
+                continue
+            key = (_text(record.get(MODEL)), answerer)
+            known = self._labels.get(key, {})
+            if any(i not in known for i, _ in unpack_predictions(packed)):
+                labels.add(key)
+        return names, labels
+
+    def learn(
+        self, names: Mapping[int, str], labels: Mapping[tuple[str, int], Mapping[int, str]]
+    ) -> None:
+        self._texts.update(names)
+        for key, by_index in labels.items():
+            self._labels.setdefault(key, {}).update(by_index)
+
+    def known_labels(self, model: str, answerer: int) -> Mapping[int, str]:
+        return self._labels.get((model, answerer), {})
+
+    def text(self, ident: int) -> str:
+        return self._texts.get(ident, "")
+
+    def answerer_of(self, ident: int | None) -> tuple[str | None, bool | None]:
+        if ident is None or ident not in self._texts:
+            return None, None
+        weights, random_weights = json.loads(self._texts[ident])
+        return weights, random_weights
+
+    def label(self, model: str, answerer: int | None, index: int) -> str:
+        """The class's label; empty when Redis lost it."""
+        if answerer is None:
+            return ""
+        return self._labels.get((model, answerer), {}).get(index, "")
