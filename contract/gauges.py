@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from contract import keys, registry
 from contract.errors import MalformedRecord
-from contract.job import Job
+from contract.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,13 @@ def oldest_queued_age(client: redis.Redis, model: str, now: float) -> float | No
     if raw is None:
         return None
     job_id = _first_job_id(raw)
-    record = None if job_id is None else client.get(keys.job_key(job_id))
-    if record is None:
+    if job_id is None:
         return None
     try:
-        submitted = Job.decode(record).submitted
+        job = JobStore(client).get(job_id)
     except MalformedRecord:
         return None
+    submitted = None if job is None else job.submitted
     return None if submitted is None else max(0.0, now - submitted)
 
 
