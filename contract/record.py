@@ -94,22 +94,22 @@ def to_fields(job: Job, catalog: Catalog) -> dict[str, str | int | bytes]:
         URI: job.uri,
         MODEL: job.model,
         TOP_K: job.top_k,
-        STATUS: STATUS_CODES[JobStatus(job.status)],
         ATTEMPTS: job.attempts,
     }
     if job.submitted is not None:
         fields[SUBMITTED] = base
-    if job.started is not None:
-        fields[STARTED] = micros(job.started) - base
-    if job.worker is not None:
-        fields[WORKER] = catalog.name(job.worker)
     fields.update(result_fields(job, base, catalog))
     return fields
 
 
 def result_fields(job: Job, base: int, catalog: Catalog) -> dict[str, str | int | bytes]:
-    """The fields finishing ``job`` writes: when, what answered, and its predictions or error."""
-    fields: dict[str, str | int | bytes] = {}
+    """The fields finishing ``job`` writes: its status, which attempt (when, by whom) answered,
+    what answered, and its predictions or error."""
+    fields: dict[str, str | int | bytes] = {STATUS: STATUS_CODES[JobStatus(job.status)]}
+    if job.started is not None:
+        fields[STARTED] = micros(job.started) - base
+    if job.worker is not None:
+        fields[WORKER] = catalog.name(job.worker)
     if job.finished is not None:
         fields[FINISHED] = micros(job.finished) - base
     if job.weights is not None or job.random_weights is not None:

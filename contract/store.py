@@ -310,8 +310,7 @@ class JobStore:
         args: list[str | int | bytes] = [defaults.EVENTS_MAX_LEN, len(jobs)]
         for job in jobs:
             base = 0 if job.submitted is None else record.micros(job.submitted)
-            fields = {record.STATUS: record.STATUS_CODES[job.status]}
-            fields.update(record.result_fields(job, base, self._catalog))
+            fields = record.result_fields(job, base, self._catalog)
             args += [stats.index(keys.stats_key(job.model)) + 1, str(job.status), job.attempts]
             args += [2 * len(fields), *itertools.chain.from_iterable(fields.items())]
         pipe, pending = self._pipeline()
