@@ -349,16 +349,19 @@ class JobStore:
         names, labels = self._catalog.unknown(stored)
         if not names and not labels:
             return
+        ids, wanted = sorted(names), list(labels)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(keys.names_key(), sorted(names))
-        for model, answerer in labels:
+        for model, answerer in wanted:
             pipe.hgetall(keys.labels_key(model, answerer))
-        texts, *label_sets = pipe.execute()
+        if ids:
+            pipe.hmget(keys.names_key(), ids)
+        replies = pipe.execute()
+        texts = replies[len(wanted)] if ids else []
         self._catalog.learn(
-            {i: keys.text(t) for i, t in zip(sorted(names), texts, strict=True) if t is not None},
+            {i: keys.text(t) for i, t in zip(ids, texts, strict=True) if t is not None},
             {
                 key: {int(i): keys.text(label) for i, label in found.items()}
-                for key, found in zip(labels, label_sets, strict=True)
+                for key, found in zip(wanted, replies, strict=False)
             },
         )
 

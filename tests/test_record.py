@@ -3,6 +3,8 @@ batched scripts keep the store's guarantees on a real redis-server."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import redis
 
@@ -116,3 +118,16 @@ def test_names_and_labels_lost_by_redis_are_written_again(
     done = _finish_one(store, "second")
 
     assert JobStore(redis_client).get("second") == done
+
+
+def test_a_reader_that_knows_the_names_fetches_only_the_labels(redis_client: redis.Redis) -> None:
+    redis_client.flushdb()
+    store, reader = JobStore(redis_client), JobStore(redis_client)
+    first = _finish_one(store, "first")
+    assert reader.get("first") == first  # the reader learns the names and these labels
+    store.create_many([_job("second")])
+    other = Prediction("a class no record had", 7, 1.0)
+    second = replace(_top5(_job("second"), 1.8e9), predictions=(other,), worker=first.worker)
+    store.finish_many([second])
+
+    assert reader.get("second") == second
