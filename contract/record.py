@@ -28,25 +28,13 @@ SUBMITTED = "t"  # microseconds since the epoch
 STARTED = "b"  # microseconds after SUBMITTED
 FINISHED = "f"  # microseconds after SUBMITTED
 ATTEMPTS = "a"
-WORKER = "w"  # a Catalog ID
-ANSWERER = "v"  # a Catalog ID: [weights, random_weights]
+WHO = "w"  # a Catalog ID: [worker, weights, random_weights]
 PREDICTIONS = "p"  # packed, see pack_predictions
 ERROR = "e"  # "<type>:<message>"
-# Every field, in the order the claim script reads them and answers them.
-FIELDS = (
-    URI,
-    MODEL,
-    TOP_K,
-    STATUS,
-    SUBMITTED,
-    STARTED,
-    FINISHED,
-    ATTEMPTS,
-    WORKER,
-    ANSWERER,
-    PREDICTIONS,
-    ERROR,
-)
+# Longest value kept in one field: Redis's default hash-max-listpack-value. One longer value
+# turns the whole hash into a hashtable, three times the size, so a longer value (a long URI, an
+# error message, many predictions) is kept in pieces: "u", "u1", "u2", ...
+PIECE = 64
 # Fields a record cannot be run without (its ID is the key).
 REQUIRED = (URI, MODEL, TOP_K, STATUS)
 
@@ -68,8 +56,19 @@ def name_id(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "big") >> 1
 
 
-def answerer_text(weights: str | None, random_weights: bool | None) -> str:
-    return json.dumps([weights, random_weights], separators=(",", ":"))
+def who_text(worker: str | None, weights: str | None, random_weights: bool | None) -> str:
+    """Who answered a job: the worker and what it ran; one per worker process and model."""
+    return json.dumps([worker, weights, random_weights], separators=(",", ":"))
+
+
+def answerer_id(weights: str | None, random_weights: bool | None) -> int:
+    """What answered (its labels are kept under this ID): the same for every worker."""
+    return name_id(json.dumps([weights, random_weights], separators=(",", ":")))
+
+
+def claimed_by(worker: str) -> str:
+    """The ``WHO`` text of a job ``worker`` is running: it has not answered yet."""
+    return who_text(worker, None, None)
 
 
 def pack_predictions(predictions: Sequence[Prediction]) -> bytes:
@@ -99,7 +98,7 @@ def to_fields(job: Job, catalog: Catalog) -> dict[str, str | int | bytes]:
     if job.submitted is not None:
         fields[SUBMITTED] = base
     fields.update(result_fields(job, base, catalog))
-    return fields
+    return in_pieces(fields)
 
 
 def result_fields(job: Job, base: int, catalog: Catalog) -> dict[str, str | int | bytes]:
@@ -108,41 +107,56 @@ def result_fields(job: Job, base: int, catalog: Catalog) -> dict[str, str | int 
     fields: dict[str, str | int | bytes] = {STATUS: STATUS_CODES[JobStatus(job.status)]}
     if job.started is not None:
         fields[STARTED] = micros(job.started) - base
-    if job.worker is not None:
-        fields[WORKER] = catalog.name(job.worker)
+    if job.worker is not None or job.weights is not None or job.random_weights is not None:
+        fields[WHO] = catalog.who(job)
     if job.finished is not None:
         fields[FINISHED] = micros(job.finished) - base
-    if job.weights is not None or job.random_weights is not None:
-        fields[ANSWERER] = catalog.answerer(job)
     if job.predictions is not None:
         fields[PREDICTIONS] = pack_predictions(job.predictions)
     if job.error is not None:
         fields[ERROR] = f"{job.error.type}:{job.error.message}"
-    return fields
+    return in_pieces(fields)
+
+
+def in_pieces(fields: Mapping[str, str | int | bytes]) -> dict[str, str | int | bytes]:
+    """``fields`` with each value longer than ``PIECE`` bytes split over numbered fields."""
+    out: dict[str, str | int | bytes] = {}
+    for name, value in fields.items():
+        raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+        if isinstance(raw, int) or len(raw) <= PIECE:
+            out[name] = value
+            continue
+        for n, at in enumerate(range(0, len(raw), PIECE)):
+            out[f"{name}{n or ''}"] = raw[at : at + PIECE]
+    return out
 
 
 @dataclass(frozen=True)
 class Stored:
-    """One record as read: field values in ``FIELDS`` order, None where absent."""
+    """One record as read: its fields, long values joined again from their pieces."""
 
     job_id: str
-    values: Sequence[bytes | None]
+    fields: Mapping[str, bytes]
 
     def get(self, name: str) -> bytes | None:
-        return self.values[_POSITION[name]]
+        return self.fields.get(name)
 
-    def ids(self) -> list[int]:
-        """The catalog IDs this record refers to."""
-        return [int(v) for v in (self.get(WORKER), self.get(ANSWERER)) if v is not None]
-
-
-_POSITION = {name: i for i, name in enumerate(FIELDS)}
+    def who(self) -> int | None:
+        return _int(self.get(WHO))
 
 
-def stored(job_id: str, values: Sequence[bytes | None]) -> Stored:
-    if len(values) != len(FIELDS):
-        raise MalformedRecord(f"job record {job_id!r} has {len(values)} fields, not {len(FIELDS)}")
-    return Stored(job_id, values)
+def stored(job_id: str, fields: Mapping[bytes | str, bytes]) -> Stored:
+    """``fields`` as HGETALL answers them, with pieces joined."""
+    named = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+    whole = {}
+    for name, value in named.items():
+        if name[1:]:  # a piece after the first
+            continue
+        pieces = [value]
+        while (more := named.get(f"{name}{len(pieces)}")) is not None:
+            pieces.append(more)
+        whole[name] = value if len(pieces) == 1 else b"".join(pieces)
+    return Stored(job_id, whole)
 
 
 def from_fields(record: Stored, catalog: Catalog) -> Job:
@@ -163,8 +177,7 @@ def _job(record: Stored, catalog: Catalog) -> Job:
     model = _text(get(MODEL))
     submitted = _int(get(SUBMITTED))
     base = submitted or 0
-    weights, random_weights = catalog.answerer_of(_int(get(ANSWERER)))
-    worker = _int(get(WORKER))
+    worker, weights, random_weights = catalog.who_of(record.who())
     return Job(
         id=record.job_id,
         uri=_text(get(URI)),
@@ -175,22 +188,25 @@ def _job(record: Stored, catalog: Catalog) -> Job:
         started=_seconds(_int(get(STARTED)), base),
         finished=_seconds(_int(get(FINISHED)), base),
         attempts=_int(get(ATTEMPTS)) or 0,
-        worker=None if worker is None else catalog.text(worker),
+        worker=worker,
         weights=weights,
         random_weights=random_weights,
-        predictions=_predictions(get(PREDICTIONS), model, _int(get(ANSWERER)), catalog),
+        predictions=_predictions(get(PREDICTIONS), model, weights, random_weights, catalog),
         error=_error(get(ERROR)),
     )
 
 
 def _predictions(
-    packed: bytes | None, model: str, answerer: int | None, catalog: Catalog
+    packed: bytes | None,
+    model: str,
+    weights: str | None,
+    random_weights: bool | None,
+    catalog: Catalog,
 ) -> tuple[Prediction, ...] | None:
     if packed is None:
         return None
-    return tuple(
-        Prediction(catalog.label(model, answerer, i), i, p) for i, p in unpack_predictions(packed)
-    )
+    labels = catalog.labels(model, answerer_id(weights, random_weights))
+    return tuple(Prediction(labels.get(i, ""), i, p) for i, p in unpack_predictions(packed))
 
 
 def _error(raw: bytes | None) -> ErrorInfo | None:
@@ -214,11 +230,12 @@ def _seconds(micros_: int | None, base: int) -> float | None:
 
 
 class Catalog:
-    """Texts many records share, by short ID, and the labels of each answerer, by class index.
+    """Texts many records share, by short ID (who answered), and the labels of what answered.
 
-    Read from Redis once per process and cached (an ID always means the same text). Writers
-    say what they referred to with ``name`` and ``answerer``; ``take_pending`` hands the ones
-    not written yet to the caller's pipeline, ``written`` marks them done.
+    Read from Redis once per process and cached (an ID always means the same text). Writers say
+    what they referred to with ``name`` and ``who``; ``take_pending`` hands the ones not written
+    yet to the caller's pipeline, ``written`` marks them done. A label missing from Redis (lost
+    with its data) reads as "".
     """
 
     def __init__(self) -> None:
@@ -235,12 +252,13 @@ class Catalog:
             self._unwritten_names[ident] = text
         return ident
 
-    def answerer(self, job: Job) -> int:
-        ident = self.name(answerer_text(job.weights, job.random_weights))
+    def who(self, job: Job) -> int:
+        """The ID of who answered ``job``; notes the labels of its predictions."""
+        answerer = answerer_id(job.weights, job.random_weights)
         for p in job.predictions or ():
-            if (job.model, ident, p.index) not in self._written:
-                self._unwritten_labels.setdefault((job.model, ident), {})[p.index] = p.label
-        return ident
+            if (job.model, answerer, p.index) not in self._written:
+                self._unwritten_labels.setdefault((job.model, answerer), {})[p.index] = p.label
+        return self.name(who_text(job.worker, job.weights, job.random_weights))
 
     def take_pending(self) -> tuple[dict[int, str], dict[tuple[str, int], dict[int, str]]]:
         """Names and labels referred to but not written yet by this process, handed over."""
@@ -261,20 +279,22 @@ class Catalog:
         """Write everything again on next use: Redis may have lost it (a restart)."""
         self._written.clear()
 
-    def unknown(self, records: Iterable[Stored]) -> tuple[set[int], set[tuple[str, int]]]:
-        """Names and label sets ``records`` need that this process has not read yet."""
-        names: set[int] = set()
-        labels: set[tuple[str, int]] = set()
+    def unknown_names(self, records: Iterable[Stored]) -> set[int]:
+        return {i for r in records if (i := r.who()) is not None and i not in self._texts}
+
+    def unknown_labels(self, records: Iterable[Stored]) -> set[tuple[str, int]]:
+        """Label sets ``records`` need that this process has not read (their names known)."""
+        wanted: set[tuple[str, int]] = set()
         for record in records:
-            names.update(i for i in record.ids() if i not in self._texts)
-            answerer, packed = _int(record.get(ANSWERER)), record.get(PREDICTIONS)
-            if answerer is None or packed is None:
+            packed = record.get(PREDICTIONS)
+            if packed is None:
                 continue
-            key = (_text(record.get(MODEL)), answerer)
+            _, weights, random_weights = self.who_of(record.who())
+            key = (_text(record.get(MODEL)), answerer_id(weights, random_weights))
             known = self._labels.get(key, {})
             if any(i not in known for i, _ in unpack_predictions(packed)):
-                labels.add(key)
-        return names, labels
+                wanted.add(key)
+        return wanted
 
     def learn(
         self, names: Mapping[int, str], labels: Mapping[tuple[str, int], Mapping[int, str]]
@@ -283,20 +303,12 @@ class Catalog:
         for key, by_index in labels.items():
             self._labels.setdefault(key, {}).update(by_index)
 
-    def known_labels(self, model: str, answerer: int) -> Mapping[int, str]:
-        return self._labels.get((model, answerer), {})
-
-    def text(self, ident: int) -> str:
-        return self._texts.get(ident, "")
-
-    def answerer_of(self, ident: int | None) -> tuple[str | None, bool | None]:
+    def who_of(self, ident: int | None) -> tuple[str | None, str | None, bool | None]:
+        """(worker, weights, random_weights) of a ``WHO`` ID; all None when unknown."""
         if ident is None or ident not in self._texts:
-            return None, None
-        weights, random_weights = json.loads(self._texts[ident])
-        return weights, random_weights
+            return None, None, None
+        worker, weights, random_weights = json.loads(self._texts[ident])
+        return worker, weights, random_weights
 
-    def label(self, model: str, answerer: int | None, index: int) -> str:
-        """The class's label; empty when Redis lost it."""
-        if answerer is None:
-            return ""
-        return self._labels.get((model, answerer), {}).get(index, "")
+    def labels(self, model: str, answerer: int) -> Mapping[int, str]:
+        return self._labels.get((model, answerer), {})

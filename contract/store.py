@@ -47,17 +47,14 @@ CORRUPT = ClaimState.CORRUPT
 
 
 def _lua(script: str) -> str:
-    """``script`` with the record's field names, status codes and error types filled in.
+    """``script`` with the record's status codes and error types filled in.
 
-    ``$fields`` lists every field (``HMGET key $fields``); ``P`` (defined by ``$positions``)
-    maps a field name to its position in that reply; ``$queued`` ... ``$failed`` are status
-    codes, ``$poison`` and ``$invalid`` error types, ``$id_from`` where the ID starts in a key.
+    ``$queued`` ... ``$failed`` are status codes, ``$poison`` and ``$invalid`` error types,
+    ``$required`` the fields a job cannot run without (with the names messages give them),
+    ``$piece`` the longest value one field holds, ``$id_from`` where the ID starts in a key.
     """
-    positions = ", ".join(f"{name} = {i}" for i, name in enumerate(record.FIELDS, 1))
     code = record.STATUS_CODES
     return Template(script).substitute(
-        fields=", ".join(f"'{name}'" for name in record.FIELDS),
-        positions=f"local P = {{{positions}}}",
         required=", ".join(f"{{'{f}', '{_FIELD_NAMES[f]}'}}" for f in record.REQUIRED),
         queued=f"'{code[QUEUED]}'",
         running=f"'{code[RUNNING]}'",
@@ -65,6 +62,7 @@ def _lua(script: str) -> str:
         failed=f"'{code[FAILED]}'",
         poison=f"'{PoisonJob.type}'",
         invalid=f"'{InvalidRequest.type}'",
+        piece=record.PIECE,
         id_from=len(keys.job_key("")) + 1,
     )
 
@@ -77,13 +75,36 @@ _FIELD_NAMES = {
     record.STATUS: "status",
 }
 
-# Fails the job at KEYS[i] whose fields ``rec`` holds, with ``err`` ("<type>:<message>"), and
-# records the event; the caller counts it and announces it.
-_FAIL = """
+# A record read with HGETALL: ``get(f)`` and ``put(f, value)`` on its flat field/value list,
+# which is what the claim answers. ``put`` of a long value splits it as contract.record does.
+_RECORD = """
+local function open_record(flat)
+  local at = {}
+  for j = 1, #flat, 2 do at[flat[j]] = j + 1 end
+  local rec = {flat = flat}
+  function rec.get(f) local j = at[f]; return j and flat[j] end
+  function rec.put(f, value, writes)
+    value = tostring(value)
+    for n = 0, math.max(0, math.ceil(#value / $piece) - 1) do
+      local name = n == 0 and f or (f .. n)
+      local piece = string.sub(value, n * $piece + 1, (n + 1) * $piece)
+      local j = at[name]
+      if j then flat[j] = piece else
+        flat[#flat + 1] = name; flat[#flat + 1] = piece; at[name] = #flat
+      end
+      writes[#writes + 1] = name; writes[#writes + 1] = piece
+    end
+  end
+  return rec
+end
+
+-- Fails the job at ``key`` with ``err`` ("<type>:<message>") and adds its event.
 local function fail(key, rec, err, now, events, maxlen)
-  local finished = string.format('%d', now - (tonumber(rec[P.t]) or 0))
-  rec[P.s], rec[P.f], rec[P.e] = $failed, finished, err
-  redis.call('HSET', key, 's', $failed, 'f', finished, 'e', err)
+  local w = {}
+  rec.put('s', $failed, w)
+  rec.put('f', string.format('%d', now - (tonumber(rec.get('t')) or 0)), w)
+  rec.put('e', err, w)
+  redis.call('HSET', key, unpack(w))
   local id = string.sub(key, $id_from)
   redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'id', id, 'status', 'failed', 'batch', '')
   return id
@@ -92,14 +113,13 @@ end
 
 # KEYS: the jobs' keys, then the model's stats hash and the events stream. ARGV: now (µs),
 # worker (catalog ID), max_attempts, mode ("fresh" | "any"), channel, events' max length.
-# Answers per job {state, fields in record.FIELDS order} ({state} for missing and corrupt).
-# A record without a required field is failed at once, naming the field (and given the empty
-# value, so that it reads as a failed job). "fresh" claims only
-# never-started jobs and answers "suspect" for the rest, so that a job which may have killed a
-# worker is retried on its own rather than beside its neighbours.
+# Answers per job {state, the record's fields as HGETALL gives them} ({state} for missing and
+# corrupt). A record without a required field is failed at once, naming the field (and given
+# the empty value, so that it reads as a failed job). "fresh" claims only never-started jobs
+# and answers "suspect" for the rest, so that a job which may have killed a worker is retried
+# on its own rather than beside its neighbours.
 _CLAIM = _lua(
-    "$positions\n"
-    + _FAIL
+    _RECORD
     + """
 local n = #KEYS - 2
 local stats, events, maxlen = KEYS[n + 1], KEYS[n + 2], ARGV[6]
@@ -107,39 +127,48 @@ local now, max_attempts, fresh = tonumber(ARGV[1]), tonumber(ARGV[3]), ARGV[4] =
 local out, failed = {}, {}
 for i = 1, n do
   local key = KEYS[i]
-  local rec = redis.pcall('HMGET', key, $fields)
-  if rec.err then
-    if not string.find(tostring(rec.err), 'WRONGTYPE') then return rec end
+  local flat = redis.pcall('HGETALL', key)
+  if flat.err then
+    if not string.find(tostring(flat.err), 'WRONGTYPE') then return flat end
     out[i] = {'corrupt'}
-  elseif not rec[P.s] and redis.call('EXISTS', key) == 0 then
+  elseif #flat == 0 then
     out[i] = {'missing'}
-  elseif rec[P.s] == $done or rec[P.s] == $failed then
-    out[i] = {'final', rec}
   else
+    local rec = open_record(flat)
+    local status = rec.get('s')
     local missing = nil
     for _, f in ipairs({$required}) do
-      if not missing and not rec[P[f[1]]] then missing = f[2] end
+      if not missing and not rec.get(f[1]) then missing = f[2] end
     end
-    if not missing and not tonumber(rec[P.k]) then missing = 'top_k' end
-    if not missing and rec[P.s] ~= $queued and rec[P.s] ~= $running then missing = 'status' end
-    local attempts = tonumber(rec[P.a]) or 0
-    if missing then
-      rec[P.u], rec[P.m], rec[P.k] = rec[P.u] or '', rec[P.m] or '', tonumber(rec[P.k]) or 0
-      redis.call('HSET', key, 'u', rec[P.u], 'm', rec[P.m], 'k', rec[P.k])
+    if not missing and not tonumber(rec.get('k')) then missing = 'top_k' end
+    if not missing and status ~= $queued and status ~= $running and status ~= $done
+      and status ~= $failed then missing = 'status' end
+    local attempts = tonumber(rec.get('a')) or 0
+    if status == $done or status == $failed then
+      out[i] = {'final', flat}
+    elseif missing then
+      local w = {}
+      rec.put('u', rec.get('u') or '', w)
+      rec.put('m', rec.get('m') or '', w)
+      rec.put('k', tonumber(rec.get('k')) or 0, w)
+      redis.call('HSET', key, unpack(w))
       failed[#failed + 1] = fail(key, rec, $invalid .. ':the job record has no valid "' ..
         missing .. '" field, so it cannot be run', now, events, maxlen)
-      out[i] = {'final', rec}
+      out[i] = {'final', flat}
     elseif fresh and attempts > 0 then
-      out[i] = {'suspect', rec}
+      out[i] = {'suspect', flat}
     elseif attempts >= max_attempts then
       failed[#failed + 1] = fail(key, rec, $poison .. ':the job was started ' .. attempts ..
         ' times and each time its worker died before finishing it; giving up', now, events, maxlen)
-      out[i] = {'poisoned', rec}
+      out[i] = {'poisoned', flat}
     else
-      local started = string.format('%d', now - (tonumber(rec[P.t]) or 0))
-      rec[P.s], rec[P.a], rec[P.b], rec[P.w] = $running, attempts + 1, started, ARGV[2]
-      redis.call('HSET', key, 's', $running, 'a', attempts + 1, 'b', started, 'w', ARGV[2])
-      out[i] = {'claimed', rec}
+      local w = {}
+      rec.put('s', $running, w)
+      rec.put('a', attempts + 1, w)
+      rec.put('b', string.format('%d', now - (tonumber(rec.get('t')) or 0)), w)
+      rec.put('w', ARGV[2], w)
+      redis.call('HSET', key, unpack(w))
+      out[i] = {'claimed', flat}
     end
   end
 end
@@ -257,7 +286,7 @@ class JobStore:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hmget(keys.job_key(job_id), record.FIELDS)
+            pipe.hgetall(keys.job_key(job_id))
         stored = [
             _stored(i, r) for i, r in zip(job_ids, pipe.execute(raise_on_error=False), strict=True)
         ]
@@ -281,7 +310,7 @@ class JobStore:
         if not job_ids:
             return []
         self._maybe_rewrite_catalog()
-        worker_id = self._catalog.name(worker)
+        worker_id = self._catalog.name(record.claimed_by(worker))
         args = [
             record.micros(now),
             worker_id,
@@ -345,25 +374,23 @@ class JobStore:
             self._catalog_since = time.monotonic()
 
     def _learn(self, stored: Sequence[record.Stored]) -> None:
-        """Reads the names and labels ``stored`` refers to that this process does not know."""
-        names, labels = self._catalog.unknown(stored)
-        if not names and not labels:
-            return
-        ids, wanted = sorted(names), list(labels)
-        pipe = self.redis.pipeline(transaction=False)
-        for model, answerer in wanted:
-            pipe.hgetall(keys.labels_key(model, answerer))
-        if ids:
-            pipe.hmget(keys.names_key(), ids)
-        replies = pipe.execute()
-        texts = replies[len(wanted)] if ids else []
-        self._catalog.learn(
-            {i: keys.text(t) for i, t in zip(ids, texts, strict=True) if t is not None},
-            {
-                key: {int(i): keys.text(label) for i, label in found.items()}
-                for key, found in zip(wanted, replies, strict=False)
-            },
-        )
+        """Reads the names, then the labels, ``stored`` refers to that this process lacks."""
+        if ids := sorted(self._catalog.unknown_names(stored)):
+            texts = self.redis.hmget(keys.names_key(), ids)
+            names = {i: keys.text(t) for i, t in zip(ids, texts, strict=True) if t is not None}
+            self._catalog.learn(names, {})
+        if wanted := list(self._catalog.unknown_labels(stored)):
+            pipe = self.redis.pipeline(transaction=False)
+            for model, answerer in wanted:
+                pipe.hgetall(keys.labels_key(model, answerer))
+            found = pipe.execute()
+            self._catalog.learn(
+                {},
+                {
+                    key: {int(i): keys.text(label) for i, label in by_index.items()}
+                    for key, by_index in zip(wanted, found, strict=True)
+                },
+            )
 
     def _claim_of(self, job_id: str, state: str, stored: record.Stored | None) -> Claim:
         if stored is None:
@@ -399,23 +426,19 @@ def _chunks(jobs: Sequence[Job], size: int) -> list[Sequence[Job]]:
     return [jobs[i : i + size] for i in range(0, len(jobs), size)]
 
 
-def _stored(job_id: str, reply: list[bytes | None] | Exception) -> record.Stored | None:
-    """A record read with HMGET; None when there is none. Only WRONGTYPE says something about
+def _stored(job_id: str, reply: dict[bytes, bytes] | Exception) -> record.Stored | None:
+    """A record read with HGETALL; None when there is none. Only WRONGTYPE says something about
     the record; any other error (a lost connection, say) says the read did not happen."""
     if isinstance(reply, Exception):
         if str(reply).startswith("WRONGTYPE"):
             raise MalformedRecord(f"job record {job_id!r} is not a hash") from reply
         raise reply
-    if all(v is None for v in reply):
-        return None
-    return record.stored(job_id, reply)
+    return record.stored(job_id, reply) if reply else None
 
 
 def _claimed(job_id: str, reply: Sequence[Any]) -> tuple[str, record.Stored | None]:
     state = keys.text(reply[0])
     if state in (MISSING, CORRUPT):
         return state, None
-    try:
-        return state, record.stored(job_id, reply[1])
-    except MalformedRecord:
-        return CORRUPT.value, None
+    flat = reply[1]
+    return state, record.stored(job_id, dict(zip(flat[0::2], flat[1::2], strict=True)))
