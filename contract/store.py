@@ -75,39 +75,56 @@ _FIELD_NAMES = {
     record.STATUS: "status",
 }
 
-# A record read with HGETALL: ``get(f)`` and ``put(f, value)`` on its flat field/value list,
-# which is what the claim answers. ``put`` of a long value splits it as contract.record does.
+# A record read with HGETALL is its flat field/value list ``flat`` (what the claim answers)
+# and ``at``, field -> position of its value. ``put`` writes a value there and appends the
+# field and value to ``w`` (the HSET to make), a long value in pieces as contract.record does.
 _RECORD = """
-local function open_record(flat)
+local REQUIRED = {$required}
+local function positions(flat)
   local at = {}
   for j = 1, #flat, 2 do at[flat[j]] = j + 1 end
-  local rec = {flat = flat}
-  function rec.get(f) local j = at[f]; return j and flat[j] end
-  function rec.put(f, value, writes)
-    value = tostring(value)
-    for n = 0, math.max(0, math.ceil(#value / $piece) - 1) do
-      local name = n == 0 and f or (f .. n)
+  return at
+end
+local function put(flat, at, w, f, value)
+  if #value > $piece then
+    for n = 0, math.ceil(#value / $piece) - 1 do
       local piece = string.sub(value, n * $piece + 1, (n + 1) * $piece)
-      local j = at[name]
-      if j then flat[j] = piece else
-        flat[#flat + 1] = name; flat[#flat + 1] = piece; at[name] = #flat
-      end
-      writes[#writes + 1] = name; writes[#writes + 1] = piece
+      put(flat, at, w, n == 0 and f or (f .. n), piece)
     end
+    return
   end
-  return rec
+  local j = at[f]
+  if j then flat[j] = value else
+    flat[#flat + 1] = f; flat[#flat + 1] = value; at[f] = #flat
+  end
+  w[#w + 1] = f; w[#w + 1] = value
+end
+local function since(flat, at, now)
+  local t = at['t'] and tonumber(flat[at['t']]) or 0
+  return string.format('%d', now - t)
 end
 
 -- Fails the job at ``key`` with ``err`` ("<type>:<message>") and adds its event.
-local function fail(key, rec, err, now, events, maxlen)
+local function fail(key, flat, at, err, now, events, maxlen)
   local w = {}
-  rec.put('s', $failed, w)
-  rec.put('f', string.format('%d', now - (tonumber(rec.get('t')) or 0)), w)
-  rec.put('e', err, w)
+  put(flat, at, w, 's', $failed)
+  put(flat, at, w, 'f', since(flat, at, now))
+  put(flat, at, w, 'e', err)
   redis.call('HSET', key, unpack(w))
   local id = string.sub(key, $id_from)
   redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'id', id, 'status', 'failed', 'batch', '')
   return id
+end
+
+-- Why a record that is not final cannot run: the first required field it lacks, or nil.
+local function unrunnable(flat, at)
+  for _, f in ipairs(REQUIRED) do
+    if not at[f[1]] then return f[2] end
+  end
+  if not tonumber(flat[at['k']]) then return 'top_k' end
+  local status = flat[at['s']]
+  if status ~= $queued and status ~= $running then return 'status' end
+  return nil
 end
 """
 
@@ -134,39 +151,34 @@ for i = 1, n do
   elseif #flat == 0 then
     out[i] = {'missing'}
   else
-    local rec = open_record(flat)
-    local status = rec.get('s')
+    local at = positions(flat)
+    local status = at['s'] and flat[at['s']]
+    local attempts = at['a'] and tonumber(flat[at['a']]) or 0
     local missing = nil
-    for _, f in ipairs({$required}) do
-      if not missing and not rec.get(f[1]) then missing = f[2] end
-    end
-    if not missing and not tonumber(rec.get('k')) then missing = 'top_k' end
-    if not missing and status ~= $queued and status ~= $running and status ~= $done
-      and status ~= $failed then missing = 'status' end
-    local attempts = tonumber(rec.get('a')) or 0
+    if status ~= $done and status ~= $failed then missing = unrunnable(flat, at) end
     if status == $done or status == $failed then
       out[i] = {'final', flat}
     elseif missing then
       local w = {}
-      rec.put('u', rec.get('u') or '', w)
-      rec.put('m', rec.get('m') or '', w)
-      rec.put('k', tonumber(rec.get('k')) or 0, w)
+      put(flat, at, w, 'u', at['u'] and flat[at['u']] or '')
+      put(flat, at, w, 'm', at['m'] and flat[at['m']] or '')
+      put(flat, at, w, 'k', tostring(at['k'] and tonumber(flat[at['k']]) or 0))
       redis.call('HSET', key, unpack(w))
-      failed[#failed + 1] = fail(key, rec, $invalid .. ':the job record has no valid "' ..
+      failed[#failed + 1] = fail(key, flat, at, $invalid .. ':the job record has no valid "' ..
         missing .. '" field, so it cannot be run', now, events, maxlen)
       out[i] = {'final', flat}
     elseif fresh and attempts > 0 then
       out[i] = {'suspect', flat}
     elseif attempts >= max_attempts then
-      failed[#failed + 1] = fail(key, rec, $poison .. ':the job was started ' .. attempts ..
+      failed[#failed + 1] = fail(key, flat, at, $poison .. ':the job was started ' .. attempts ..
         ' times and each time its worker died before finishing it; giving up', now, events, maxlen)
       out[i] = {'poisoned', flat}
     else
       local w = {}
-      rec.put('s', $running, w)
-      rec.put('a', attempts + 1, w)
-      rec.put('b', string.format('%d', now - (tonumber(rec.get('t')) or 0)), w)
-      rec.put('w', ARGV[2], w)
+      put(flat, at, w, 's', $running)
+      put(flat, at, w, 'a', tostring(attempts + 1))
+      put(flat, at, w, 'b', since(flat, at, now))
+      put(flat, at, w, 'w', ARGV[2])
       redis.call('HSET', key, unpack(w))
       out[i] = {'claimed', flat}
     end
