@@ -173,10 +173,13 @@ class Client:
         try:
             pubsub.subscribe(keys.finished_channel())
             pending = self._refresh(pending, latest)
+            read_at = time.monotonic()
             while pending and (left := deadline - time.monotonic()) > 0:
                 message = pubsub.get_message(timeout=min(defaults.WAIT_RECHECK_S, left))
                 if message is None:
-                    pending = self._refresh(pending, latest)
+                    # Not only after a quiet second: the subscription's confirmation is None too.
+                    if time.monotonic() - read_at >= defaults.WAIT_RECHECK_S:
+                        pending, read_at = self._refresh(pending, latest), time.monotonic()
                     continue
                 announced = set(json.loads(message["data"]))
                 hits = [i for i in pending if i in announced]

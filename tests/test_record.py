@@ -3,6 +3,7 @@ batched scripts keep the store's guarantees on a real redis-server."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import pytest
@@ -131,3 +132,28 @@ def test_a_reader_that_knows_the_names_fetches_only_the_labels(redis_client: red
     store.finish_many([second])
 
     assert reader.get("second") == second
+
+
+def test_waiting_reads_each_record_once_more_when_its_end_is_announced(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from producer.client import Client
+
+    monkeypatch.setattr(defaults, "WAIT_RECHECK_S", 60.0)  # no quiet-second re-read here
+    client = Client.from_url(redis_url)
+    client.redis.flushdb()
+    client.store.create_many([_job("w1")])
+    reads: list[str] = []
+    get_many = client.store.get_many
+    client.store.get_many = lambda ids: reads.extend(ids) or get_many(ids)  # type: ignore[method-assign]
+    worker = JobStore(client.redis)
+    ending = threading.Timer(0.2, lambda: worker.finish_many([_top5(_job("w1"), 1.8e9)]))
+    ending.start()
+    try:
+        (job,) = client.wait_many(["w1"], timeout=60)
+    finally:
+        ending.join()
+        client.close()
+
+    assert job is not None and job.status == "done"
+    assert reads == ["w1", "w1"]  # before any announcement, then once announced
