@@ -145,7 +145,7 @@ class Stored:
         return _int(self.get(WHO))
 
 
-def stored(job_id: str, fields: Mapping[bytes | str, bytes]) -> Stored:
+def stored(job_id: str, fields: Mapping[bytes, bytes] | Mapping[str, bytes]) -> Stored:
     """``fields`` as HGETALL answers them, with pieces joined."""
     named = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
     whole = {}

@@ -368,9 +368,10 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         names, labels = pending = self._catalog.take_pending()
         if names:
-            pipe.hset(keys.names_key(), mapping=names)
+            pipe.hset(keys.names_key(), items=list(itertools.chain.from_iterable(names.items())))
         for (model, answerer), by_index in labels.items():
-            pipe.hset(keys.labels_key(model, answerer), mapping=by_index)
+            pairs: list[int | str] = [x for item in by_index.items() for x in item]
+            pipe.hset(keys.labels_key(model, answerer), items=pairs)
         return pipe, pending
 
     def _execute(self, pipe: Pipeline, pending: _Pending) -> list[Any]:
