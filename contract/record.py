@@ -1,8 +1,8 @@
 """How a ``Job`` is stored in Redis: a small hash of one-letter fields, cheap to keep and claim.
 
 A finished top-5 record of the JSON form took 856 bytes of Redis memory; this form takes about a
-third. What many records share is stored once and referred to by a short ID (``Catalog``): the
-worker's name, and what answered (weights, random or not) together with its labels, which are
+third. What many records share is stored once and referred to by a short ID (``Catalog``): who
+answered (the worker, its weights, random or not), and the labels of those weights, which are
 looked up by class index when a record is read. Times are integer microseconds: ``submitted``
 since the epoch, ``started`` and ``finished`` after ``submitted``. Predictions are packed binary:
 the class index and its float32 probability (what the model computed) per class. The record's
@@ -150,7 +150,7 @@ def stored(job_id: str, fields: Mapping[bytes, bytes] | Mapping[str, bytes]) -> 
     named = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
     whole = {}
     for name, value in named.items():
-        if name[1:]:  # a piece after the first
+        if name[1:]:  # a piece after the first: every field's own name is one letter
             continue
         pieces = [value]
         while (more := named.get(f"{name}{len(pieces)}")) is not None:
