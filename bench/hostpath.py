@@ -140,13 +140,14 @@ def _per_job(
 
 
 def record_sizes(client: redis.Redis, ids: Sequence[str]) -> tuple[float, float]:
-    """Mean MEMORY USAGE and mean value length of the records of ``ids``."""
+    """Mean MEMORY USAGE and mean length of the field names and values of the records of ``ids``."""
     pipe = client.pipeline(transaction=False)
     for job_id in ids:
         pipe.memory_usage(keys.job_key(job_id), samples=0)
-        pipe.strlen(keys.job_key(job_id))
+        pipe.hgetall(keys.job_key(job_id))
     sizes = pipe.execute()
-    usage, lengths = sizes[0::2], sizes[1::2]
+    usage = sizes[0::2]
+    lengths = [sum(len(k) + len(v) for k, v in fields.items()) for fields in sizes[1::2]]
     return sum(usage) / len(usage), sum(lengths) / len(lengths)
 
 

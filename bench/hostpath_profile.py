@@ -57,22 +57,21 @@ def top_functions(stacks: Counter[tuple[str, ...]], jobs: int) -> dict[str, list
 
 
 def record_breakdown(bench: HostPath) -> dict[str, Any]:
-    """One finished top-5 record: key, JSON length per field, and Redis's total for it."""
+    """One finished top-5 record: key, bytes per hash field (name and value), Redis's total."""
     job = bench.client.submit_many(bench.uris[:1], model="null", top_k=5)[0]
     bench.client.wait_many([job.id], timeout=30)
     key = keys.job_key(job.id)
-    raw = bench.admin.get(key)
-    assert raw is not None
-    fields = json.loads(raw)
-    sizes = {k: len(json.dumps({k: v}, separators=(",", ":"))) - 2 for k, v in fields.items()}
+    fields = {keys.text(k): v for k, v in bench.admin.hgetall(key).items()}
+    assert fields
+    sizes = {k: len(k) + len(v) for k, v in fields.items()}
     return {
         "key": key,
         "key_bytes": len(key),
-        "value_bytes": len(raw),
+        "value_bytes": sum(sizes.values()),
         "field_bytes": sizes,
         "memory_usage": bench.admin.memory_usage(key, samples=0),
         "ttl_s": bench.admin.ttl(key),
-        "record": fields,
+        "record": {k: repr(v) for k, v in fields.items()},
     }
 
 

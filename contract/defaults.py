@@ -6,6 +6,9 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 KEY_PREFIX = "imgcls"
 # Seconds a job record lives in Redis after submission (24 h).
 JOB_TTL_S = 24 * 3600
+# Seconds after which a process writes the names and labels its records refer to again, in
+# case Redis lost them (a restart without persistence).
+CATALOG_REWRITE_S = 60.0
 # Labels returned per job when the caller does not say.
 TOP_K = 5
 # Largest top_k a caller may ask for.
@@ -34,7 +37,8 @@ DEAD_LETTER_MAX_ENTRIES = 10_000
 DEAD_LETTER_MAX_AGE_S = 7 * 24 * 3600
 # Job IDs listed in one dead-letter entry; the entry also counts them all.
 DEAD_LETTER_MAX_IDS = 100
-# Entries the completion-events stream keeps, about (XADD MAXLEN ~); the oldest go first.
+# Entries the completion-events stream keeps, about (XADD MAXLEN ~; about 56 MB); the oldest go
+# first. A consumer (the webhook sender) that falls further behind than this misses events.
 EVENTS_MAX_LEN = 1_000_000
 # Consumer group of the webhook sender on the events stream.
 WEBHOOK_GROUP = "webhooks"

@@ -39,8 +39,10 @@ def _head_age(client: redis.Redis, queue: str, now: float, records: ShardedStore
     if raw is None:
         return None
     job_id = _first_job_id(raw)
+    if job_id is None:
+        return None
     try:
-        job = None if job_id is None else records.get(job_id)
+        job = records.get(job_id)
     except MalformedRecord:
         return None
     submitted = None if job is None else job.submitted

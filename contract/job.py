@@ -1,8 +1,9 @@
-"""The job record: one JSON document per job, stored under ``keys.job_key(id)``.
+"""The job record as every reader sees it: the ``Job`` dataclass and its JSON form.
 
-The ``Job`` dataclass is the schema: its fields are the document's keys, in order, each always
-present (``null`` where it does not apply yet), and each field's ``doc`` says what it holds.
-``to_dict``, ``from_dict`` and the gateway's response model are derived from it.
+The ``Job`` dataclass is the schema: its fields are the JSON document's keys, in order, each
+always present (``null`` where it does not apply yet), and each field's ``doc`` says what it
+holds. ``to_dict``, ``from_dict`` and the gateway's response model are derived from it. Redis
+keeps a compact form of it (``contract.record``); ``JobStore`` reads it back as a ``Job``.
 """
 
 from __future__ import annotations

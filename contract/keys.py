@@ -7,18 +7,28 @@ from contract.job import PRIORITIES, Priority
 
 
 def job_key(job_id: str) -> str:
-    """The JSON record of one job."""
+    """The record of one job: a hash, see contract.record."""
     return f"{KEY_PREFIX}:job:{job_id}"
 
 
-def finished_channel() -> str:
-    """Pub/sub channel on which workers announce the IDs of jobs that reached a final state."""
-    return f"{KEY_PREFIX}:finished"
+def names_key() -> str:
+    """Hash of the texts job records refer to by short ID (worker names, what answered)."""
+    return f"{KEY_PREFIX}:names"
+
+
+def labels_key(model: str, answerer: int) -> str:
+    """Hash of class index -> label of what answered ``model``'s jobs (a ``names_key`` ID)."""
+    return f"{KEY_PREFIX}:labels:{model}:{answerer}"
 
 
 def events_stream() -> str:
     """Capped stream with one entry (id, status, batch) per job that reached a final state."""
     return f"{KEY_PREFIX}:events"
+
+
+def finished_channel() -> str:
+    """Pub/sub channel on which workers announce the IDs of jobs that reached a final state."""
+    return f"{KEY_PREFIX}:finished"
 
 
 def webhook_due_key() -> str:

@@ -1,22 +1,27 @@
 """Job records in Redis: create, read, claim and finish, each a single round trip for many jobs.
 
-State changes run as Lua scripts so that a redelivered message can never move a finished job
-backwards or write its result twice.
+State changes run as Lua scripts, one call per batch, so that a redelivered message can never
+move a finished job backwards or write its result twice. The scripts read and write single
+fields of the record's hash (``contract.record``), never the whole record.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from string import Template
+from typing import Any
 
 import redis
+from redis.client import Pipeline
 
-from contract import defaults, keys
+from contract import defaults, keys, record
 from contract.errors import InvalidRequest, MalformedRecord, PoisonJob
-from contract.job import FAILED, FINAL, QUEUED, RUNNING, Job
+from contract.job import DONE, FAILED, QUEUED, RUNNING, Job
 
 
 class ClaimState(str, Enum):
@@ -41,110 +46,211 @@ MISSING = ClaimState.MISSING
 CORRUPT = ClaimState.CORRUPT
 
 
-# Appends the final ``job`` to the events stream KEYS[3], capped at about ARGV[6] entries.
-_EVENT = (
-    "redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'id', job.id, "
-    "'status', job.status, 'batch', type(job.batch) == 'string' and job.batch or '')"
-)
-
-
 def _lua(script: str) -> str:
-    """``script`` with the statuses of contract.job and the error types of contract.errors.
+    """``script`` with the record's status codes and error types filled in.
 
-    ``$job_is_final`` tests the decoded record ``job``; ``$queued``, ``$running`` and ``$failed``
-    are status literals, ``$poison`` and ``$invalid`` error types.
+    ``$queued`` ... ``$failed`` are status codes, ``$poison`` and ``$invalid`` error types,
+    ``$required`` the fields a job cannot run without (with the names messages give them),
+    ``$piece`` the longest value one field holds, ``$id_from`` where the ID starts in a key.
     """
-    is_final = " or ".join(f"job.status == '{status.value}'" for status in sorted(FINAL))
+    code = record.STATUS_CODES
     return Template(script).substitute(
-        job_is_final=f"({is_final})",
-        queued=f"'{QUEUED.value}'",
-        running=f"'{RUNNING.value}'",
-        failed=f"'{FAILED.value}'",
+        required=", ".join(f"{{'{f}', '{_FIELD_NAMES[f]}'}}" for f in record.REQUIRED),
+        queued=f"'{code[QUEUED]}'",
+        running=f"'{code[RUNNING]}'",
+        done=f"'{code[DONE]}'",
+        failed=f"'{code[FAILED]}'",
         poison=f"'{PoisonJob.type}'",
         invalid=f"'{InvalidRequest.type}'",
-        event=_EVENT,
+        piece=record.PIECE,
+        id_from=len(keys.job_key("")) + 1,
     )
 
 
-# KEYS[1] job key, KEYS[2] stats hash, KEYS[3] events stream. ARGV: now, worker, max_attempts,
-# mode ("fresh" | "any"), channel, events cap.
-# A record that is JSON but cannot become a Job (no uri, say) is failed at once, naming the field.
-# "fresh" claims only never-started jobs and answers "suspect" for the rest, so that a job
-# which may have killed a worker is retried on its own rather than beside its neighbours.
-_CLAIM = _lua("""
-local raw = redis.call('GET', KEYS[1])
-if not raw then return {'missing', ''} end
-local ok, job = pcall(cjson.decode, raw)
-if not ok or type(job) ~= 'table' or job[1] ~= nil then return {'corrupt', raw} end
-if $job_is_final then return {'final', raw} end
-local missing = nil
-for _, f in ipairs({'id', 'uri', 'model'}) do
-  if type(job[f]) ~= 'string' then missing = missing or f; job[f] = job[f] or '' end
+# The Job field each required record field holds, as error messages name it.
+_FIELD_NAMES = {
+    record.URI: "uri",
+    record.MODEL: "model",
+    record.TOP_K: "top_k",
+    record.STATUS: "status",
+}
+
+# A record read with HGETALL is its flat field/value list ``flat`` (what the claim answers)
+# and ``at``, field -> position of its value. ``put`` writes a value there and appends the
+# field and value to ``w`` (the HSET to make), a long value in pieces as contract.record does.
+_RECORD = """
+local REQUIRED = {$required}
+local function positions(flat)
+  local at = {}
+  for j = 1, #flat, 2 do at[flat[j]] = j + 1 end
+  return at
 end
-if type(job.top_k) ~= 'number' then missing = missing or 'top_k'; job.top_k = 0 end
-if job.status ~= $queued and job.status ~= $running then missing = missing or 'status' end
-if missing then
-  if job.id == '' then job.id = string.match(KEYS[1], ':job:(.*)$$') end
-  job.status = $failed
-  job.finished = tonumber(ARGV[1])
-  job.predictions = cjson.null
-  job.error = {type = $invalid, message = 'the job record has no valid "' ..
-    missing .. '" field, so it cannot be run'}
-  raw = cjson.encode(job)
-  redis.call('SET', KEYS[1], raw, 'KEEPTTL')
-  redis.call('HINCRBY', KEYS[2], 'failed', 1)
-  redis.call('PUBLISH', ARGV[5], cjson.encode({job.id}))
-  $event
-  return {'final', raw}
+local function put(flat, at, w, f, value)
+  if #value > $piece then
+    for n = 0, math.ceil(#value / $piece) - 1 do
+      local piece = string.sub(value, n * $piece + 1, (n + 1) * $piece)
+      put(flat, at, w, n == 0 and f or (f .. n), piece)
+    end
+    return
+  end
+  local j = at[f]
+  if j then flat[j] = value else
+    flat[#flat + 1] = f; flat[#flat + 1] = value; at[f] = #flat
+  end
+  w[#w + 1] = f; w[#w + 1] = value
 end
-local attempts = tonumber(job.attempts) or 0
-if ARGV[4] == 'fresh' and attempts > 0 then return {'suspect', raw} end
-if attempts >= tonumber(ARGV[3]) then
-  job.status = $failed
-  job.finished = tonumber(ARGV[1])
-  job.predictions = cjson.null
-  job.error = {type = $poison, message = 'the job was started ' .. attempts ..
-    ' times and each time its worker died before finishing it; giving up'}
-  raw = cjson.encode(job)
-  redis.call('SET', KEYS[1], raw, 'KEEPTTL')
-  redis.call('HINCRBY', KEYS[2], 'failed', 1)
-  redis.call('PUBLISH', ARGV[5], cjson.encode({job.id}))
-  $event
-  return {'poisoned', raw}
+local function since(flat, at, now)
+  local t = at['t'] and tonumber(flat[at['t']]) or 0
+  return string.format('%d', now - t)
 end
-job.attempts = attempts + 1
-job.status = $running
-job.started = tonumber(ARGV[1])
-job.worker = ARGV[2]
-raw = cjson.encode(job)
-redis.call('SET', KEYS[1], raw, 'KEEPTTL')
-return {'claimed', raw}
+
+-- Fails the job at ``key`` with ``err`` ("<type>:<message>") and adds its event.
+local function fail(key, flat, at, err, now, events, maxlen)
+  local w = {}
+  put(flat, at, w, 's', $failed)
+  put(flat, at, w, 'f', since(flat, at, now))
+  put(flat, at, w, 'e', err)
+  redis.call('HSET', key, unpack(w))
+  local id = string.sub(key, $id_from)
+  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'id', id, 'status', 'failed', 'batch', '')
+  return id
+end
+
+-- Why a record that is not final cannot run: the first required field it lacks, or nil.
+local function unrunnable(flat, at)
+  for _, f in ipairs(REQUIRED) do
+    if not at[f[1]] then return f[2] end
+  end
+  if not tonumber(flat[at['k']]) then return 'top_k' end
+  local status = flat[at['s']]
+  if status ~= $queued and status ~= $running then return 'status' end
+  return nil
+end
+"""
+
+# KEYS: the jobs' keys, then the model's stats hash and the events stream. ARGV: now (µs),
+# worker (catalog ID), max_attempts, mode ("fresh" | "any"), channel, events' max length.
+# Answers per job {state, the record's fields as HGETALL gives them} ({state} for missing and
+# corrupt). A record without a required field is failed at once, naming the field (and given
+# the empty value, so that it reads as a failed job). "fresh" claims only never-started jobs
+# and answers "suspect" for the rest, so that a job which may have killed a worker is retried
+# on its own rather than beside its neighbours.
+_CLAIM = _lua(
+    _RECORD
+    + """
+local n = #KEYS - 2
+local stats, events, maxlen = KEYS[n + 1], KEYS[n + 2], ARGV[6]
+local now, max_attempts, fresh = tonumber(ARGV[1]), tonumber(ARGV[3]), ARGV[4] == 'fresh'
+local out, failed = {}, {}
+for i = 1, n do
+  local key = KEYS[i]
+  local flat = redis.pcall('HGETALL', key)
+  if flat.err then
+    if not string.find(tostring(flat.err), 'WRONGTYPE') then return flat end
+    out[i] = {'corrupt'}
+  elseif #flat == 0 then
+    out[i] = {'missing'}
+  else
+    local at = positions(flat)
+    local status = at['s'] and flat[at['s']]
+    local attempts = at['a'] and tonumber(flat[at['a']]) or 0
+    local missing = nil
+    if status ~= $done and status ~= $failed then missing = unrunnable(flat, at) end
+    if status == $done or status == $failed then
+      out[i] = {'final', flat}
+    elseif missing then
+      local w = {}
+      put(flat, at, w, 'u', at['u'] and flat[at['u']] or '')
+      put(flat, at, w, 'm', at['m'] and flat[at['m']] or '')
+      put(flat, at, w, 'k', tostring(at['k'] and tonumber(flat[at['k']]) or 0))
+      redis.call('HSET', key, unpack(w))
+      failed[#failed + 1] = fail(key, flat, at, $invalid .. ':the job record has no valid "' ..
+        missing .. '" field, so it cannot be run', now, events, maxlen)
+      out[i] = {'final', flat}
+    elseif fresh and attempts > 0 then
+      out[i] = {'suspect', flat}
+    elseif attempts >= max_attempts then
+      failed[#failed + 1] = fail(key, flat, at, $poison .. ':the job was started ' .. attempts ..
+        ' times and each time its worker died before finishing it; giving up', now, events, maxlen)
+      out[i] = {'poisoned', flat}
+    else
+      local w = {}
+      put(flat, at, w, 's', $running)
+      put(flat, at, w, 'a', tostring(attempts + 1))
+      put(flat, at, w, 'b', since(flat, at, now))
+      put(flat, at, w, 'w', ARGV[2])
+      redis.call('HSET', key, unpack(w))
+      out[i] = {'claimed', flat}
+    end
+  end
+end
+if #failed > 0 then
+  redis.call('HINCRBY', stats, 'failed', #failed)
+  redis.call('PUBLISH', ARGV[5], cjson.encode(failed))
+end
+return out
+"""
+)
+
+# KEYS: the jobs' keys, the events stream, then the stats hashes. ARGV: the events' max length,
+# the number of jobs; then per job: its stats hash (1 = the first), its status (the counter and
+# event name), its attempts, the number of field values to write, those field values. Writes
+# only over a job that is not final yet: a result is stored once. If a later delivery started
+# the job again meanwhile, the stored record keeps that higher attempt count. Answers per job
+# 1 written, 0 final already (a duplicate), -1 no record.
+_FINISH = _lua("""
+local maxlen, n = ARGV[1], tonumber(ARGV[2])
+local events = KEYS[n + 1]
+local counts, out, at = {}, {}, 3
+for i = 1, n do
+  local key, stats = KEYS[i], KEYS[n + 1 + tonumber(ARGV[at])]
+  local status, attempts, count = ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
+  local first = at + 4
+  at = first + count
+  local cur = redis.pcall('HMGET', key, 's', 'a')
+  local counter = nil
+  if cur.err then
+    if not string.find(tostring(cur.err), 'WRONGTYPE') then return cur end
+    out[i] = -1
+  elseif not cur[1] and redis.call('EXISTS', key) == 0 then
+    out[i] = -1
+  elseif cur[1] == $done or cur[1] == $failed then
+    out[i], counter = 0, 'duplicate'
+  else
+    redis.call('HSET', key, unpack(ARGV, first, at - 1))
+    if attempts > (tonumber(cur[2]) or 0) then redis.call('HSET', key, 'a', attempts) end
+    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*',
+      'id', string.sub(key, $id_from), 'status', status, 'batch', '')
+    out[i], counter = 1, status
+  end
+  if counter then
+    counts[stats] = counts[stats] or {}
+    counts[stats][counter] = (counts[stats][counter] or 0) + 1
+  end
+end
+for stats, by_name in pairs(counts) do
+  for name, count in pairs(by_name) do redis.call('HINCRBY', stats, name, count) end
+end
+return out
 """)
 
-# KEYS[1] job key, KEYS[2] stats hash, KEYS[3] events stream. ARGV[1] final record, ARGV[2] its
-# status, ARGV[3] its attempts, ARGV[4] its ID, ARGV[5] its batch ('' for none), ARGV[6] events
-# cap. Writes only over a job that is not final yet: a result is stored once. If a later delivery
-# started the job again meanwhile, the stored record keeps that higher attempt count.
-_FINISH = _lua("""
-local raw = redis.call('GET', KEYS[1])
-if not raw then return -1 end
-local ok, job = pcall(cjson.decode, raw)
-if ok and type(job) == 'table' and $job_is_final then
-  redis.call('HINCRBY', KEYS[2], 'duplicate', 1)
-  return 0
+# KEYS: the jobs' keys. ARGV: the TTL in seconds; then per job: the number of field values,
+# those field values. Creates only records that do not exist; answers 1 created, 0 existed.
+_CREATE = """
+local ttl, out, at = ARGV[1], {}, 2
+for i, key in ipairs(KEYS) do
+  local count = tonumber(ARGV[at])
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('HSET', key, unpack(ARGV, at + 1, at + count))
+    redis.call('EXPIRE', key, ttl)
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+  at = at + 1 + count
 end
-local record = ARGV[1]
-if ok and type(job) == 'table' and (tonumber(job.attempts) or 0) > tonumber(ARGV[3]) then
-  local final = cjson.decode(record)
-  final.attempts = tonumber(job.attempts)
-  record = cjson.encode(final)
-end
-redis.call('SET', KEYS[1], record, 'KEEPTTL')
-redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-job = {id = ARGV[4], status = ARGV[2], batch = ARGV[5]}
-$event
-return 1
-""")
+return out
+"""
 
 
 @dataclass(frozen=True)
@@ -157,26 +263,47 @@ class Claim:
 
 
 class JobStore:
-    """Reads and writes job records. Takes its Redis client from the caller."""
+    """Reads and writes job records. Takes its Redis client from the caller.
+
+    Every method is one round trip for many jobs (plus, now and then, one to read or write the
+    names and labels records refer to, see ``contract.record.Catalog``).
+    """
 
     def __init__(self, client: redis.Redis, ttl_s: int = defaults.JOB_TTL_S) -> None:
         self.redis = client
         self.ttl_s = ttl_s
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
+        self._create = client.register_script(_CREATE)
+        self._catalog = record.Catalog()
+        self._catalog_since = time.monotonic()
 
     def create_many(self, jobs: Sequence[Job]) -> list[bool]:
         """Store new records; a job whose ID already exists is left as it is (False)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for job in jobs:
-            pipe.set(keys.job_key(job.id), job.encode(), nx=True, ex=self.ttl_s)
-        return [bool(created) for created in pipe.execute()]
+        if not jobs:
+            return []
+        self._maybe_rewrite_catalog()
+        calls = [
+            ([keys.job_key(j.id) for j in chunk], [self.ttl_s, *_create_args(chunk, self._catalog)])
+            for chunk in _chunks(jobs, CREATE_CHUNK)
+        ]
+        pipe, pending = self._pipeline()
+        for names, args in calls:
+            self._create(keys=names, args=args, client=pipe)
+        replies = self._execute(pipe, pending)
+        return [bool(created) for created in itertools.chain.from_iterable(replies)]
 
     def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         if not job_ids:
             return []
-        raws = self.redis.mget([keys.job_key(i) for i in job_ids])
-        return [None if raw is None else Job.decode(raw) for raw in raws]
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(keys.job_key(job_id))
+        stored = [
+            _stored(i, r) for i, r in zip(job_ids, pipe.execute(raise_on_error=False), strict=True)
+        ]
+        self._learn([r for r in stored if r is not None])
+        return [None if r is None else record.from_fields(r, self._catalog) for r in stored]
 
     def get(self, job_id: str) -> Job | None:
         return self.get_many([job_id])[0]
@@ -192,41 +319,105 @@ class JobStore:
         max_attempts: int = defaults.MAX_ATTEMPTS,
     ) -> list[Claim]:
         """Mark jobs running and count an attempt, in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        mode = "fresh" if fresh_only else "any"
-        stats, events = keys.stats_key(model), keys.events_stream()
-        events_cap = defaults.EVENTS_MAX_LEN
-        args: list[str | float] = [
-            now,
-            worker,
+        if not job_ids:
+            return []
+        self._maybe_rewrite_catalog()
+        worker_id = self._catalog.name(record.claimed_by(worker))
+        args = [
+            record.micros(now),
+            worker_id,
             max_attempts,
-            mode,
+            "fresh" if fresh_only else "any",
             keys.finished_channel(),
-            events_cap,
+            defaults.EVENTS_MAX_LEN,
         ]
-        for job_id in job_ids:
-            self._claim(keys=[keys.job_key(job_id), stats, events], args=args, client=pipe)
-        replies = pipe.execute(raise_on_error=False)
-        _raise_unless_wrongtype(replies)
-        return [_claim(i, r) for i, r in zip(job_ids, replies, strict=True)]
+        names = [*map(keys.job_key, job_ids), keys.stats_key(model), keys.events_stream()]
+        pipe, pending = self._pipeline()
+        self._claim(keys=names, args=args, client=pipe)
+        replies = self._execute(pipe, pending)[-1]
+        found = [_claimed(i, r) for i, r in zip(job_ids, replies, strict=True)]
+        self._learn([r for _, r in found if r is not None])
+        return [
+            self._claim_of(job_id, state, r)
+            for job_id, (state, r) in zip(job_ids, found, strict=True)
+        ]
 
     def finish_many(self, jobs: Sequence[Job]) -> list[bool]:
         """Store final records and announce them, in one round trip; True where written."""
         if not jobs:
             return []
-        pipe = self.redis.pipeline(transaction=False)
+        self._maybe_rewrite_catalog()
+        stats = list(dict.fromkeys(keys.stats_key(j.model) for j in jobs))
+        args: list[str | int | bytes] = [defaults.EVENTS_MAX_LEN, len(jobs)]
         for job in jobs:
-            stats = keys.stats_key(job.model)
-            self._finish(
-                keys=[keys.job_key(job.id), stats, keys.events_stream()],
-                args=[job.encode(), job.status, job.attempts, job.id, "", defaults.EVENTS_MAX_LEN],
-                client=pipe,
-            )
+            base = 0 if job.submitted is None else record.micros(job.submitted)
+            fields = record.result_fields(job, base, self._catalog)
+            args += [stats.index(keys.stats_key(job.model)) + 1, str(job.status), job.attempts]
+            args += [2 * len(fields), *itertools.chain.from_iterable(fields.items())]
+        pipe, pending = self._pipeline()
+        names = [*(keys.job_key(j.id) for j in jobs), keys.events_stream(), *stats]
+        self._finish(keys=names, args=args, client=pipe)
         pipe.publish(keys.finished_channel(), json.dumps([j.id for j in jobs]))
-        return [r == 1 for r in pipe.execute()[:-1]]
+        return [r == 1 for r in self._execute(pipe, pending)[-2]]
 
     def stats(self, model: str) -> dict[str, int]:
         return read_stats(self.redis, model)
+
+    def _pipeline(self) -> tuple[Pipeline, _Pending]:
+        """A pipeline that first writes the names and labels the records refer to, if new."""
+        pipe = self.redis.pipeline(transaction=False)
+        names, labels = pending = self._catalog.take_pending()
+        if names:
+            pipe.hset(keys.names_key(), items=list(itertools.chain.from_iterable(names.items())))
+        for (model, answerer), by_index in labels.items():
+            pairs: list[int | str] = [x for item in by_index.items() for x in item]
+            pipe.hset(keys.labels_key(model, answerer), items=pairs)
+        return pipe, pending
+
+    def _execute(self, pipe: Pipeline, pending: _Pending) -> list[Any]:
+        """The replies of the commands after the catalog's."""
+        replies = pipe.execute()
+        names, labels = pending
+        self._catalog.written(names, labels)
+        return replies[len(labels) + bool(names) :]
+
+    def _maybe_rewrite_catalog(self) -> None:
+        if time.monotonic() - self._catalog_since > defaults.CATALOG_REWRITE_S:
+            self._catalog.forget_written()
+            self._catalog_since = time.monotonic()
+
+    def _learn(self, stored: Sequence[record.Stored]) -> None:
+        """Reads the names, then the labels, ``stored`` refers to that this process lacks."""
+        if ids := sorted(self._catalog.unknown_names(stored)):
+            texts = self.redis.hmget(keys.names_key(), ids)
+            names = {i: keys.text(t) for i, t in zip(ids, texts, strict=True) if t is not None}
+            self._catalog.learn(names, {})
+        if wanted := list(self._catalog.unknown_labels(stored)):
+            pipe = self.redis.pipeline(transaction=False)
+            for model, answerer in wanted:
+                pipe.hgetall(keys.labels_key(model, answerer))
+            found = pipe.execute()
+            self._catalog.learn(
+                {},
+                {
+                    key: {int(i): keys.text(label) for i, label in by_index.items()}
+                    for key, by_index in zip(wanted, found, strict=True)
+                },
+            )
+
+    def _claim_of(self, job_id: str, state: str, stored: record.Stored | None) -> Claim:
+        if stored is None:
+            return Claim(job_id, ClaimState(state), None)
+        try:
+            return Claim(job_id, ClaimState(state), record.from_fields(stored, self._catalog))
+        except MalformedRecord:
+            return Claim(job_id, CORRUPT, None)
+
+
+# Names and labels handed to a pipeline, marked written once it ran.
+_Pending = tuple[dict[int, str], dict[tuple[str, int], dict[int, str]]]
+# Jobs created by one script call: Redis runs nothing else while a script runs.
+CREATE_CHUNK = 1000
 
 
 def read_stats(client: redis.Redis, model: str) -> dict[str, int]:
@@ -235,21 +426,32 @@ def read_stats(client: redis.Redis, model: str) -> dict[str, int]:
     return {keys.text(k): int(v) for k, v in raw.items()}
 
 
-def _raise_unless_wrongtype(replies: Sequence[object]) -> None:
-    """Only WRONGTYPE says something about the record; any other error (out of memory, a
-    read-only replica, a lost connection, a busy script) says the claim did not happen."""
-    for reply in replies:
-        if isinstance(reply, Exception) and not str(reply).startswith("WRONGTYPE"):
-            raise reply
+def _create_args(jobs: Sequence[Job], catalog: record.Catalog) -> list[str | int | bytes]:
+    """Per job: the number of field values, then those values."""
+    args: list[str | int | bytes] = []
+    for job in jobs:
+        fields = record.to_fields(job, catalog)
+        args += [2 * len(fields), *itertools.chain.from_iterable(fields.items())]
+    return args
 
 
-def _claim(job_id: str, reply: Sequence[bytes | str] | Exception) -> Claim:
-    if isinstance(reply, Exception):  # WRONGTYPE: the key holds something else
-        return Claim(job_id, CORRUPT, None)
-    state, raw = (keys.text(x) for x in reply)
+def _chunks(jobs: Sequence[Job], size: int) -> list[Sequence[Job]]:
+    return [jobs[i : i + size] for i in range(0, len(jobs), size)]
+
+
+def _stored(job_id: str, reply: dict[bytes, bytes] | Exception) -> record.Stored | None:
+    """A record read with HGETALL; None when there is none. Only WRONGTYPE says something about
+    the record; any other error (a lost connection, say) says the read did not happen."""
+    if isinstance(reply, Exception):
+        if str(reply).startswith("WRONGTYPE"):
+            raise MalformedRecord(f"job record {job_id!r} is not a hash") from reply
+        raise reply
+    return record.stored(job_id, reply) if reply else None
+
+
+def _claimed(job_id: str, reply: Sequence[Any]) -> tuple[str, record.Stored | None]:
+    state = keys.text(reply[0])
     if state in (MISSING, CORRUPT):
-        return Claim(job_id, ClaimState(state), None)
-    try:
-        return Claim(job_id, ClaimState(state), Job.decode(raw))
-    except MalformedRecord:
-        return Claim(job_id, CORRUPT, None)
+        return state, None
+    flat = reply[1]
+    return state, record.stored(job_id, dict(zip(flat[0::2], flat[1::2], strict=True)))

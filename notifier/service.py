@@ -22,6 +22,7 @@ import redis
 from contract import defaults, keys
 from contract.errors import MalformedRecord
 from contract.job import Job
+from contract.store import JobStore
 from notifier.delivery import Outcome, Poster
 from notifier.schedule import Delivery, Schedule, backoff_s, dead_entry, webhook_id
 from notifier.signing import Signer
@@ -78,6 +79,7 @@ class Notifier:
         self.poster = poster
         self.settings = settings
         self.schedule = Schedule(client)
+        self.store = JobStore(client)
         self._clock = clock
         self._rng = rng or random.Random()
         self._backlog = True  # events this consumer read before a restart, not acknowledged
@@ -158,11 +160,11 @@ class Notifier:
         events = [
             {keys.text(k): keys.text(v) for k, v in (fields or {}).items()} for _, fields in entries
         ]
-        raws = self.redis.mget([keys.job_key(e.get("id", "")) for e in events])
+        jobs = self._jobs([e.get("id", "") for e in events])
         now = self._clock()
         pipe = self.redis.pipeline(transaction=True)
-        for event, raw in zip(events, raws, strict=True):
-            delivery = _delivery(event, raw, now)
+        for event, job in zip(events, jobs, strict=True):
+            delivery = _delivery(event, job, now)
             if delivery is not None:
                 self.schedule.add(pipe, delivery)
         pipe.xack(keys.events_stream(), self.settings.group, *(i for i, _ in entries))
@@ -174,15 +176,29 @@ class Notifier:
         deliveries = self.schedule.lease(self._clock(), self.settings.lease_s, batch)
         if not deliveries:
             return 0
-        raws = self.redis.mget([keys.job_key(d.job_id) for d in deliveries])
-        outcomes = list(pool.map(self._send, deliveries, raws))
+        jobs = self._jobs([d.job_id for d in deliveries])
+        outcomes = list(pool.map(self._send, deliveries, jobs))
         self._settle(deliveries, outcomes)
         return len(deliveries)
 
-    def _send(self, delivery: Delivery, raw: bytes | None) -> Outcome:
-        if raw is None:
+    def _jobs(self, job_ids: list[str]) -> list[Job | None]:
+        """The records of ``job_ids``; one that cannot be read counts as gone (no webhook)."""
+        try:
+            return self.store.get_many(job_ids)
+        except MalformedRecord:
+            return [self._job(i) for i in job_ids]
+
+    def _job(self, job_id: str) -> Job | None:
+        try:
+            return self.store.get(job_id)
+        except MalformedRecord as e:
+            log.warning("event for job %s: %s; no webhook", job_id, e)
+            return None
+
+    def _send(self, delivery: Delivery, job: Job | None) -> Outcome:
+        if job is None:
             return Outcome(False, permanent=True, error="the job record expired before delivery")
-        body = keys.text(raw)
+        body = job.encode()
         headers = self.signer.headers(delivery.webhook_id, body, self._clock())
         return self.poster.post(delivery.url, body, headers)
 
@@ -209,15 +225,10 @@ class Notifier:
         self.schedule.settle(delivered, retries, dead)
 
 
-def _delivery(event: dict[str, str], raw: bytes | str | None, now: float) -> Delivery | None:
+def _delivery(event: dict[str, str], job: Job | None, now: float) -> Delivery | None:
     """The webhook an event calls for, if its job (still) has somewhere to send it."""
-    if raw is None:
-        return None  # the record expired before the event was read: nothing to send
-    try:
-        job = Job.decode(raw)
-    except MalformedRecord as e:
-        log.warning("event for job %s: %s; no webhook", event.get("id"), e)
-        return None
+    if job is None:
+        return None  # the record expired (or is unreadable) before the event was read
     url = callback_for(job, event.get("batch", ""))
     if url is None:
         return None

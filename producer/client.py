@@ -285,10 +285,13 @@ class Client:
         deadline = time.monotonic() + timeout
         with Announcements(self._shards_of(pending)) as announcements:
             pending = self._refresh(pending, latest)
+            read_at = time.monotonic()
             while pending and (left := deadline - time.monotonic()) > 0:
                 ids = announcements.get(timeout=min(defaults.WAIT_RECHECK_S, left))
                 if ids is None:
-                    pending = self._refresh(pending, latest)
+                    # Not only after a quiet second: the subscription's confirmation is None too.
+                    if time.monotonic() - read_at >= defaults.WAIT_RECHECK_S:
+                        pending, read_at = self._refresh(pending, latest), time.monotonic()
                     continue
                 announced = set(ids)
                 hits = [i for i in pending if i in announced]

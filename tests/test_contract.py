@@ -8,9 +8,10 @@ import os
 import fakeredis
 import pytest
 
-from contract import keys
+from contract import keys, record
 from contract.errors import InvalidRequest, MalformedRecord
 from contract.job import (
+    FAILED,
     ErrorInfo,
     Job,
     Prediction,
@@ -178,19 +179,42 @@ def test_a_job_key_holding_something_else_is_reported_corrupt_not_raised(store: 
     assert [c.state for c in claims] == [CORRUPT, CLAIMED, CORRUPT, CORRUPT]
 
 
-@pytest.mark.parametrize("field", ["uri", "model", "top_k", "id"])
+@pytest.mark.parametrize(
+    ("field", "name"),
+    [
+        (record.URI, "uri"),
+        (record.MODEL, "model"),
+        (record.TOP_K, "top_k"),
+        (record.STATUS, "status"),
+    ],
+)
 def test_a_record_missing_a_field_fails_naming_it_instead_of_staying_running(
-    store: JobStore, field: str
+    store: JobStore, field: str, name: str
 ) -> None:
-    record = {k: v for k, v in _job("partial").to_dict().items() if k != field}
-    store.redis.set(keys.job_key("partial"), json.dumps(record))
+    fields = record.to_fields(_job("partial"), record.Catalog())
+    del fields[field]
+    store.redis.hset(keys.job_key("partial"), mapping=fields)
 
     (claim,) = store.claim_many(["partial"], "m", 2.0, "w", fresh_only=False)
 
     job = store.get("partial")
     assert claim.state == ALREADY_FINAL and job.id == "partial"
     assert (job.status, job.error.type) == ("failed", "invalid_request")
-    assert f'"{field}"' in job.error.message
+    assert f'"{name}"' in job.error.message
+    assert store.stats("m") == {"failed": 1}
+
+
+@pytest.mark.parametrize(("field", "value"), [(record.STATUS, "x"), (record.TOP_K, "five")])
+def test_a_record_with_an_unreadable_field_fails_too(
+    store: JobStore, field: str, value: str
+) -> None:
+    store.create_many([_job("odd")])
+    store.redis.hset(keys.job_key("odd"), field, value)
+
+    (claim,) = store.claim_many(["odd"], "m", 2.0, "w", fresh_only=False)
+
+    assert claim.state == ALREADY_FINAL
+    assert store.get("odd").status == FAILED
 
 
 def test_the_gateways_job_model_is_the_job_dataclass() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -16,9 +15,9 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contract import keys, registry
+from contract import keys, record, registry
 from contract.errors import InvalidRequest, UnsupportedModel
-from contract.job import ErrorInfo, validate_job_id, validate_uri
+from contract.job import ErrorInfo, Job, validate_job_id, validate_uri
 from contract.store import JobStore
 from producer.api_schema import JOB_ID_PATTERN, URI_PATTERN
 from producer.client import Client
@@ -169,7 +168,8 @@ def test_long_poll_returns_the_record_once_the_job_finishes(stack: Stack) -> Non
 
 
 def _reads(client: redis.Redis) -> int:
-    return int(client.info("commandstats").get("cmdstat_mget", {}).get("calls", 0))
+    # A record is read with one HGETALL (contract.store.JobStore.get_many).
+    return int(client.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0))
 
 
 def _wait_for_reads(client: redis.Redis, count: int, timeout: float = 30) -> None:
@@ -287,18 +287,15 @@ def test_a_uri_that_is_not_utf8_is_refused(stack: Stack) -> None:
 
 def test_an_unexpected_failure_is_a_500_in_the_error_shape(stack: Stack) -> None:
     """A record stored before URIs were checked for UTF-8 cannot be written out as JSON."""
-    record = _job_record("old-latin1", uri="caf\udce9.jpg")
-    redis.Redis.from_url(stack.redis_url).set(keys.job_key("old-latin1"), record)
+    fields = record.to_fields(Job("old-latin1", "x.jpg", IDLE, 1), record.Catalog())
+    fields[record.URI] = b"caf\xe9.jpg"  # a Latin-1 file name's bytes
+    redis.Redis.from_url(stack.redis_url).hset(keys.job_key("old-latin1"), mapping=fields)
 
     reply = stack.http.get("/v1/jobs/old-latin1")
 
     assert reply.status_code == 500
     assert reply.headers["content-type"] == "application/json"
     assert reply.json()["error"]["type"] == "internal"
-
-
-def _job_record(job_id: str, uri: str) -> str:
-    return json.dumps({"id": job_id, "uri": uri, "model": IDLE, "top_k": 1, "status": "queued"})
 
 
 def test_one_bad_uri_refuses_the_whole_batch(stack: Stack) -> None:

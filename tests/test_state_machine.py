@@ -8,6 +8,7 @@ import itertools
 import pytest
 import redis
 
+from contract import keys
 from contract.errors import PoisonJob
 from contract.job import FINAL, TRANSITIONS, ErrorInfo, Job, JobStatus, Prediction
 from contract.store import ClaimState, JobStore
@@ -54,9 +55,9 @@ def _observe(
     client.flushdb()
     store = JobStore(client, ttl_s=60)
     store.create_many([_record(status, attempts)])
-    before = client.get("imgcls:job:j")
+    before = client.hgetall(keys.job_key("j"))
     OPERATIONS[operation](store)
-    if client.get("imgcls:job:j") == before:
+    if client.hgetall(keys.job_key("j")) == before:
         return None
     after = store.get("j")
     assert after is not None

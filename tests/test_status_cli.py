@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from contract import gauges, keys, registry
 from contract.job import Job
+from contract.store import JobStore
 from producer import status
 from producer.cli import main
 from producer.client import Client
@@ -138,7 +139,7 @@ class _FakeClock:
 def test_queue_collector_exports_depth_and_age_for_scaling() -> None:
     fake = fakeredis.FakeRedis()
     job = Job(id="j1", uri="a.jpg", model=IDLE, top_k=5, submitted=0.0)
-    fake.set(keys.job_key("j1"), job.encode())
+    JobStore(fake).create_many([job])
     version = registry.model_version("none", 1000)
     registry.register_model(fake, registry.ModelInfo(IDLE, "none", True, 1000))
     fake.lpush(keys.queue_name(IDLE, version, "low"), _celery_message(["j1", "j2"]))

@@ -160,6 +160,8 @@ class Service:
 
     def _start(self, jobs: list[Job]) -> list[WorkItem]:
         """Load the jobs on the I/O threads: one task per thread's share, not one per job."""
+        if not jobs:
+            return []
         items = [WorkItem(job) for job in jobs]
         self.pipeline.expect(len(items))
         for job in jobs:

@@ -1,0 +1,159 @@
+"""The stored form of a job (contract.record): small, read back whole by any process, and its
+batched scripts keep the store's guarantees on a real redis-server."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import pytest
+import redis
+
+from contract import defaults, keys, record
+from contract.job import ErrorInfo, Job, Prediction
+from contract.store import CLAIMED, POISONED, JobStore
+
+URI = "/data/images/2026-11-29/batch-0042/IMG_000123.jpg"  # 50 characters
+
+
+def _job(job_id: str) -> Job:
+    return Job(id=job_id, uri=URI, model="resnet50", top_k=5, submitted=1795673898.555123)
+
+
+def _top5(job: Job, now: float) -> Job:
+    predictions = [Prediction(f"class {i}", i * 97, p) for i, p in enumerate([0.4, 0.3, 0.2])]
+    predictions += [Prediction("tabby, tabby cat", 281, 0.0123456), Prediction("x", 999, 1e-7)]
+    return job.done(predictions, "torchscript:null-model.pt#f4e9b88c317d", False, now)
+
+
+def _finish_one(store: JobStore, job_id: str) -> Job:
+    store.create_many([_job(job_id)])
+    (claim,) = store.claim_many([job_id], "resnet50", 1795673898.6, "gpu-7-4121", fresh_only=True)
+    assert claim.state == CLAIMED and claim.job is not None
+    done = _top5(claim.job, 1795673898.65)
+    assert store.finish_many([done]) == [True]
+    return done
+
+
+def test_another_process_reads_the_record_whole_labels_and_names_included(
+    redis_client: redis.Redis,
+) -> None:
+    redis_client.flushdb()
+    done = _finish_one(JobStore(redis_client), "a" * 32)
+
+    read = JobStore(redis_client).get("a" * 32)  # a fresh store knows no names or labels yet
+
+    assert read == done
+    assert read.worker == "gpu-7-4121" and read.weights == done.weights
+    assert [p.label for p in read.predictions] == [p.label for p in done.predictions]
+
+
+def test_a_finished_top5_record_takes_at_most_300_bytes(redis_client: redis.Redis) -> None:
+    redis_client.flushdb()
+    _finish_one(JobStore(redis_client), "b" * 32)
+
+    assert redis_client.memory_usage(keys.job_key("b" * 32), samples=0) <= 300
+
+
+def test_probabilities_keep_the_float32_the_model_computed() -> None:
+    predictions = [Prediction("a", 0, 0.123456789), Prediction("b", 70_000, 3.0e-9)]
+
+    unpacked = record.unpack_predictions(record.pack_predictions(predictions))
+
+    assert unpacked == [(0, 0.1234568), (70_000, 3.0e-9)]
+
+
+def test_each_final_job_is_one_event_on_the_stream(redis_client: redis.Redis) -> None:
+    redis_client.flushdb()
+    store = JobStore(redis_client)
+    store.create_many([_job(i) for i in ("done", "failed", "poison", "dup")])
+    store.claim_many(["poison"], "resnet50", 1.8e9, "w", fresh_only=False, max_attempts=1)
+    store.finish_many(
+        [_top5(_job("done"), 1.8e9), _job("failed").failed(ErrorInfo("x", "y"), 1.8e9)]
+    )
+    store.finish_many([_job("done").failed(ErrorInfo("x", "late"), 1.8e9)])  # a duplicate
+
+    (claim,) = store.claim_many(
+        ["poison"], "resnet50", 1.8e9, "w", fresh_only=False, max_attempts=1
+    )
+
+    assert claim.state == POISONED
+    events = [
+        {keys.text(k): keys.text(v) for k, v in fields.items()}
+        for _, fields in redis_client.xrange(keys.events_stream())
+    ]
+    assert events == [
+        {"id": "done", "status": "done", "batch": ""},
+        {"id": "failed", "status": "failed", "batch": ""},
+        {"id": "poison", "status": "failed", "batch": ""},
+    ]
+    assert store.stats("resnet50") == {"done": 1, "failed": 2, "duplicate": 1}
+
+
+def test_a_claim_refused_for_memory_raises_instead_of_reading_corrupt(
+    redis_client: redis.Redis,
+) -> None:
+    redis_client.flushdb()
+    store = JobStore(redis_client)
+    store.create_many([_job("j1"), _job("j2")])
+    store.claim_many(["j1"], "resnet50", 1.8e9, "w", fresh_only=True)  # names written
+    used = int(redis_client.info("memory")["used_memory"])
+    redis_client.config_set("maxmemory", used - 1024)
+    try:
+        with pytest.raises(redis.ResponseError, match="maxmemory"):
+            store.claim_many(["j1", "j2"], "resnet50", 1.8e9, "w", fresh_only=False)
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    assert [j.attempts for j in store.get_many(["j1", "j2"])] == [1, 0]
+
+
+def test_names_and_labels_lost_by_redis_are_written_again(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis_client.flushdb()
+    monkeypatch.setattr(defaults, "CATALOG_REWRITE_S", 0.0)
+    store = JobStore(redis_client)
+    _finish_one(store, "first")
+    redis_client.delete(keys.names_key(), *redis_client.keys(keys.labels_key("*", 0)[:-1] + "*"))
+
+    done = _finish_one(store, "second")
+
+    assert JobStore(redis_client).get("second") == done
+
+
+def test_a_reader_that_knows_the_names_fetches_only_the_labels(redis_client: redis.Redis) -> None:
+    redis_client.flushdb()
+    store, reader = JobStore(redis_client), JobStore(redis_client)
+    first = _finish_one(store, "first")
+    assert reader.get("first") == first  # the reader learns the names and these labels
+    store.create_many([_job("second")])
+    other = Prediction("a class no record had", 7, 1.0)
+    second = replace(_top5(_job("second"), 1.8e9), predictions=(other,), worker=first.worker)
+    store.finish_many([second])
+
+    assert reader.get("second") == second
+
+
+def test_waiting_reads_each_record_once_more_when_its_end_is_announced(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from producer.client import Client
+
+    monkeypatch.setattr(defaults, "WAIT_RECHECK_S", 60.0)  # no quiet-second re-read here
+    client = Client.from_url(redis_url)
+    client.redis.flushdb()
+    client.store.create_many([_job("w1")])
+    reads: list[str] = []
+    get_many = client.store.get_many
+    client.store.get_many = lambda ids: reads.extend(ids) or get_many(ids)  # type: ignore[method-assign]
+    worker = JobStore(client.redis)
+    ending = threading.Timer(0.2, lambda: worker.finish_many([_top5(_job("w1"), 1.8e9)]))
+    ending.start()
+    try:
+        (job,) = client.wait_many(["w1"], timeout=60)
+    finally:
+        ending.join()
+        client.close()
+
+    assert job is not None and job.status == "done"
+    assert reads == ["w1", "w1"]  # before any announcement, then once announced
