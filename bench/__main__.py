@@ -97,7 +97,13 @@ def _device(requested: str) -> str:
 
 def _sizes(args: argparse.Namespace, gpu: bool) -> Sizes:
     base = QUICK_SIZES if args.quick else GPU_SIZES if gpu else CPU_SIZES
-    names = ("seed_seconds", "ceiling_seconds", "e2e_seconds", "latency_seconds", "seed_max")
+    names: tuple[str, ...] = (
+        "seed_seconds",
+        "ceiling_seconds",
+        "e2e_seconds",
+        "latency_seconds",
+        "seed_max",
+    )
     names += ("e2e_jobs", "e2e_max", "latency_n", "submit_jobs", "warmup_jobs")
     names += ("hostpath_jobs", "peer_images")
     given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}

@@ -16,13 +16,14 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from bench.diagnostics import Probe, summarize
 from contract import defaults
 from contract.job import QUEUED, RUNNING, Job
+from contract.shards import ShardedStore
 from contract.store import CLAIMED, Claim
 from worker.app import Runtime, setup
 from worker.inference import Classifier
@@ -81,8 +82,9 @@ class InProcess:
         self.settings = settings
         self.runtime: Runtime = setup(settings)
         self.store = MemoryStore()
-        self.runtime.service.store = self.store
-        self.runtime.pipeline.store = self.store
+        # A stand-in with the methods the service and the pipeline call on their store.
+        self.runtime.service.store = cast(ShardedStore, self.store)
+        self.runtime.pipeline.store = cast(ShardedStore, self.store)
         self._serial = 0
 
     def __enter__(self) -> InProcess:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from contract import defaults
 from worker.settings import CPU_BATCH_SIZE, GPU_BATCH_SIZE, IO_THREADS, MAX_WAIT_MS, Settings
@@ -75,7 +76,7 @@ class WorkerOptions:
         )
 
 
-def default_options(device: str, **given: object) -> WorkerOptions:
+def default_options(device: str, **given: Any) -> WorkerOptions:
     """The worker CLI's defaults for ``device``, overridden by the options given."""
     gpu = device.startswith("cuda")
     base = WorkerOptions(

@@ -73,7 +73,8 @@ def run_e2e(
     after = probe.read() if probe else None
     delete_jobs(client.redis, ids)
     counts = Counter(r.status if r is not None else "missing" for r in records)
-    finished = max((r.finished for r in records if _ended(r)), default=time.time())
+    ends = [r.finished for r in records if r is not None and r.finished is not None]
+    finished = max(ends, default=time.time())
     return E2EResult(
         workers=workers,
         jobs=n,

@@ -13,6 +13,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -29,7 +30,7 @@ def _forward_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats * 1e3
 
 
-def _with_busy_threads(threads: int, run: callable) -> float:  # type: ignore[valid-type]
+def _with_busy_threads(threads: int, run: Callable[[], float]) -> float:
     stop = threading.Event()
     data, policy = make_jpeg(), DecodePolicy(max_pixels=10**8)
 

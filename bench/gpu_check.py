@@ -28,7 +28,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -95,7 +95,7 @@ def run_path(side: InProcess, uris: list[str]) -> Outputs:
             side.runtime.service.load_image(item)  # fetch, decode, preprocess: the worker's path
             if item.payload is None:
                 raise RuntimeError(f"{item.job.uri}: {item.error}")
-        x, errors = side.classifier.make_batch([i.payload for i in items])
+        x, errors = side.classifier.make_batch([i.payload for i in items if i.payload])
         if errors:
             raise RuntimeError(f"device preparation failed: {errors}")
         inputs.append(x.float().cpu())
@@ -141,9 +141,14 @@ def check_set(ref: InProcess, cand: InProcess, uris: list[str]) -> dict[str, Any
     }
 
 
+def _first_parameter(module: Any) -> torch.Tensor:
+    """The module's first weights on the CPU (a compiled module is typed as a callable)."""
+    return next(cast(torch.nn.Module, module).parameters()).detach().float().cpu()
+
+
 def weights_match(ref: InProcess, cand: InProcess) -> bool:
-    first = next(ref.classifier.module.parameters()).detach().float().cpu()
-    other = next(cand.classifier.module.parameters()).detach().float().cpu()
+    first = _first_parameter(ref.classifier.module)
+    other = _first_parameter(cand.classifier.module)
     return first.shape == other.shape and torch.allclose(first, other, atol=1e-2, rtol=1e-2)
 
 

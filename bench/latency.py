@@ -72,7 +72,9 @@ def measure_latency(
     for i in range(WARMUP_SAMPLES):
         one(client, model, uris[i % len(uris)], top_k)
         in_process(uris[i % len(uris)])
-    client_ms, server_ms, alone_ms = [], [], []
+    client_ms: list[float] = []
+    server_ms: list[float] = []
+    alone_ms: list[float] = []
     started = time.perf_counter()
     while len(client_ms) < n and (len(client_ms) < 2 or time.perf_counter() - started < seconds):
         uri = uris[len(client_ms) % len(uris)]

@@ -257,7 +257,8 @@ class Bench:
         """CPU of the workers and of Redis, and the workers' metrics, for end-to-end runs."""
         if pool is None:
             return Probe()
-        redis_pid = self._redis().proc.pid if self._redis().proc else None
+        proc = self._redis().proc
+        redis_pid = proc.pid if proc is not None else None
         pids = {**pool.pids(), **({"redis": redis_pid} if redis_pid else {})}
         return Probe(pids=pids, metrics_ports=pool.metrics_ports())
 

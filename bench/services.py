@@ -79,10 +79,10 @@ class WorkerPool:
         )
 
     def pids(self) -> dict[str, int]:
-        return {f"worker-{i}": w.proc.pid for i, w in enumerate(self.workers) if w.proc}
+        return {f"worker-{i}": w.proc.pid for i, w in enumerate(self.workers) if w.proc is not None}
 
     def metrics_ports(self) -> list[int]:
-        return [w.metrics_port for w in self.workers]
+        return [w.metrics_port for w in self.workers if w.metrics_port is not None]
 
     def stop(self, graceful: bool = True) -> None:
         for w in self.workers:
