@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from demo.images import make_jpeg
 from demo.stack import ROOT, RedisServer, WorkerProcess, free_port
 
-__all__ = ["ROOT", "RedisServer", "WorkerProcess", "free_port", "make_jpeg", "write_images"]
+__all__ = [
+    "ROOT",
+    "RedisServer",
+    "WorkerProcess",
+    "free_port",
+    "make_jpeg",
+    "swapping_dir_for_symlink",
+    "write_images",
+]
 
 
 def write_images(directory: Path, count: int, **kwargs: int) -> list[Path]:
@@ -18,3 +30,28 @@ def write_images(directory: Path, count: int, **kwargs: int) -> list[Path]:
         path.write_bytes(make_jpeg(seed=i, **kwargs))
         paths.append(path)
     return paths
+
+
+_SWAPPER = """
+import os, sys
+root, outside = sys.argv[1], sys.argv[2]
+os.symlink(outside, os.path.join(root, "evil"))
+d, parked, evil = (os.path.join(root, n) for n in ("dir", "parked", "evil"))
+while True:
+    os.rename(d, parked)
+    os.rename(evil, d)
+    os.rename(d, evil)
+    os.rename(parked, d)
+"""
+
+
+@contextmanager
+def swapping_dir_for_symlink(root: Path, outside: Path) -> Iterator[None]:
+    """A process swaps ``root/dir`` for a symlink to ``outside``, as fast as it can, while the
+    block runs."""
+    swapper = subprocess.Popen([sys.executable, "-c", _SWAPPER, str(root), str(outside)])
+    try:
+        yield
+    finally:
+        swapper.kill()
+        swapper.wait()
