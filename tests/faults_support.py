@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -79,6 +79,13 @@ def model_args_fixture(tmp_path: Path, images: list[Path]) -> list[str]:
         *tiny_model_args(tmp_path / "model"),
         "--allowed-root", str(images[0].parent), "--http-allow-network", "127.0.0.0/8",
     ]  # fmt: skip
+
+
+@pytest.fixture(name="server")
+def server_fixture() -> Iterator[ImageServer]:
+    """The loopback image server, closed after the test."""
+    with ImageServer() as server:
+        yield server
 
 
 def small_jpeg(seed: int = 0) -> bytes:

@@ -27,6 +27,7 @@ from tests.faults_support import (
     held_layout,
     model_args_fixture,  # noqa: F401 (the model_args fixture, shared by the fault tests)
     plain_jpeg,
+    server_fixture,  # noqa: F401 (the server fixture, shared by the fault tests)
     settle,
     statuses,
     stuck_in_flight,
@@ -50,12 +51,6 @@ def producer(redis_url: str) -> Iterator[Client]:
     client = Client.from_url(redis_url)
     yield client
     client.close()
-
-
-@pytest.fixture
-def server() -> Iterator[ImageServer]:
-    with ImageServer() as server:
-        yield server
 
 
 @pytest.mark.slow
