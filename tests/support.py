@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ __all__ = [
     "WorkerProcess",
     "free_port",
     "make_jpeg",
+    "producer_help",
     "swapping_dir_for_symlink",
     "write_images",
 ]
@@ -30,6 +32,18 @@ def write_images(directory: Path, count: int, **kwargs: int) -> list[Path]:
         path.write_bytes(make_jpeg(seed=i, **kwargs))
         paths.append(path)
     return paths
+
+
+def producer_help(command: str) -> str:
+    """What ``python -m producer COMMAND --help`` prints."""
+    run = subprocess.run(
+        [sys.executable, "-m", "producer", command, "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
+    return run.stdout
 
 
 _SWAPPER = """
