@@ -82,6 +82,14 @@ def model_args_fixture(tmp_path: Path, images: list[Path]) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.fixture(name="producer")
+def producer_fixture(redis_url: str) -> Iterator[Client]:
+    """A producer client on the test's Redis, closed after the test."""
+    client = Client.from_url(redis_url)
+    yield client
+    client.close()
+
+
 @pytest.fixture(name="server")
 def server_fixture() -> Iterator[ImageServer]:
     """The loopback image server, closed after the test."""

@@ -12,7 +12,6 @@ import struct
 import subprocess
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from tests.faults_support import (
     account,
     outcome,
     plain_jpeg,
+    producer_fixture,  # noqa: F401 (the producer fixture, shared by the fault tests)
     settle,
     small_jpeg,
     tiny_model_args,
@@ -43,13 +43,6 @@ _PASSWORD = "s3cret-Pa55"
 @pytest.fixture
 def model_args(tmp_path: Path) -> list[str]:
     return tiny_model_args(tmp_path / "model")
-
-
-@pytest.fixture
-def producer(redis_url: str) -> Iterator[Client]:
-    client = Client.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def _envelope(redis_url: str) -> dict:
