@@ -27,8 +27,8 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.models import get_model_weights
 
-from bench.images import IMAGENET, ImageSet
-from bench.mixed_images import MIXED, MixedImageSet, any_pool
+from bench.images import IMAGENET, ImageSet, image_pool
+from bench.mixed_images import MIXED, MixedImageSet
 from worker import resize
 from worker.inference import Classifier, pick_dtype
 from worker.models import load_model
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sets: dict[str, ImageSet | MixedImageSet] = {"uniform": IMAGENET, "mixed": MIXED}
     report: dict[str, Any] = {"device": str(device), "model": args.model, "resize": {}}
     for name, spec in sets.items():
-        images = _decoded(any_pool(root, spec, args.batch), device)
+        images = _decoded(image_pool(root, spec, args.batch), device)
         report["resize"][name] = resize_steps(images, args.model, device, args.repeat)
         print(name, report["resize"][name], flush=True)
     report["forward"] = forward_steps(args.model, device, args.batch, args.repeat)

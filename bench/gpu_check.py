@@ -36,7 +36,8 @@ from torchvision.models import get_model, get_model_weights
 
 from bench.ceiling import InProcess
 from bench.config import TOP_K, default_options
-from bench.mixed_images import ALL_IMAGE_SETS, any_pool
+from bench.images import image_pool
+from bench.mixed_images import ALL_IMAGE_SETS
 from worker.inference import Classifier
 from worker.pipeline import WorkItem
 
@@ -153,7 +154,7 @@ def weights_match(ref: InProcess, cand: InProcess) -> bool:
 
 
 def check(model: str, device: str, precision: str, root: Path, sets: list[tuple[str, int]]) -> dict:
-    pools = {s: [str(p) for p in any_pool(root, ALL_IMAGE_SETS[s], n)] for s, n in sets}
+    pools = {s: [str(p) for p in image_pool(root, ALL_IMAGE_SETS[s], n)] for s, n in sets}
     calibration = [p for uris in pools.values() for p in uris][:CALIBRATION_IMAGES]
     weights = calibrated_weights(model, calibration, root / f"{model}-calibrated.pt")
     with (

@@ -11,13 +11,22 @@ import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
 from demo.images import encode, make_jpeg, scene
 
-__all__ = ["IMAGE_SETS", "ImageSet", "image_pool", "make_jpeg", "make_photo", "mean_bytes"]
+__all__ = [
+    "IMAGE_SETS",
+    "ImageSet",
+    "PhotoSet",
+    "image_pool",
+    "make_jpeg",
+    "make_photo",
+    "mean_bytes",
+]
 
 # Largest side the smooth scene is drawn at before being scaled up: a 12-MP scene drawn at full
 # size costs seconds of numpy per image, and the grain added afterwards carries the detail.
@@ -39,6 +48,19 @@ class ImageSet:
     @property
     def folder(self) -> str:
         return f"{self.name}-{self.width}x{self.height}-g{self.grain:g}-q{self.quality}"
+
+    def spec(self, seed: int) -> ImageSet:
+        """Every image of a one-size set has the set's size."""
+        return self
+
+
+class PhotoSet(Protocol):
+    """A set ``image_pool`` can generate: its folder name and each image's size by seed."""
+
+    @property
+    def folder(self) -> str: ...
+
+    def spec(self, seed: int) -> ImageSet: ...
 
 
 # ImageNet validation images average about 500x375 and 110 KB.
@@ -68,15 +90,16 @@ def _add_grain(pixels: np.ndarray, grain: float, rng: np.random.Generator) -> np
     return noisy.clip(0, 255).astype(np.uint8)
 
 
-def _write_one(args: tuple[ImageSet, int, str]) -> None:
+def _write_one(args: tuple[PhotoSet, int, str]) -> None:
     spec, seed, path = args
     tmp = f"{path}.tmp"
-    Path(tmp).write_bytes(make_photo(spec, seed))
+    Path(tmp).write_bytes(make_photo(spec.spec(seed), seed))
     os.replace(tmp, path)
 
 
-def image_pool(root: Path, spec: ImageSet, count: int, processes: int | None = None) -> list[Path]:
-    """``count`` distinct images of ``spec`` under ``root``, generating only those missing.
+def image_pool(root: Path, spec: PhotoSet, count: int, processes: int | None = None) -> list[Path]:
+    """``count`` distinct images of ``spec`` (one size or mixed) under ``root``, generating
+    only those missing.
 
     Jobs cycle over this pool: the decode cost per job is the same as with distinct files, and
     generating tens of thousands of 12-MP photos would take longer than the benchmark itself.

@@ -23,7 +23,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.models import get_model, get_model_weights
 
 from bench.gpu_check import calibrated_weights, compare
-from bench.mixed_images import MIXED, mixed_pool
+from bench.images import image_pool
+from bench.mixed_images import MIXED
 from worker.resize import ResizeCrop, resize_crop_normalize
 
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)
     with tempfile.TemporaryDirectory(prefix="imgcls-accuracy-") as tmp:
         root = args.image_dir or Path(tmp)
-        report = measure(args.model, mixed_pool(root, MIXED, args.images), Path(tmp))
+        report = measure(args.model, image_pool(root, MIXED, args.images), Path(tmp))
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

@@ -22,9 +22,9 @@ from bench.config import MODEL_STAGES, TOP_K, BenchConfig
 from bench.diagnostics import BENCHMARK, Probe
 from bench.e2e import run_e2e, warm_up
 from bench.hostpath import run_hostpath
-from bench.images import mean_bytes
+from bench.images import image_pool, mean_bytes
 from bench.latency import measure_latency
-from bench.mixed_images import ALL_IMAGE_SETS, any_pool
+from bench.mixed_images import ALL_IMAGE_SETS
 from bench.report import record, save
 from bench.seed import seed_loop
 from bench.services import RedisServer, WorkerPool
@@ -170,7 +170,7 @@ class Bench:
         for name in self.cfg.image_sets:
             spec = ALL_IMAGE_SETS[name]
             started = time.perf_counter()
-            paths = any_pool(self.image_root, spec, self.cfg.sizes.pool[name])
+            paths = image_pool(self.image_root, spec, self.cfg.sizes.pool[name])
             self.pools[name] = [str(p) for p in paths]
             self.report["image_sets"][name] = {
                 **record(spec),

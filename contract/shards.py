@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import redis
 
 from contract import defaults
 from contract.connection import connect
 from contract.job import Job
-from contract.store import Claim, JobStore
+from contract.store import JobStore
 
 T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
 
 
 def parse_urls(values: Iterable[str]) -> tuple[str, ...]:
@@ -58,6 +60,20 @@ def connect_all(
     return [broker if url == broker_url else connect(url, **kwargs) for url in urls]
 
 
+def _per_shard(
+    method: Callable[Concatenate[JobStore, Sequence[str], P], list[R]],
+) -> Callable[Concatenate[ShardedStore, Sequence[str], P], list[R]]:
+    """``ShardedStore``'s form of a ``JobStore`` method on job IDs: the same arguments, the
+    method called once per shard on that shard's IDs, the answers back in input order."""
+
+    def routed(
+        self: ShardedStore, job_ids: Sequence[str], /, *args: P.args, **kwargs: P.kwargs
+    ) -> list[R]:
+        return self._routed(job_ids, str, lambda store, ids: method(store, ids, *args, **kwargs))
+
+    return routed
+
+
 class ShardedStore:
     """``JobStore``'s API over several Redis instances; results keep the order of the input.
 
@@ -89,24 +105,8 @@ class ShardedStore:
     def get(self, job_id: str) -> Job | None:
         return self.shard_for(job_id).get(job_id)
 
-    def claim_many(
-        self,
-        job_ids: Sequence[str],
-        model: str,
-        now: float,
-        worker: str,
-        *,
-        fresh_only: bool,
-        max_attempts: int = defaults.MAX_ATTEMPTS,
-    ) -> list[Claim]:
-        """Mark jobs running and count an attempt, one round trip per shard."""
-
-        def claim(store: JobStore, ids: Sequence[str]) -> list[Claim]:
-            return store.claim_many(
-                ids, model, now, worker, fresh_only=fresh_only, max_attempts=max_attempts
-            )
-
-        return self._routed(job_ids, str, claim)
+    # Mark jobs running and count an attempt, one round trip per shard: JobStore's arguments.
+    claim_many = _per_shard(JobStore.claim_many)
 
     def finish_many(self, jobs: Sequence[Job]) -> list[bool]:
         """Store final records; each shard announces its own jobs on its finished channel."""

@@ -8,8 +8,10 @@ import json
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any, TypeVar
 
 import click
 
@@ -29,6 +31,21 @@ redis_option = click.option(
     show_default=True,
     help="Redis holding the job records and the events stream (env REDIS_URL).",
 )
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _numeric(
+    name: str,
+    kind: click.FloatRange | click.IntRange,
+    default: float,
+    help: str,
+    envvar: str | None = None,
+) -> Callable[[_F], _F]:
+    """A number option within ``kind``'s range, its default shown in --help."""
+    return click.option(
+        name, type=kind, default=default, show_default=True, envvar=envvar, help=help
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,41 +69,36 @@ def main() -> None:
     help="A private network (CIDR) callbacks may reach anyway; repeatable "
     "(env IMGCLS_WEBHOOK_ALLOW_NETWORKS, space-separated). Like the worker's --http-allow-network.",
 )
-@click.option(
+@_numeric(
     "--max-age-s",
-    type=click.FloatRange(min=0),
-    default=defaults.WEBHOOK_MAX_AGE_S,
-    show_default=True,
+    click.FloatRange(min=0),
+    defaults.WEBHOOK_MAX_AGE_S,
+    "Give a webhook up once it has failed for this long since its first try.",
     envvar="IMGCLS_WEBHOOK_MAX_AGE_S",
-    help="Give a webhook up once it has failed for this long since its first try.",
 )
-@click.option(
+@_numeric(
     "--retry-base-s",
-    type=click.FloatRange(min=0.01),
-    default=defaults.WEBHOOK_RETRY_BASE_S,
-    show_default=True,
-    help="Wait before the first retry; doubled each time, with jitter.",
+    click.FloatRange(min=0.01),
+    defaults.WEBHOOK_RETRY_BASE_S,
+    "Wait before the first retry; doubled each time, with jitter.",
 )
-@click.option(
+@_numeric(
     "--retry-max-s",
-    type=click.FloatRange(min=0.01),
-    default=defaults.WEBHOOK_RETRY_MAX_S,
-    show_default=True,
-    help="Longest wait between two retries.",
+    click.FloatRange(min=0.01),
+    defaults.WEBHOOK_RETRY_MAX_S,
+    "Longest wait between two retries.",
 )
-@click.option(
+@_numeric(
     "--timeout-s",
-    type=click.FloatRange(min=0.1),
-    default=defaults.WEBHOOK_TIMEOUT_S,
-    show_default=True,
-    help="Seconds a POST may take to connect, and to answer.",
+    click.FloatRange(min=0.1),
+    defaults.WEBHOOK_TIMEOUT_S,
+    "Seconds a POST may take to connect, and to answer.",
 )
-@click.option(
+@_numeric(
     "--concurrency",
-    type=click.IntRange(min=1),
-    default=defaults.WEBHOOK_CONCURRENCY,
-    show_default=True,
-    help="POSTs in flight at once.",
+    click.IntRange(min=1),
+    defaults.WEBHOOK_CONCURRENCY,
+    "POSTs in flight at once.",
 )
 @click.option(
     "--consumer",

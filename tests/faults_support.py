@@ -11,10 +11,11 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
@@ -81,6 +82,21 @@ def model_args_fixture(tmp_path: Path, images: list[Path]) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.fixture(name="producer")
+def producer_fixture(redis_url: str) -> Iterator[Client]:
+    """A producer client on the test's Redis, closed after the test."""
+    client = Client.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(name="server")
+def server_fixture() -> Iterator[ImageServer]:
+    """The loopback image server, closed after the test."""
+    with ImageServer() as server:
+        yield server
+
+
 def small_jpeg(seed: int = 0) -> bytes:
     return make_jpeg(48, 48, seed=seed)
 
@@ -95,7 +111,27 @@ def plain_jpeg(colour: tuple[int, int, int]) -> bytes:
 # -- a scriptable HTTP image server ---------------------------------------------------------
 
 
-class ImageServer:
+class LoopbackServer:
+    """A ``ThreadingHTTPServer`` on 127.0.0.1, served from a daemon thread while the ``with``
+    block runs; leaving the block sets ``released`` (freeing any held request) and closes it."""
+
+    released: threading.Event
+    _server: ThreadingHTTPServer
+
+    def __enter__(self: _Server) -> _Server:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.released.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+_Server = TypeVar("_Server", bound=LoopbackServer)
+
+
+class ImageServer(LoopbackServer):
     """Serves small JPEGs on 127.0.0.1. ``/img/N`` answers at once. ``/hold/N`` sends its
     body a byte at a time (so no read timeout fires) until ``release()``. ``/poison`` calls
     ``on_poison`` (e.g. SIGKILL the worker) before answering. Requests are counted by kind."""
@@ -111,15 +147,6 @@ class ImageServer:
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> ImageServer:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.released.set()
-        self._server.shutdown()
-        self._server.server_close()
 
     def release(self) -> None:
         self.released.set()

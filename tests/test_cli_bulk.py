@@ -17,7 +17,7 @@ import click
 import pytest
 import redis
 
-from tests.support import ROOT, RedisServer, WorkerProcess, write_images
+from tests.support import ROOT, RedisServer, WorkerProcess, producer_help, write_images
 from tests.support_gateway import register_idle_model
 
 MODEL = "mobilenet_v3_small"
@@ -240,15 +240,9 @@ def test_export_all_writes_every_record_and_failures_carry_their_error(
 def test_every_option_is_explained_in_help(command: str) -> None:
     from producer.cli import main
 
-    run = subprocess.run(
-        [sys.executable, "-m", "producer", command, "--help"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=True,
-    )
+    text = producer_help(command)
 
     for param in main.commands[command].params:
         if isinstance(param, click.Option):
             assert param.help, f"{command} {param.opts[0]} has no help text"
-            assert param.opts[0] in run.stdout
+            assert param.opts[0] in text

@@ -1,4 +1,5 @@
-"""The dead-letter list: bounded by length and age, and read, replayed and purged with
+"""Dead letters: one writer and one entry shape (a malformed message, a job whose record is
+missing), a list bounded by length and age, and that list read, replayed and purged with
 ``python -m producer dead-letter`` against a real redis-server."""
 
 from __future__ import annotations
@@ -10,15 +11,21 @@ import subprocess
 import sys
 
 import fakeredis
+import pytest
 import redis
 
 from contract import deadletter, keys
+from contract.errors import MalformedMessage
 from contract.job import ErrorInfo, Job
 from contract.messaging import TASK_NAME, make_celery
 from contract.store import JobStore
 from tests.support import ROOT
+from worker.deadletter import DeadLetters, is_job_ids
+from worker.metrics import Metrics
+from worker.service import Service
 
 MODEL = "m"
+_SHAPE = {"reason", "queue", "message", "worker", "at"}
 
 
 def _ats(client: redis.Redis) -> list[float]:
@@ -96,3 +103,57 @@ def test_list_replay_and_purge_from_the_command_line(
     purged = _cli(redis_url, "purge")
 
     assert "purged 1" in purged.stderr and redis_client.llen(keys.dead_letter_key()) == 0
+
+
+# -- one writer, one entry shape ------------------------------------------------------------
+
+
+@pytest.fixture
+def service() -> Service:
+    client = fakeredis.FakeRedis()
+    service = Service.__new__(Service)  # only what claiming and dead-lettering use
+    service.model, service.worker_id, service.max_attempts = "m", "w1", 3
+    service.version = "v1"
+    service.store, service.clock, service.metrics = JobStore(client), lambda: 1.0, Metrics("m")
+    service.dead_letters = DeadLetters(client, "w1")
+    return service
+
+
+def _entries(service: Service) -> list[dict[str, object]]:
+    raw = service.store.redis.lrange(keys.dead_letter_key(), 0, -1)
+    return [json.loads(e) for e in raw]
+
+
+def test_a_message_that_is_not_a_list_of_ids_is_dead_lettered_whole(service: Service) -> None:
+    with pytest.raises(MalformedMessage):
+        service.handle({"not": "ids"})
+    (entry,) = _entries(service)
+    assert set(entry) == _SHAPE
+    assert (entry["queue"], entry["worker"]) == (keys.queue_name("m", "v1"), "w1")
+    assert json.loads(str(entry["message"])) == {"not": "ids"}
+
+
+def test_jobs_with_no_record_are_dead_lettered_in_one_entry_of_the_same_shape(
+    service: Service,
+) -> None:
+    outcome = service.handle(["gone", "lost"])
+    assert outcome.skipped == 2
+    (entry,) = _entries(service)
+    assert set(entry) == _SHAPE | {"job_ids", "missing", "corrupt"}
+    assert entry["reason"] == "records missing or corrupt"
+    assert (entry["job_ids"], entry["missing"], entry["corrupt"]) == (["gone", "lost"], 2, 0)
+    assert json.loads(str(entry["message"])) == ["gone", "lost"]
+
+
+def test_a_queue_message_is_dead_lettered_in_the_same_shape() -> None:
+    letters = DeadLetters(fakeredis.FakeRedis(), "w1")
+    letters.record("unknown task 'x'", queue="q", message="{}")
+    (raw,) = letters.redis.lrange(keys.dead_letter_key(), 0, -1)
+    assert set(json.loads(raw)) == _SHAPE
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"), [(["a", "b"], True), ([], True), ("a", False), ([1], False), (None, False)]
+)
+def test_the_one_job_ids_check(value: object, ok: bool) -> None:
+    assert is_job_ids(value) is ok

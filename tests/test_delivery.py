@@ -7,7 +7,6 @@ killed again and again by one job; every job still ends final exactly once.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from tests.faults_support import (
     held_layout,
     model_args_fixture,  # noqa: F401 (the model_args fixture, shared by the fault tests)
     plain_jpeg,
+    producer_fixture,  # noqa: F401 (the producer fixture, shared by the fault tests)
+    server_fixture,  # noqa: F401 (the server fixture, shared by the fault tests)
     settle,
     statuses,
     stuck_in_flight,
@@ -43,19 +44,6 @@ _CONCURRENCY = 4
 @pytest.fixture
 def images(tmp_path: Path) -> list[Path]:
     return write_images(tmp_path / "images", 64, width=48, height=48)
-
-
-@pytest.fixture
-def producer(redis_url: str) -> Iterator[Client]:
-    client = Client.from_url(redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def server() -> Iterator[ImageServer]:
-    with ImageServer() as server:
-        yield server
 
 
 @pytest.mark.slow

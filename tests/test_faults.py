@@ -25,6 +25,7 @@ from tests.faults_support import (
     held_layout,
     model_args_fixture,  # noqa: F401 (the model_args fixture, shared by the fault tests)
     outcome,
+    server_fixture,  # noqa: F401 (the server fixture, shared by the fault tests)
     settle,
     stuck_in_flight,
     wait_until,
@@ -38,12 +39,6 @@ _CONCURRENCY = 4
 @pytest.fixture
 def images(tmp_path: Path) -> list[Path]:
     return write_images(tmp_path / "images", 200, width=48, height=48)
-
-
-@pytest.fixture
-def server() -> Iterator[ImageServer]:
-    with ImageServer() as server:
-        yield server
 
 
 @pytest.fixture

@@ -10,8 +10,6 @@ import ipaddress
 import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 import tracemalloc
@@ -36,6 +34,7 @@ from contract.errors import (
     TooLarge,
     Unavailable,
 )
+from tests.support import swapping_dir_for_symlink
 from worker.fetch import Fetcher, FetchPolicy, Opener, open_beneath, walk_beneath
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
@@ -240,19 +239,6 @@ def test_refusals_say_the_same_whether_or_not_something_exists_outside(
     assert refusals == [("access_denied", "URI is outside the allowed roots")] * 2
 
 
-_SWAPPER = """
-import os, sys
-root, outside = sys.argv[1], sys.argv[2]
-os.symlink(outside, os.path.join(root, "evil"))
-d, parked, evil = (os.path.join(root, n) for n in ("dir", "parked", "evil"))
-while True:
-    os.rename(d, parked)
-    os.rename(evil, d)
-    os.rename(d, evil)
-    os.rename(parked, d)
-"""
-
-
 @OPENERS
 def test_swapping_a_directory_for_a_symlink_never_lets_a_fetch_read_outside(
     tmp_path: Path, opener: Opener
@@ -268,13 +254,8 @@ def test_swapping_a_directory_for_a_symlink_never_lets_a_fetch_read_outside(
     (outside / "big.jpg").write_bytes(SECRET * 1000)  # over the cap: TooLarge would tell its size
     fetcher = Fetcher(_policy((root,), max_bytes=len(IMAGE)), opener=opener)
     uris = [str(root / "dir" / name) for name in ("cat.jpg", "big.jpg")] * 3000
-    swapper = subprocess.Popen([sys.executable, "-c", _SWAPPER, str(root), str(outside)])
-    try:
-        with ThreadPoolExecutor(8) as pool:
-            outcomes = Counter(pool.map(lambda uri: _outcome(fetcher, uri), uris))
-    finally:
-        swapper.kill()
-        swapper.wait()
+    with swapping_dir_for_symlink(root, outside), ThreadPoolExecutor(8) as pool:
+        outcomes = Counter(pool.map(lambda uri: _outcome(fetcher, uri), uris))
     assert set(outcomes) <= {"inside", "access_denied", "not_found"}, outcomes
     assert outcomes["inside"] > 0 and outcomes["access_denied"] > 0, outcomes
 

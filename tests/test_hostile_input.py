@@ -10,10 +10,8 @@ import json
 import pickle
 import struct
 import subprocess
-import sys
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,11 +30,12 @@ from tests.faults_support import (
     account,
     outcome,
     plain_jpeg,
+    producer_fixture,  # noqa: F401 (the producer fixture, shared by the fault tests)
     settle,
     small_jpeg,
     tiny_model_args,
 )
-from tests.support import make_jpeg
+from tests.support import make_jpeg, swapping_dir_for_symlink
 
 _PASSWORD = "s3cret-Pa55"
 
@@ -44,13 +43,6 @@ _PASSWORD = "s3cret-Pa55"
 @pytest.fixture
 def model_args(tmp_path: Path) -> list[str]:
     return tiny_model_args(tmp_path / "model")
-
-
-@pytest.fixture
-def producer(redis_url: str) -> Iterator[Client]:
-    client = Client.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def _envelope(redis_url: str) -> dict:
@@ -345,19 +337,6 @@ def test_a_source_that_drips_fails_at_the_fetch_deadline_and_never_as_poison(
     assert (tally.failed, tally.executed_twice, tally.redelivered, tally.lost) == (2, 0, 0, 0)
 
 
-_SWAPPER = """
-import os, sys
-root, outside = sys.argv[1], sys.argv[2]
-os.symlink(outside, os.path.join(root, "evil"))
-d, parked, evil = (os.path.join(root, n) for n in ("dir", "parked", "evil"))
-while True:
-    os.rename(d, parked)
-    os.rename(evil, d)
-    os.rename(d, evil)
-    os.rename(parked, d)
-"""
-
-
 @pytest.mark.slow
 def test_swapping_a_directory_for_a_symlink_outside_never_lets_a_job_read_outside(
     start_worker, model_args, producer: Client, redis_client: redis.Redis, tmp_path: Path
@@ -371,13 +350,9 @@ def test_swapping_a_directory_for_a_symlink_outside_never_lets_a_job_read_outsid
     (root / "dir" / "cat.jpg").write_bytes(small_jpeg())
     (outside / "cat.jpg").write_bytes(_png_claiming(50_000, 50_000))
     start_worker(MODEL, *model_args, "--allowed-root", str(root))
-    swapper = subprocess.Popen([sys.executable, "-c", _SWAPPER, str(root), str(outside)])
-    try:
+    with swapping_dir_for_symlink(root, outside):
         jobs = producer.submit_many([str(root / "dir" / "cat.jpg")] * 300, model=MODEL)
         records = settle(producer, [j.id for j in jobs])
-    finally:
-        swapper.kill()
-        swapper.wait()
     outcomes = {outcome(r) for r in records}
     assert outcomes <= {"done", "access_denied", "not_found"}, outcomes
     # A refusal names the job's own URI only: nothing about what lies outside the root.

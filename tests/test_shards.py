@@ -24,7 +24,7 @@ from producer import status
 from producer.client import Client, SubmitRequest
 from tests.faults_support import MODEL, SETTLE_S, Workers, tiny_model_args, wait_until
 from tests.support import ROOT, RedisServer, write_images
-from tests.test_sentinel import SERVICE, SentinelProcess
+from tests.support_sentinel import SERVICE, SentinelProcess
 from worker.cli import _settings as worker_settings
 from worker.cli import main
 

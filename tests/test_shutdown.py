@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import signal
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from tests.faults_support import (
     account,
     held_layout,
     model_args_fixture,  # noqa: F401 (the model_args fixture, shared by the fault tests)
+    producer_fixture,  # noqa: F401 (the producer fixture, shared by the fault tests)
+    server_fixture,  # noqa: F401 (the server fixture, shared by the fault tests)
     settle,
     statuses,
     stuck_in_flight,
@@ -44,19 +45,6 @@ def _grace_period_s() -> int:
 @pytest.fixture
 def images(tmp_path: Path) -> list[Path]:
     return write_images(tmp_path / "images", 64, width=48, height=48)
-
-
-@pytest.fixture
-def server() -> Iterator[ImageServer]:
-    with ImageServer() as server:
-        yield server
-
-
-@pytest.fixture
-def producer(redis_url: str) -> Iterator[Client]:
-    client = Client.from_url(redis_url)
-    yield client
-    client.close()
 
 
 class FedPipeline:

@@ -27,7 +27,7 @@ from contract.job import ErrorInfo, Job
 from contract.shards import ShardedStore
 from producer.bulk import in_input_order
 from producer.client import Client, SubmitRequest
-from tests.support import ROOT
+from tests.support import ROOT, producer_help
 from tests.support_gateway import register_idle_model
 
 IDLE = "idle-model"
@@ -226,13 +226,7 @@ def test_result_of_an_unknown_id_prints_a_not_found_record_and_fails(
 
 @pytest.mark.parametrize("command", ["submit", "result"])
 def test_help_documents_the_exit_statuses(command: str) -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "producer", command, "--help"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=True,
-    )
+    text = producer_help(command)
 
-    assert "Exit status" in run.stdout
-    assert all(f"{code} " in run.stdout for code in ("0", "1", "5"))
+    assert "Exit status" in text
+    assert all(f"{code} " in text for code in ("0", "1", "5"))

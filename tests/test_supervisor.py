@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ from tests.faults_support import (
     account,
     held_layout,
     model_args_fixture,  # noqa: F401 (the model_args fixture)
+    server_fixture,  # noqa: F401 (the server fixture, shared by the fault tests)
     settle,
     statuses,
     stuck_in_flight,
@@ -165,12 +166,6 @@ def images(tmp_path: Path) -> list[Path]:
     return write_images(tmp_path / "images", 200, width=48, height=48)
 
 
-@pytest.fixture
-def server() -> Iterator[ImageServer]:
-    with ImageServer() as server:
-        yield server
-
-
 def _children(parent: WorkerProcess) -> dict[str, int]:
     """The parent's live children: worker ID → pid (from each child's command line)."""
     task = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
@@ -187,12 +182,15 @@ def _children(parent: WorkerProcess) -> dict[str, int]:
     return found
 
 
-def _all_warm(client: redis.Redis, parent: WorkerProcess, count: int) -> None:
-    ids = [f"{parent.worker_id}-{i}" for i in range(count)]
+def _start_two(workers: Workers, client: redis.Redis, *args: str) -> WorkerProcess:
+    """A parent with two child processes, returned once both children are warm."""
+    parent = workers.start("--processes", "2", *args)
+    ids = [f"{parent.worker_id}-{i}" for i in range(2)]
     wait_until(
         lambda: all(client.exists(keys.heartbeat_key(MODEL, w)) for w in ids),
-        f"{count} warm children",
+        "2 warm children",
     )
+    return parent
 
 
 def _uris(images: list[Path], messages: int) -> list[str]:
@@ -205,8 +203,7 @@ def test_two_processes_both_take_jobs_and_finish_them_all(
 ) -> None:
     producer = Client.from_url(redis_url)
     with Workers(redis_url, tmp_path, torch_home, model_args) as workers:
-        parent = workers.start("--processes", "2")
-        _all_warm(redis_client, parent, 2)
+        parent = _start_two(workers, redis_client)
         ids = [j.id for j in producer.submit_many(_uris(images, 20), model=MODEL)]
         records = settle(producer, ids)
     counted = account("two-processes", redis_client, records)
@@ -227,8 +224,7 @@ def test_a_child_killed_mid_run_is_restarted_and_no_job_is_lost(
     producer = Client.from_url(redis_url)
     with Workers(redis_url, tmp_path, torch_home, model_args) as workers:
         # One message per child at a time: with two held messages, each child holds one.
-        parent = workers.start("--processes", "2", "--concurrency", "1")
-        _all_warm(redis_client, parent, 2)
+        parent = _start_two(workers, redis_client, "--concurrency", "1")
         uris = held_layout(server, images, 2) + _uris(images, 2)
         ids = [j.id for j in producer.submit_many(uris, model=MODEL)]
         stuck_in_flight(server, producer, ids, held=2)
@@ -253,8 +249,7 @@ def test_sigterm_to_the_parent_drains_every_child_and_loses_nothing(
 ) -> None:
     producer = Client.from_url(redis_url)
     with Workers(redis_url, tmp_path, torch_home, model_args) as workers:
-        parent = workers.start("--processes", "2")
-        _all_warm(redis_client, parent, 2)
+        parent = _start_two(workers, redis_client)
         children = _children(parent)
         ids = [j.id for j in producer.submit_many(_uris(images, 30), model=MODEL)]
         wait_until(lambda: statuses(producer, ids).get("done", 0) >= CHUNK, "a message done")

@@ -41,6 +41,7 @@ from producer.client import Client, SubmitRequest
 from tests.faults_support import (
     MODEL,
     SETTLE_S,
+    LoopbackServer,
     model_args_fixture,  # noqa: F401 (the model_args fixture, shared by the fault tests)
     wait_until,
 )
@@ -68,7 +69,7 @@ class Post:
     answered: int
 
 
-class Receiver:
+class Receiver(LoopbackServer):
     """Verifies each POST's signature and counts it; answers 500 to the first ``fail_first``
     POSTs of each webhook-id, and may hold the very first POST until ``release``."""
 
@@ -83,15 +84,6 @@ class Receiver:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.handle_error = lambda *_: None  # type: ignore[method-assign]
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
-
-    def __enter__(self) -> Receiver:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.released.set()
-        self._server.shutdown()
-        self._server.server_close()
 
     def answer(self, headers: dict[str, str], body: str) -> int:
         try:
