@@ -199,7 +199,7 @@ class Job:
         return replace(
             self,
             status=DONE,
-            finished=now,
+            finished=timestamp(now),
             predictions=tuple(predictions),
             weights=weights,
             random_weights=random_weights,
@@ -207,7 +207,13 @@ class Job:
         )
 
     def failed(self, error: ErrorInfo, now: float) -> Job:
-        return replace(self, status=FAILED, finished=now, error=error, predictions=None)
+        return replace(self, status=FAILED, finished=timestamp(now), error=error, predictions=None)
+
+
+def timestamp(seconds: float) -> float:
+    """``seconds`` to the microsecond, the precision a stored record keeps: a job read back then
+    equals the one written."""
+    return round(seconds * 1_000_000) / 1_000_000
 
 
 # Every field but the two nested ones, in schema order; to_dict writes those two itself.

@@ -24,6 +24,7 @@ from contract.job import (
     Priority,
     new_job_id,
     parse_model_ref,
+    timestamp,
     validate_callback_url,
     validate_job_id,
     validate_priority,
@@ -183,7 +184,7 @@ class Client:
         )
 
     def _submit_batch(self, batch: list[SubmitRequest | str], template: Job) -> list[Job]:
-        now = time.time()
+        now = timestamp(time.time())
         jobs = [self._new_job(r, template, now) for r in batch]
         self._refuse_conflicts(jobs, [j for j, r in zip(jobs, batch, strict=True) if _named(r)])
         created = self.store.create_many(jobs)

@@ -31,6 +31,9 @@ from tests.support import WorkerProcess, make_jpeg
 MODEL = "tiny"
 NUM_CLASSES = 10
 # Seconds before a dead worker's messages go back to the queue: the smallest the worker allows.
+# The fault tests hold image fetches on purpose until they release them; a loaded machine can take
+# longer than the default 30 s deadline to get there.
+HOLD_DEADLINE_S = 600
 VISIBILITY_S = 5
 # Longest any test waits for its jobs to settle; a hang fails the test instead of blocking CI.
 SETTLE_S = 120
@@ -69,6 +72,7 @@ def tiny_model_args(directory: Path) -> list[str]:
     return [
         "--model-file", str(model), "--labels", str(labels), "--resize", "32", "--crop", "32",
         "--device", "cpu", "--batch-size", "256", "--visibility-timeout", str(VISIBILITY_S),
+        "--fetch-deadline-s", str(HOLD_DEADLINE_S),
     ]  # fmt: skip
 
 
