@@ -10,7 +10,7 @@ from contract.job import ErrorInfo, Job, Prediction
 from contract.messaging import TASK_NAME, make_celery
 from contract.store import JobStore
 from worker.app import MESSAGE_RETRIES, register_task
-from worker.service import Service, _shares
+from worker.service import Service
 
 
 class Flaky:
@@ -71,11 +71,3 @@ def test_failing_unfinished_jobs_leaves_finished_ones_alone(store: JobStore) -> 
     assert "boom" in r.error.message
     assert d == done
     assert isinstance(q.error, ErrorInfo)
-
-
-def test_a_message_is_loaded_in_one_task_per_io_thread_at_most() -> None:
-    shares = _shares(list(range(10)), 4)
-    assert [len(s) for s in shares] == [3, 3, 3, 1]
-    assert [n for share in shares for n in share] == list(range(10))
-    assert _shares(list(range(3)), 16) == [[0], [1], [2]]
-    assert _shares([], 4) == []

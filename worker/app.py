@@ -134,7 +134,6 @@ def setup(settings: Settings) -> Runtime:
         metrics=metrics,
         dead_letters=dead_letters,
         io_pool=io_pool,
-        io_threads=settings.io_threads,
         decode_policy=_decode_policy(settings, classifier),
         max_attempts=settings.max_attempts,
         version=info.version,
