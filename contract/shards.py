@@ -89,6 +89,9 @@ class ShardedStore:
     def get(self, job_id: str) -> Job | None:
         return self.shard_for(job_id).get(job_id)
 
+    def settled(self, job_ids: Sequence[str]) -> list[bool]:
+        return self._routed(job_ids, str, JobStore.settled)
+
     def claim_many(
         self,
         job_ids: Sequence[str],

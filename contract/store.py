@@ -308,6 +308,16 @@ class JobStore:
     def get(self, job_id: str) -> Job | None:
         return self.get_many([job_id])[0]
 
+    def settled(self, job_ids: Sequence[str]) -> list[bool]:
+        """Whether each job may be final: its status code says so, or it has none to read (no
+        record, or not a hash). Reads one field, so that a waiter reads a record in full once."""
+        if not job_ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(keys.job_key(job_id), record.STATUS)
+        return [_settled(r) for r in pipe.execute(raise_on_error=False)]
+
     def claim_many(
         self,
         job_ids: Sequence[str],
@@ -447,6 +457,15 @@ def _stored(job_id: str, reply: dict[bytes, bytes] | Exception) -> record.Stored
             raise MalformedRecord(f"job record {job_id!r} is not a hash") from reply
         raise reply
     return record.stored(job_id, reply) if reply else None
+
+
+def _settled(reply: bytes | Exception | None) -> bool:
+    if isinstance(reply, Exception) and not str(reply).startswith("WRONGTYPE"):
+        raise reply
+    return not isinstance(reply, bytes) or reply in _FINAL_CODES
+
+
+_FINAL_CODES = {record.STATUS_CODES[DONE].encode(), record.STATUS_CODES[FAILED].encode()}
 
 
 def _claimed(job_id: str, reply: Sequence[Any]) -> tuple[str, record.Stored | None]:
