@@ -134,7 +134,7 @@ def test_a_reader_that_knows_the_names_fetches_only_the_labels(redis_client: red
     assert reader.get("second") == second
 
 
-def test_waiting_reads_each_record_once_more_when_its_end_is_announced(
+def test_waiting_reads_each_record_in_full_once_when_its_end_is_announced(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from producer.client import Client
@@ -156,4 +156,4 @@ def test_waiting_reads_each_record_once_more_when_its_end_is_announced(
         client.close()
 
     assert job is not None and job.status == "done"
-    assert reads == ["w1", "w1"]  # before any announcement, then once announced
+    assert reads == ["w1"]  # once announced; before that only its status
