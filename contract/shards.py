@@ -105,6 +105,9 @@ class ShardedStore:
     def get(self, job_id: str) -> Job | None:
         return self.shard_for(job_id).get(job_id)
 
+    def settled(self, job_ids: Sequence[str]) -> list[bool]:
+        return self._routed(job_ids, str, JobStore.settled)
+
     # Mark jobs running and count an attempt, one round trip per shard: JobStore's arguments.
     claim_many = _per_shard(JobStore.claim_many)
 

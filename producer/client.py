@@ -280,25 +280,28 @@ class Client:
 
         Blocks on the workers' finished-jobs channel rather than polling; re-reads the records
         after each quiet second so that an announcement missed across a reconnect costs little.
+        Such sweeps read only the status, so a record is read in full once it is final (or once
+        at the timeout).
         """
         latest: dict[str, Job | None] = {}
         pending = list(dict.fromkeys(job_ids))
         deadline = time.monotonic() + timeout
         with Announcements(self._shards_of(pending)) as announcements:
-            pending = self._refresh(pending, latest)
+            pending = self._sweep(pending, latest)
             read_at = time.monotonic()
             while pending and (left := deadline - time.monotonic()) > 0:
                 ids = announcements.get(timeout=min(defaults.WAIT_RECHECK_S, left))
                 if ids is None:
                     # Not only after a quiet second: the subscription's confirmation is None too.
                     if time.monotonic() - read_at >= defaults.WAIT_RECHECK_S:
-                        pending, read_at = self._refresh(pending, latest), time.monotonic()
+                        pending, read_at = self._sweep(pending, latest), time.monotonic()
                     continue
                 announced = set(ids)
                 hits = [i for i in pending if i in announced]
                 if hits:
-                    self._refresh(hits, latest)
-                    pending = [i for i in pending if not _final(latest.get(i))]
+                    finished = set(hits).difference(self._refresh(hits, latest))
+                    pending = [i for i in pending if i not in finished]
+        self._refresh(pending, latest)
         return [latest.get(i) for i in job_ids]
 
     def as_finished(
@@ -330,7 +333,10 @@ class Client:
         """Re-read ``pending`` (or those of it in ``only``); yield the final ones (every one when
         ``last``); return those still pending."""
         latest: dict[str, Job | None] = {}
-        self._refresh([i for i in pending if only is None or i in only], latest)
+        if only is None and not last:
+            self._sweep(pending, latest)
+        else:
+            self._refresh([i for i in pending if only is None or i in only], latest)
         still = []
         for job_id in pending:
             if job_id in latest and (last or _final(latest[job_id])):
@@ -343,6 +349,16 @@ class Client:
         """The Redis instances that announce ``job_ids`` when they finish."""
         count = len(self.store.clients)
         return [self.store.clients[i] for i in sorted({shard_of(j, count) for j in job_ids})]
+
+    def _sweep(self, job_ids: list[str], latest: dict[str, Job | None]) -> list[str]:
+        """``_refresh`` for the jobs whose status says they may be final; returns the rest too."""
+        settled: list[str] = []
+        for start in range(0, len(job_ids), _WRITE_BATCH):
+            chunk = job_ids[start : start + _WRITE_BATCH]
+            settled += [i for i, s in zip(chunk, self.store.settled(chunk), strict=True) if s]
+        still = set(self._refresh(settled, latest))
+        done = set(settled) - still
+        return [i for i in job_ids if i not in done]
 
     def _refresh(self, job_ids: list[str], latest: dict[str, Job | None]) -> list[str]:
         """Re-read ``job_ids`` into ``latest``; returns those not final yet (missing IDs are)."""

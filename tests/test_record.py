@@ -134,7 +134,7 @@ def test_a_reader_that_knows_the_names_fetches_only_the_labels(redis_client: red
     assert reader.get("second") == second
 
 
-def test_waiting_reads_each_record_once_more_when_its_end_is_announced(
+def test_waiting_reads_each_record_in_full_once_when_its_end_is_announced(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from producer.client import Client
@@ -156,4 +156,21 @@ def test_waiting_reads_each_record_once_more_when_its_end_is_announced(
         client.close()
 
     assert job is not None and job.status == "done"
-    assert reads == ["w1", "w1"]  # before any announcement, then once announced
+    assert reads == ["w1"]  # once announced; before that only its status
+
+
+def test_a_redis_that_forgot_the_scripts_still_creates_claims_and_finishes(
+    redis_client: redis.Redis,
+) -> None:
+    redis_client.flushdb()
+    store = JobStore(redis_client)
+    redis_client.script_flush()  # a new or restarted Redis: the store calls scripts by SHA
+    assert store.create_many([_job("f1")]) == [True]
+    redis_client.script_flush()
+    (claim,) = store.claim_many(["f1"], "m", 1.8e9, "w@h", fresh_only=True)
+    assert claim.state == CLAIMED and claim.job is not None
+    redis_client.script_flush()
+    assert store.finish_many([_top5(claim.job, 1.8e9 + 1)]) == [True]
+    assert store.finish_many([_top5(claim.job, 1.8e9 + 2)]) == [False]  # written once
+    finished = store.get("f1")
+    assert finished is not None and finished.status == "done" and finished.attempts == 1
