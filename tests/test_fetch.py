@@ -612,7 +612,7 @@ def test_s3_body_that_drips_is_cut_at_the_deadline(aws_env: Any, server: ImageSe
 
 def test_retries_end_at_the_deadline(web: Fetcher, server: ImageServer) -> None:
     path = f"/status/503?{uuid.uuid4().hex}"
-    fetcher = Fetcher(_policy(retries=20, backoff_s=0.05, deadline_s=0.5))
+    fetcher = Fetcher(_policy(retries=20, backoff_s=0.05, deadline_s=2.0))
     with pytest.raises(DeadlineExceeded):
         fetcher.fetch(server.url + path)
     assert 1 <= server.hits[path] < 21
