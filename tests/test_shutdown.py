@@ -8,11 +8,13 @@ import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import fakeredis
 import pytest
 
 from contract import registry
+from contract.shards import ShardedStore
 from demo.stack import free_port
 from producer.client import Client
 from tests.faults_support import (
@@ -64,8 +66,10 @@ def test_runtime_close_drains_the_io_pool_before_it_closes_the_pipeline() -> Non
     io_pool = ThreadPoolExecutor(1)
     io_pool.submit(lambda: (release.wait(30), fed.set()))
     pipeline = FedPipeline(fed)
+    client = fakeredis.FakeRedis()
+    service = SimpleNamespace(store=ShardedStore([client]))  # what close() touches of it
     runtime = Runtime(
-        Settings(model="m", worker_id="w"), fakeredis.FakeRedis(), None, pipeline, io_pool,
+        Settings(model="m", worker_id="w"), client, service, pipeline, io_pool,
         None, None, None,
     )  # type: ignore[arg-type]  # fmt: skip
     closer = threading.Thread(target=runtime.close)
