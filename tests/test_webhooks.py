@@ -111,7 +111,11 @@ class Receiver(LoopbackServer):
 def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode()
+            length = int(self.headers.get("Content-Length", "0"))
+            raw = self.rfile.read(length)
+            if len(raw) < length:
+                return  # cut short by a sender killed mid-POST: dropped, as any server would
+            body = raw.decode()
             status = receiver.answer({k.lower(): v for k, v in self.headers.items()}, body)
             with contextlib.suppress(OSError):  # the sender may have been killed meanwhile
                 self.send_response(status)
