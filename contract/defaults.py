@@ -54,3 +54,9 @@ WEBHOOK_TIMEOUT_S = 10.0
 WEBHOOK_CONCURRENCY = 8
 # Most entries the list of given-up webhooks keeps; the oldest go first.
 WEBHOOK_DEAD_MAX_ENTRIES = 10_000
+# Consumer group of the results sink (python -m sink) on the events stream.
+SINK_GROUP = "sink"
+# Job records a batch results page (GET /v1/batches/{id}/results) holds unless asked otherwise.
+BATCH_PAGE = 10_000
+# Most job records one batch results page may hold.
+MAX_BATCH_PAGE = 100_000

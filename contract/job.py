@@ -77,6 +77,22 @@ CALLBACK_URL_PATTERN = r"^[hH][tT][tT][pP][sS]?://[^\x00-\x20\x7f]+$"
 _JOB_ID = re.compile(JOB_ID_PATTERN.rstrip("$"))
 _MODEL = re.compile(MODEL_PATTERN.rstrip("$"))
 _CALLBACK_URL = re.compile(CALLBACK_URL_PATTERN.rstrip("$"))
+# A batch's output: s3://... or a path that does not start with another scheme.
+_NO_CTL = r"\x00-\x1f\x7f"
+OUTPUT_PATTERN = (
+    "^(?:"
+    + "|".join(
+        (
+            rf"[^A-Za-z{_NO_CTL}][^{_NO_CTL}]*",  # starts with no letter
+            # starts with a word that is not followed by "://" (so not a scheme)
+            rf"[A-Za-z][A-Za-z0-9+.-]*(?:$|[^A-Za-z0-9+.:{_NO_CTL}-]|:$|:[^/{_NO_CTL}]|:/$"
+            rf"|:/[^/{_NO_CTL}])[^{_NO_CTL}]*",
+            rf"[sS]3://[^{_NO_CTL}]*",  # S3
+        )
+    )
+    + ")$"
+)
+_OUTPUT = re.compile(OUTPUT_PATTERN.rstrip("$"))
 # A model name, optionally pinned to one version: ``name@version``.
 MODEL_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@[A-Za-z0-9]{1,64})?$"
 _VERSION = re.compile(r"[A-Za-z0-9]{1,64}")
@@ -119,6 +135,10 @@ class Job:
     )
     priority: Priority = field(
         default=Priority.NORMAL, metadata=_doc("high | normal | low: served high first")
+    )
+    batch: str | None = field(
+        default=None,
+        metadata=_doc("the batch the job was submitted in (GET /v1/batches/{batch}), or null"),
     )
     status: JobStatus = field(default=QUEUED, metadata=_doc("queued -> running -> done | failed"))
     submitted: float | None = field(default=None, metadata=_doc("unix seconds"))
@@ -262,6 +282,34 @@ def validate_job_id(job_id: str) -> str:
             "letters, digits, '.', '_', ':' and '-', starting with a letter or digit"
         )
     return job_id
+
+
+def validate_batch_id(batch_id: str) -> str:
+    """A batch ID follows the job ID's rule."""
+    if not isinstance(batch_id, str) or not batch_id:
+        raise InvalidRequest("batch ID must be a non-empty string")
+    _check_utf8(batch_id, "batch ID")
+    if len(batch_id) > defaults.MAX_JOB_ID_LEN or not _JOB_ID.fullmatch(batch_id):
+        raise InvalidRequest(
+            f"batch ID {batch_id[:40]!r} must be at most {defaults.MAX_JOB_ID_LEN} characters "
+            "of letters, digits, '.', '_', ':' and '-', starting with a letter or digit"
+        )
+    return batch_id
+
+
+def validate_output(output: str) -> str:
+    """A batch's results sink: ``s3://bucket/prefix/`` or a local directory. Only the form is
+    checked here; the sink decides where it may write (its root, its buckets) and records why
+    it could not in the batch's ``output_error``."""
+    if not isinstance(output, str) or not _OUTPUT.fullmatch(output) or not output:
+        raise InvalidRequest(
+            f"output must be s3://bucket/prefix/ or a directory, of at most "
+            f"{defaults.MAX_URI_LEN} characters without control characters, got {output!r:.60}"
+        )
+    if len(output) > defaults.MAX_URI_LEN:
+        raise InvalidRequest(f"output is longer than {defaults.MAX_URI_LEN} characters")
+    _check_utf8(output, "output")
+    return output
 
 
 def validate_model_name(model: str) -> str:

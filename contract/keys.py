@@ -11,6 +11,22 @@ def job_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:job:{job_id}"
 
 
+def batch_key(batch_id: str) -> str:
+    """Hash of one batch, per store shard: its counters by status, total, times, output."""
+    return f"{KEY_PREFIX}:batch:{batch_id}"
+
+
+def batch_jobs_key(batch_id: str) -> str:
+    """List of a batch's job IDs in submission order (per store shard)."""
+    return f"{batch_key(batch_id)}:jobs"
+
+
+def batch_results_key(batch_id: str) -> str:
+    """List of a batch's job IDs in the order they became final (per store shard): a results
+    cursor is a position in it."""
+    return f"{batch_key(batch_id)}:results"
+
+
 def names_key() -> str:
     """Hash of the texts job records refer to by short ID (worker names, what answered)."""
     return f"{KEY_PREFIX}:names"

@@ -44,6 +44,7 @@ ERROR = "e"  # "<type>:<message>"
 CALLBACK_URL = "c"  # only when the job has one
 VERSION = "v"  # the model version it was queued for, when known
 PRIORITY = "o"  # only when not normal
+BATCH = "g"  # the batch's ID, only when the job is in one
 # Longest value kept in one field: Redis's default hash-max-listpack-value. One longer value
 # turns the whole hash into a hashtable, three times the size, so a longer value (a long URI, an
 # error message, many predictions) is kept in pieces: "u", "u1", "u2", ...
@@ -116,6 +117,8 @@ def to_fields(job: Job, catalog: Catalog) -> dict[str, str | int | bytes]:
         fields[VERSION] = job.version
     if job.priority != Priority.NORMAL:
         fields[PRIORITY] = Priority(job.priority).value
+    if job.batch is not None:
+        fields[BATCH] = job.batch
     fields.update(result_fields(job, base, catalog))
     return in_pieces(fields)
 
@@ -205,6 +208,7 @@ def _job(record: Stored, catalog: Catalog) -> Job:
         callback_url=_optional_text(get(CALLBACK_URL)),
         version=_optional_text(get(VERSION)),
         priority=Priority(_text(get(PRIORITY)) or Priority.NORMAL),
+        batch=_optional_text(get(BATCH)),
         status=_STATUS_OF[_text(get(STATUS))],
         submitted=_seconds(submitted, 0),
         started=_seconds(_int(get(STARTED)), base),

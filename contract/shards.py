@@ -14,12 +14,14 @@ jobs already submitted (they are not moved). Appending a shard to a list would m
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import redis
 
 from contract import defaults
+from contract.batch import Batch, BatchSpec, decode_cursor, encode_cursor
+from contract.batch import from_hashes as batch_from_hashes
 from contract.connection import connect
 from contract.job import Job
 from contract.store import JobStore
@@ -95,9 +97,11 @@ class ShardedStore:
     def shard_for(self, job_id: str) -> JobStore:
         return self.shards[shard_of(job_id, len(self.shards))]
 
-    def create_many(self, jobs: Sequence[Job]) -> list[bool]:
+    def create_many(self, jobs: Sequence[Job], batch: BatchSpec | None = None) -> list[bool]:
         """Store new records; a job whose ID already exists is left as it is (False)."""
-        return self._routed(jobs, lambda j: j.id, JobStore.create_many)
+        return self._routed(
+            jobs, lambda j: j.id, lambda store, chunk: store.create_many(chunk, batch)
+        )
 
     def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         return self._routed(job_ids, str, JobStore.get_many)
@@ -122,6 +126,31 @@ class ShardedStore:
             for name, count in store.stats(model).items():
                 total[name] = total.get(name, 0) + count
         return total
+
+    def batch(self, batch_id: str) -> Batch | None:
+        """The batch summed over the shards; None when no shard has it (unknown, expired)."""
+        return batch_from_hashes(batch_id, [store.batch_hash(batch_id) for store in self.shards])
+
+    def batch_results(self, batch_id: str, cursor: str | None, limit: int) -> tuple[list[str], str]:
+        """Up to ``limit`` IDs of the batch's final jobs after ``cursor`` (None: the first),
+        shard after shard, and the cursor that continues after them."""
+        positions = decode_cursor(cursor, len(self.shards))
+        ids: list[str] = []
+        for shard, store in enumerate(self.shards):
+            if len(ids) >= limit:
+                break
+            found = store.batch_ids(batch_id, positions[shard], limit - len(ids), final=True)
+            positions[shard] += len(found)
+            ids += found
+        return ids, encode_cursor(positions)
+
+    def batch_job_ids(self, batch_id: str, page: int = 10_000) -> Iterator[list[str]]:
+        """Every job ID of the batch, a page at a time, shard after shard."""
+        for store in self.shards:
+            start = 0
+            while found := store.batch_ids(batch_id, start, page, final=False):
+                yield found
+                start += len(found)
 
     def _routed(
         self,

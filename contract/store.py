@@ -22,6 +22,7 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
 from contract import defaults, keys, record
+from contract.batch import BatchSpec
 from contract.errors import InvalidRequest, MalformedRecord, PoisonJob
 from contract.job import DONE, FAILED, QUEUED, RUNNING, Job
 
@@ -53,7 +54,8 @@ def _lua(script: str) -> str:
 
     ``$queued`` ... ``$failed`` are status codes, ``$poison`` and ``$invalid`` error types,
     ``$required`` the fields a job cannot run without (with the names messages give them),
-    ``$piece`` the longest value one field holds, ``$id_from`` where the ID starts in a key.
+    ``$piece`` the longest value one field holds, ``$id_from`` where the ID starts in a key,
+    ``$batch_prefix`` a batch's key without its ID.
     """
     code = record.STATUS_CODES
     return Template(script).substitute(
@@ -66,6 +68,7 @@ def _lua(script: str) -> str:
         invalid=f"'{InvalidRequest.type}'",
         piece=record.PIECE,
         id_from=len(keys.job_key("")) + 1,
+        batch_prefix=keys.batch_key(""),
     )
 
 
@@ -76,6 +79,27 @@ _FIELD_NAMES = {
     record.TOP_K: "top_k",
     record.STATUS: "status",
 }
+
+# ``batch_final`` counts jobs of ``batch`` that just became final: ``names`` status -> count,
+# ``ids`` their IDs (appended to the batch's results list). The batch is finished once as many
+# of its jobs are final as were submitted; its keys live ``ttl`` seconds after the latest.
+_BATCH = """
+local function batch_final(batch, names, ids, now)
+  local bkey = '$batch_prefix' .. batch
+  for name, count in pairs(names) do redis.call('HINCRBY', bkey, name, count) end
+  local final = redis.call('HINCRBY', bkey, 'final', #ids)
+  redis.call('RPUSH', bkey .. ':results', unpack(ids))
+  local v = redis.call('HMGET', bkey, 'total', 'ttl')
+  if tonumber(v[1]) and final >= tonumber(v[1]) then
+    redis.call('HSET', bkey, 'finished', string.format('%d', now))
+  end
+  if tonumber(v[2]) then
+    for _, k in ipairs({bkey, bkey .. ':jobs', bkey .. ':results'}) do
+      redis.call('EXPIRE', k, v[2])
+    end
+  end
+end
+"""
 
 # A record read with HGETALL is its flat field/value list ``flat`` (what the claim answers)
 # and ``at``, field -> position of its value. ``put`` writes a value there and appends the
@@ -114,7 +138,10 @@ local function fail(key, flat, at, err, now, events, maxlen)
   put(flat, at, w, 'e', err)
   redis.call('HSET', key, unpack(w))
   local id = string.sub(key, $id_from)
-  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'id', id, 'status', 'failed', 'batch', '')
+  local batch = redis.call('HGET', key, 'g') or ''
+  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'id', id, 'status', 'failed',
+    'batch', batch)
+  if batch ~= '' then batch_final(batch, {failed = 1}, {id}, now) end
   return id
 end
 
@@ -139,7 +166,8 @@ end
 # and answers "suspect" for the rest, so that a job which may have killed a worker is retried
 # on its own rather than beside its neighbours.
 _CLAIM = _lua(
-    _RECORD
+    _BATCH
+    + _RECORD
     + """
 local n = #KEYS - 2
 local stats, events, maxlen = KEYS[n + 1], KEYS[n + 2], ARGV[6]
@@ -208,21 +236,24 @@ return out
 )
 
 # KEYS: the jobs' keys, the events stream, then the stats hashes. ARGV: the events' max length,
-# the number of jobs; then per job: its stats hash (1 = the first), its status (the counter and
-# event name), its attempts, the number of field values to write, those field values. Writes
-# only over a job that is not final yet: a result is stored once. If a later delivery started
-# the job again meanwhile, the stored record keeps that higher attempt count. Answers per job
-# 1 written, 0 final already (a duplicate), -1 no record.
-_FINISH = _lua("""
-local maxlen, n = ARGV[1], tonumber(ARGV[2])
+# the number of jobs, now (µs); then per job: its stats hash (1 = the first), its status (the
+# counter and event name), its attempts, the number of field values to write, those field
+# values. Writes only over a job that is not final yet: a result is stored once. If a later
+# delivery started the job again meanwhile, the stored record keeps that higher attempt count.
+# Answers per job 1 written, 0 final already (a duplicate), -1 no record. A job of a batch is
+# counted in the batch (see batch_final) and its event names the batch.
+_FINISH = _lua(
+    _BATCH
+    + """
+local maxlen, n, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local events = KEYS[n + 1]
-local counts, out, at = {}, {}, 3
+local counts, out, at, batches = {}, {}, 4, {}
 for i = 1, n do
   local key, stats = KEYS[i], KEYS[n + 1 + tonumber(ARGV[at])]
   local status, attempts, count = ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
   local first = at + 4
   at = first + count
-  local cur = redis.pcall('HMGET', key, 's', 'a')
+  local cur = redis.pcall('HMGET', key, 's', 'a', 'g')
   local counter = nil
   if cur.err then
     if not string.find(tostring(cur.err), 'WRONGTYPE') then return cur end
@@ -234,8 +265,15 @@ for i = 1, n do
   else
     redis.call('HSET', key, unpack(ARGV, first, at - 1))
     if attempts > (tonumber(cur[2]) or 0) then redis.call('HSET', key, 'a', attempts) end
-    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*',
-      'id', string.sub(key, $id_from), 'status', status, 'batch', '')
+    local id, batch = string.sub(key, $id_from), cur[3] or ''
+    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'id', id, 'status', status,
+      'batch', batch)
+    if batch ~= '' then
+      local b = batches[batch] or {names = {}, ids = {}}
+      batches[batch] = b
+      b.names[status] = (b.names[status] or 0) + 1
+      b.ids[#b.ids + 1] = id
+    end
     out[i], counter = 1, status
   end
   if counter then
@@ -246,26 +284,45 @@ end
 for stats, by_name in pairs(counts) do
   for name, count in pairs(by_name) do redis.call('HINCRBY', stats, name, count) end
 end
+for batch, b in pairs(batches) do batch_final(batch, b.names, b.ids, now) end
 return out
-""")
+"""
+)
 
-# KEYS: the jobs' keys. ARGV: the TTL in seconds; then per job: the number of field values,
-# those field values. Creates only records that do not exist; answers 1 created, 0 existed.
-_CREATE = """
-local ttl, out, at = ARGV[1], {}, 2
+# KEYS: the jobs' keys. ARGV: the TTL in seconds, the batch's ID ('' for none), now (µs), the
+# number of the batch's own field values (callback_url, output), those values; then per job:
+# the number of field values, those field values. Creates only records that do not exist;
+# answers 1 created, 0 existed. The created jobs join the batch: its job list and total.
+_CREATE = _lua("""
+local ttl, batch, now = ARGV[1], ARGV[2], ARGV[3]
+local meta = tonumber(ARGV[4])
+local out, at, created = {}, 5 + meta, {}
 for i, key in ipairs(KEYS) do
   local count = tonumber(ARGV[at])
   if redis.call('EXISTS', key) == 0 then
     redis.call('HSET', key, unpack(ARGV, at + 1, at + count))
     redis.call('EXPIRE', key, ttl)
     out[i] = 1
+    created[#created + 1] = string.sub(key, $id_from)
   else
     out[i] = 0
   end
   at = at + 1 + count
 end
+if batch ~= '' and #created > 0 then
+  local bkey = '$batch_prefix' .. batch
+  redis.call('RPUSH', bkey .. ':jobs', unpack(created))
+  redis.call('HINCRBY', bkey, 'total', #created)
+  redis.call('HSETNX', bkey, 'created', now)
+  for j = 5, 4 + meta, 2 do redis.call('HSETNX', bkey, ARGV[j], ARGV[j + 1]) end
+  redis.call('HDEL', bkey, 'finished')
+  redis.call('HSET', bkey, 'ttl', ttl)
+  for _, k in ipairs({bkey, bkey .. ':jobs', bkey .. ':results'}) do
+    redis.call('EXPIRE', k, ttl)
+  end
+end
 return out
-"""
+""")
 
 
 @dataclass(frozen=True)
@@ -293,13 +350,23 @@ class JobStore:
         self._catalog = record.Catalog()
         self._catalog_since = time.monotonic()
 
-    def create_many(self, jobs: Sequence[Job]) -> list[bool]:
-        """Store new records; a job whose ID already exists is left as it is (False)."""
+    def create_many(self, jobs: Sequence[Job], batch: BatchSpec | None = None) -> list[bool]:
+        """Store new records; a job whose ID already exists is left as it is (False). Jobs that
+        name a batch join it (its job list and total); ``batch`` gives the batch's own fields,
+        kept from its first submission."""
         if not jobs:
             return []
         self._maybe_rewrite_catalog()
+        now = record.micros(time.time())
         calls = [
-            ([keys.job_key(j.id) for j in chunk], [self.ttl_s, *_create_args(chunk, self._catalog)])
+            (
+                [keys.job_key(j.id) for j in chunk],
+                [
+                    self.ttl_s,
+                    *_batch_args(chunk[0].batch, batch, now),
+                    *_create_args(chunk, self._catalog),
+                ],
+            )
             for chunk in _chunks(jobs, CREATE_CHUNK)
         ]
 
@@ -381,7 +448,8 @@ class JobStore:
             return []
         self._maybe_rewrite_catalog()
         stats = list(dict.fromkeys(keys.stats_key(j.model) for j in jobs))
-        args: list[str | int | bytes] = [defaults.EVENTS_MAX_LEN, len(jobs)]
+        now = record.micros(time.time())
+        args: list[str | int | bytes] = [defaults.EVENTS_MAX_LEN, len(jobs), now]
         for job in jobs:
             base = 0 if job.submitted is None else record.micros(job.submitted)
             fields = record.result_fields(job, base, self._catalog)
@@ -399,6 +467,17 @@ class JobStore:
 
     def stats(self, model: str) -> dict[str, int]:
         return read_stats(self.redis, model)
+
+    def batch_hash(self, batch_id: str) -> dict[str, str]:
+        """This shard's hash of the batch (see contract.batch); empty when it has none."""
+        raw = self.redis.hgetall(keys.batch_key(batch_id))
+        return {keys.text(k): keys.text(v) for k, v in raw.items()}
+
+    def batch_ids(self, batch_id: str, start: int, count: int, *, final: bool) -> list[str]:
+        """Up to ``count`` of this shard's job IDs of the batch from position ``start``: in the
+        order they became final (``final``), else in submission order."""
+        name = keys.batch_results_key if final else keys.batch_jobs_key
+        return [keys.text(i) for i in self.redis.lrange(name(batch_id), start, start + count - 1)]
 
     def _pipeline(self, transaction: bool = False) -> tuple[Pipeline, _Pending]:
         """A pipeline that first writes the names and labels the records refer to, if new."""
@@ -479,6 +558,12 @@ def read_stats(client: redis.Redis, model: str) -> dict[str, int]:
     return {keys.text(k): int(v) for k, v in raw.items()}
 
 
+def _batch_args(batch_id: str | None, spec: BatchSpec | None, now: int) -> list[str | int]:
+    """The create script's batch arguments: ID, now, its own fields (counted, then values)."""
+    fields = spec.fields() if spec is not None and spec.id == batch_id else []
+    return [batch_id or "", now, len(fields), *fields]
+
+
 def _create_args(jobs: Sequence[Job], catalog: record.Catalog) -> list[str | int | bytes]:
     """Per job: the number of field values, then those values."""
     args: list[str | int | bytes] = []
@@ -489,7 +574,14 @@ def _create_args(jobs: Sequence[Job], catalog: record.Catalog) -> list[str | int
 
 
 def _chunks(jobs: Sequence[Job], size: int) -> list[Sequence[Job]]:
-    return [jobs[i : i + size] for i in range(0, len(jobs), size)]
+    """Runs of at most ``size`` jobs of one batch each."""
+    chunks: list[Sequence[Job]] = []
+    start = 0
+    for end in range(1, len(jobs) + 1):
+        if end == len(jobs) or end - start == size or jobs[end].batch != jobs[start].batch:
+            chunks.append(jobs[start:end])
+            start = end
+    return chunks
 
 
 def _stored(job_id: str, reply: dict[bytes, bytes] | Exception) -> record.Stored | None:

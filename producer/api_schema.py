@@ -14,15 +14,19 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
 
 from contract import defaults
+from contract.batch import Batch
 from contract.errors import InvalidRequest
 from contract.job import (
     CALLBACK_URL_PATTERN,
     JOB_ID_PATTERN,
     MODEL_REF_PATTERN,
+    OUTPUT_PATTERN,
     Job,
+    validate_batch_id,
     validate_callback_url,
     validate_job_id,
     validate_model_ref,
+    validate_output,
     validate_uri,
 )
 
@@ -90,6 +94,29 @@ CallbackUrl = Annotated[
 ]
 
 
+BatchId = Annotated[
+    str,
+    Field(
+        max_length=defaults.MAX_JOB_ID_LEN,
+        pattern=JOB_ID_PATTERN,
+        description="The batch the jobs join (created on first use); generated for many jobs "
+        "when left out.",
+    ),
+    _checked(validate_batch_id),
+]
+Output = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=defaults.MAX_URI_LEN,
+        pattern=OUTPUT_PATTERN,
+        description="Where the results sink writes the batch's records as JSONL parts: "
+        "s3://bucket/prefix/ or a directory under the sink's root.",
+    ),
+    _checked(validate_output),
+]
+
+
 class _Strict(BaseModel):
     # strict: JSON types as the Python API takes them; true, "5", 5.0 and 1e3 are no top_k.
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -107,6 +134,8 @@ class SubmitOne(JobIn):
     model: ModelName = defaults.MODEL
     top_k: TopK = defaults.TOP_K
     priority: PriorityName = Field("normal", description="high jobs are served first, low last")
+    batch: BatchId | None = None
+    output: Output | None = None
 
 
 class SubmitMany(_Strict):
@@ -119,6 +148,8 @@ class SubmitMany(_Strict):
         None, description="The webhook of every job that names none of its own."
     )
     priority: PriorityName = Field("normal", description="high jobs are served first, low last")
+    batch: BatchId | None = None
+    output: Output | None = None
 
 
 def _body_kind(body: Any) -> str | None:
@@ -161,7 +192,11 @@ JobOut = _record_model(Job, "A job record, exactly as ``contract.job.Job.to_dict
 
 
 class JobList(BaseModel):
+    batch: str | None = Field(description="the batch the jobs joined")
     jobs: list[JobOut]  # type: ignore[valid-type]
+
+
+BatchOut = _record_model(Batch, "A batch's counters, progress and times, over every shard.")
 
 
 class ModelOut(BaseModel):
@@ -199,6 +234,10 @@ RULES = {
     "letter or digit",
     "top_k": f"must be an integer from 1 to {defaults.MAX_TOP_K}",
     "jobs": f"must list 1 to {MAX_JOBS_PER_REQUEST} jobs",
+    "batch": _ID_RULE,
+    "batch_id": _ID_RULE,
+    "output": "must be s3://bucket/prefix/ or a directory, without control characters",
+    "limit": f"must be an integer from 1 to {defaults.MAX_BATCH_PAGE}",
 }
 # pydantic's error types that quote a field's constraint (a pattern, a length, a bound).
 _CONSTRAINT_ERRORS = {

@@ -145,6 +145,16 @@ def main() -> None:
     help="Each model's workers serve high jobs first, low jobs last.",
 )
 @click.option(
+    "--batch",
+    help="Batch the jobs join (created on first use) [default: a new one for more than one "
+    "URI or an --output]; see `batch status`.",
+)
+@click.option(
+    "--output",
+    help="Results sink of the batch: s3://bucket/prefix/ or a directory under the sink's "
+    "root, where python -m sink writes each finished record (JSONL parts).",
+)
+@click.option(
     "--wait",
     type=float,
     default=None,
@@ -190,6 +200,8 @@ def submit(
     top_k: int,
     callback_url: str | None,
     priority: str,
+    batch: str | None,
+    output: str | None,
     wait: float | None,
     ordered: bool,
     from_file: IO[str] | None,
@@ -225,7 +237,7 @@ def submit(
     with _first_sigint_stops() as interrupted:
         try:
             requests = _uris(uris, from_file, s3_prefix)
-            queue = _Queue(model, top_k, callback_url, priority)
+            queue = _Queue(model, top_k, callback_url, priority, batch, output)
             _queue(client, requests, queue, printer, wait is None, progress, interrupted)
             if wait is not None:
                 _print_finals(client, printer, wait, ordered, progress, interrupted)
@@ -287,6 +299,8 @@ class _Queue:
     top_k: int
     callback_url: str | None
     priority: str
+    batch: str | None
+    output: str | None
 
 
 def _queue(
@@ -306,6 +320,8 @@ def _queue(
         top_k=queue.top_k,
         callback_url=queue.callback_url,
         priority=queue.priority,
+        batch=queue.batch,
+        output=queue.output,
     )
     for jobs in batches:
         printer.queued(jobs, show)
@@ -386,6 +402,65 @@ def result(redis_url: str, wait: float, job_ids: tuple[str, ...]) -> None:
     finally:
         client.close()
     click.get_current_context().exit(report.exit_status(waited=True))
+
+
+@main.group()
+def batch() -> None:
+    """A batch's progress, its results (JSONL from a cursor), or cancelling it."""
+
+
+@batch.command("status")
+@redis_option
+@click.argument("batch_id")
+def batch_status(redis_url: str, batch_id: str) -> None:
+    """Print the batch's counts by status, progress and times as one JSON line.
+
+    Exit status: 0 when the batch is finished, 5 while jobs are pending, 1 when it is
+    unknown or expired."""
+    client = Client.from_url(redis_url, _store_urls())
+    try:
+        found = client.batch(batch_id)
+    except ServiceError as e:
+        raise click.ClickException(f"{e.type}: {e}") from e
+    finally:
+        client.close()
+    if found is None:
+        message = f"no batch {batch_id!r} (never submitted, or expired)"
+        raise click.ClickException(f"not_found: {message}")
+    click.echo(json.dumps(found.to_dict()))
+    click.get_current_context().exit(0 if found.is_finished else bulk.EXIT_UNFINISHED)
+
+
+@batch.command("results")
+@redis_option
+@click.option("--cursor", help="Read on from here: the cursor a previous run printed.")
+@click.option(
+    "--follow",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Keep printing records as jobs finish, until the batch is finished or this many "
+    "seconds have passed.",
+)
+@click.argument("batch_id")
+def batch_results(redis_url: str, cursor: str | None, follow: float, batch_id: str) -> None:
+    """Print the records of the batch's final jobs, one JSON line each, in the order they
+    became final; then, on stderr, `cursor C` to read on from with --cursor C.
+
+    Exit status: 0 once every record is printed (the batch is finished), 5 when the batch
+    still has pending jobs, 1 when it is unknown or expired."""
+    client = Client.from_url(redis_url, _store_urls())
+    complete = False
+    try:
+        for page in client.iter_batch_results(batch_id, cursor, follow=follow):
+            for job_id, job in page.records:
+                click.echo(json.dumps(bulk.record(job_id, job)))
+            cursor, complete = page.cursor, page.complete
+    except ServiceError as e:
+        raise click.ClickException(f"{e.type}: {e}") from e
+    finally:
+        client.close()
+    click.echo(f"cursor {cursor}", err=True)
+    click.get_current_context().exit(0 if complete else bulk.EXIT_UNFINISHED)
 
 
 @main.command("export")

@@ -13,8 +13,17 @@ import redis
 from celery import Celery
 
 from contract import defaults, keys, registry
+from contract.batch import Batch, BatchSpec
 from contract.connection import connect
-from contract.errors import IdConflict, JobFailed, ServiceError, Unavailable, UnsupportedModel
+from contract.errors import (
+    IdConflict,
+    InvalidRequest,
+    JobFailed,
+    NotFound,
+    ServiceError,
+    Unavailable,
+    UnsupportedModel,
+)
 from contract.job import (
     QUEUED,
     URI_SCHEME,
@@ -25,8 +34,10 @@ from contract.job import (
     new_job_id,
     parse_model_ref,
     timestamp,
+    validate_batch_id,
     validate_callback_url,
     validate_job_id,
+    validate_output,
     validate_priority,
     validate_top_k,
     validate_uri,
@@ -95,10 +106,15 @@ class Client:
         job_id: str | None = None,
         callback_url: str | None = None,
         priority: str = Priority.NORMAL,
+        batch: str | None = None,
+        output: str | None = None,
     ) -> Job:
-        """Enqueue one job; with ``callback_url``, its final record is also POSTed there."""
+        """Enqueue one job; with ``callback_url``, its final record is also POSTed there. With
+        ``batch`` it joins that batch; with ``output`` its record is also written there."""
         request = SubmitRequest(uri, job_id, callback_url)
-        return self.submit_many([request], model=model, top_k=top_k, priority=priority)[0]
+        return self.submit_many(
+            [request], model=model, top_k=top_k, priority=priority, batch=batch, output=output
+        )[0]
 
     def submit_many(
         self,
@@ -108,8 +124,15 @@ class Client:
         top_k: int = defaults.TOP_K,
         callback_url: str | None = None,
         priority: str = Priority.NORMAL,
+        batch: str | None = None,
+        output: str | None = None,
     ) -> list[Job]:
         """Enqueue every request; returns the records in input order.
+
+        The jobs form one batch (``Client.batch``): ``batch`` names it (an existing batch gains
+        the jobs), else one is generated when there is more than one request or an ``output``
+        (``s3://bucket/prefix/`` or a directory where the results sink writes the records).
+        Each record carries its ``batch``.
 
         ``model`` is a name (its default version serves the jobs) or ``name@version``.
         An ID that already exists is not queued again: its current record is returned instead
@@ -117,7 +140,13 @@ class Client:
         ``callback_url`` is the webhook of every request that names none of its own.
         """
         jobs = self.iter_submit(
-            requests, model=model, top_k=top_k, callback_url=callback_url, priority=priority
+            requests,
+            model=model,
+            top_k=top_k,
+            callback_url=callback_url,
+            priority=priority,
+            batch=batch,
+            output=output,
         )
         return list(jobs)
 
@@ -129,13 +158,21 @@ class Client:
         top_k: int = defaults.TOP_K,
         callback_url: str | None = None,
         priority: str = Priority.NORMAL,
+        batch: str | None = None,
+        output: str | None = None,
     ) -> Iterator[Job]:
         """Like ``submit_many`` but streams, so a backlog of millions never sits in memory."""
         batches = self.iter_submit_batches(
-            requests, model=model, top_k=top_k, callback_url=callback_url, priority=priority
+            requests,
+            model=model,
+            top_k=top_k,
+            callback_url=callback_url,
+            priority=priority,
+            batch=batch,
+            output=output,
         )
-        for batch in batches:
-            yield from batch
+        for jobs in batches:
+            yield from jobs
 
     def iter_submit_batches(
         self,
@@ -145,22 +182,29 @@ class Client:
         top_k: int = defaults.TOP_K,
         callback_url: str | None = None,
         priority: str = Priority.NORMAL,
+        batch: str | None = None,
+        output: str | None = None,
     ) -> Iterator[list[Job]]:
         """Like ``iter_submit``, one list per write batch: each list is queued as a whole, so a
         caller that stops between lists (on Ctrl-C) knows every job it queued."""
         info = self.check_model(model, top_k)
+        callback = None if callback_url is None else validate_callback_url(callback_url)
+        it = iter(requests)
+        chunk = list(itertools.islice(it, _WRITE_BATCH))
+        spec = _batch_spec(batch, output, callback, many=len(chunk) > 1)
         template = Job(
             id="",
             uri="",
             model=info.name,
             top_k=top_k,
-            callback_url=None if callback_url is None else validate_callback_url(callback_url),
+            callback_url=callback,
             version=info.version,
             priority=validate_priority(priority),
+            batch=None if spec is None else spec.id,
         )
-        it = iter(requests)
-        while batch := list(itertools.islice(it, _WRITE_BATCH)):
-            yield self._submit_batch(batch, template)
+        while chunk:
+            yield self._submit_batch(chunk, template, spec)
+            chunk = list(itertools.islice(it, _WRITE_BATCH))
 
     def check_model(self, model: str, top_k: int) -> ModelInfo:
         """The version that will serve ``model`` (``name`` or ``name@version``); refuses, before
@@ -183,11 +227,13 @@ class Client:
             f"start one with: python -m worker --model {name}"
         )
 
-    def _submit_batch(self, batch: list[SubmitRequest | str], template: Job) -> list[Job]:
+    def _submit_batch(
+        self, batch: list[SubmitRequest | str], template: Job, spec: BatchSpec | None
+    ) -> list[Job]:
         now = timestamp(time.time())
         jobs = [self._new_job(r, template, now) for r in batch]
         self._refuse_conflicts(jobs, [j for j, r in zip(jobs, batch, strict=True) if _named(r)])
-        created = self.store.create_many(jobs)
+        created = self.store.create_many(jobs, spec)
         fresh = [j for j, c in zip(jobs, created, strict=True) if c]
         self._enqueue(fresh)
         if len(fresh) == len(jobs):
@@ -371,6 +417,58 @@ class Client:
                     still.append(job_id)
         return still
 
+    def batch(self, batch_id: str) -> Batch | None:
+        """The batch's counters, progress and times; None when unknown or expired."""
+        return self.store.batch(validate_batch_id(batch_id))
+
+    def batch_results(
+        self, batch_id: str, cursor: str | None = None, limit: int = defaults.BATCH_PAGE
+    ) -> BatchPage:
+        """The records of up to ``limit`` of the batch's jobs that are final, in the order they
+        became final, after ``cursor`` (None: from the first). Pass the page's ``cursor`` to
+        read on; a page is ``complete`` once the batch is finished and nothing follows it.
+        A record gone from Redis (expired, or expired early once the sink wrote it) is None."""
+        ids, after, complete = self.batch_result_ids(batch_id, cursor, limit)
+        records = [r for chunk in self.iter_records(ids) for r in chunk]
+        return BatchPage(batch_id, records, after, complete)
+
+    def batch_result_ids(
+        self, batch_id: str, cursor: str | None = None, limit: int = defaults.BATCH_PAGE
+    ) -> tuple[list[str], str, bool]:
+        """``batch_results`` without the records: (IDs, cursor, complete)."""
+        batch_id = validate_batch_id(batch_id)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidRequest(f"limit must be a positive integer, got {limit!r}")
+        state = self.store.batch(batch_id)
+        if state is None:
+            raise NotFound(f"no batch {batch_id!r} (never submitted, or expired)")
+        ids, after = self.store.batch_results(batch_id, cursor, limit)
+        return ids, after, state.is_finished and len(ids) < limit
+
+    def iter_records(self, job_ids: Sequence[str]) -> Iterator[list[tuple[str, Job | None]]]:
+        """``(id, record)`` pairs of ``job_ids``, read a write batch at a time."""
+        for start in range(0, len(job_ids), _WRITE_BATCH):
+            chunk = job_ids[start : start + _WRITE_BATCH]
+            yield list(zip(chunk, self.store.get_many(chunk), strict=True))
+
+    def iter_batch_results(
+        self, batch_id: str, cursor: str | None = None, *, follow: float = 0.0
+    ) -> Iterator[BatchPage]:
+        """Pages of ``batch_results`` until the last one so far; with ``follow`` seconds, until
+        the batch is complete or that long has passed (polling once a second when idle)."""
+        deadline = time.monotonic() + follow
+        while True:
+            page = self.batch_results(batch_id, cursor)
+            cursor = page.cursor
+            yield page
+            if page.complete:
+                return
+            if len(page.records) == defaults.BATCH_PAGE:
+                continue  # more are there already
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(min(defaults.WAIT_RECHECK_S, max(deadline - time.monotonic(), 0)))
+
     def result(self, job_id: str, timeout: float) -> list[Prediction]:
         """A job's predictions, waiting up to ``timeout``; raises ``JobFailed`` if it failed."""
         job = self.wait(job_id, timeout)
@@ -381,6 +479,29 @@ class Client:
         if job.predictions is None:
             raise TimeoutError(f"job {job_id} is still {job.status} after {timeout} s")
         return list(job.predictions)
+
+
+@dataclass(frozen=True)
+class BatchPage:
+    """One page of a batch's results: ``(id, record)`` pairs, the cursor that reads on, and
+    whether the batch is finished with nothing after this page."""
+
+    batch: str
+    records: list[tuple[str, Job | None]]
+    cursor: str
+    complete: bool
+
+
+def _batch_spec(
+    batch: str | None, output: str | None, callback_url: str | None, *, many: bool
+) -> BatchSpec | None:
+    """The submission's batch: the one named, else a new one for many jobs or an output."""
+    if output is not None:
+        validate_output(output)
+    if batch is None and not many and output is None:
+        return None
+    batch_id = new_job_id() if batch is None else validate_batch_id(batch)
+    return BatchSpec(batch_id, callback_url, output)
 
 
 def _final(job: Job | None) -> bool:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -18,7 +19,7 @@ import redis
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
@@ -37,8 +38,9 @@ from contract.errors import (
 )
 from contract.gauges import QueueCollector
 from contract.job import JOB_ID_PATTERN, validate_job_id
-from producer import status
+from producer import bulk, status
 from producer.api_schema import (
+    BatchOut,
     JobList,
     JobOut,
     ModelList,
@@ -58,6 +60,10 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_WAIT_S = 60.0
 # Where /docs loads Swagger UI's JavaScript and CSS from: the gateway itself.
 DOCS_ASSETS = "/docs/assets"
+# A batch results page: its media type, and the headers that carry its cursor and completeness.
+NDJSON = "application/x-ndjson"
+CURSOR_HEADER = "X-Imgcls-Cursor"
+COMPLETE_HEADER = "X-Imgcls-Complete"
 
 # HTTP status for each error type; anything else is a 500.
 _HTTP_STATUS = {
@@ -266,6 +272,8 @@ def submit(body: Submission, client: ClientDep) -> dict[str, Any]:
             job_id=body.id,
             callback_url=body.callback_url,
             priority=body.priority,
+            batch=body.batch,
+            output=body.output,
         )
         return job.to_dict()
     requests = [SubmitRequest(j.uri, j.id, j.callback_url) for j in body.jobs]
@@ -275,8 +283,65 @@ def submit(body: Submission, client: ClientDep) -> dict[str, Any]:
         top_k=body.top_k,
         callback_url=body.callback_url,
         priority=body.priority,
+        batch=body.batch,
+        output=body.output,
     )
-    return {"jobs": [j.to_dict() for j in jobs]}
+    return {"batch": jobs[0].batch, "jobs": [j.to_dict() for j in jobs]}
+
+
+BatchIdPath = Annotated[str, Path(max_length=defaults.MAX_JOB_ID_LEN, pattern=JOB_ID_PATTERN)]
+
+
+@router.get("/batches/{batch_id}", response_model=BatchOut, responses=error_responses(404))
+def get_batch(batch_id: BatchIdPath, client: ClientDep) -> dict[str, Any]:
+    """A batch's counts by status, progress and times, summed over every store shard."""
+    batch = client.batch(batch_id)
+    if batch is None:
+        raise NotFound(f"no batch {batch_id!r} (never submitted, or expired)")
+    return batch.to_dict()
+
+
+@router.get(
+    "/batches/{batch_id}/results",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {NDJSON: {"schema": {"type": "string"}}},
+            "description": "One job record per line (JSONL), in the order the jobs became "
+            f"final. The {CURSOR_HEADER} header is the cursor that reads on; "
+            f"{COMPLETE_HEADER} is true once the batch is finished and nothing follows.",
+            "headers": {
+                CURSOR_HEADER: {"schema": {"type": "string"}},
+                COMPLETE_HEADER: {"schema": {"type": "string", "enum": ["true", "false"]}},
+            },
+        },
+        **error_responses(404),
+    },
+)
+def batch_results(
+    batch_id: BatchIdPath,
+    client: ClientDep,
+    cursor: Annotated[
+        str | None,
+        Query(max_length=400, pattern=r"^[0-9]+(\.[0-9]+)*$", description="From a page's header."),
+    ] = None,
+    limit: Annotated[
+        int, Query(ge=1, le=defaults.MAX_BATCH_PAGE, description="Most records in the page.")
+    ] = defaults.BATCH_PAGE,
+) -> StreamingResponse:
+    """The records of the batch's final jobs after ``cursor``, streamed as JSONL.
+
+    Read on with the cursor the answer's header gives until it says complete. A record no
+    longer in Redis (expired, or written by the results sink and expired early) is a
+    ``not_found`` line naming its ID."""
+    ids, after, complete = client.batch_result_ids(batch_id, cursor, limit)
+
+    def lines() -> Iterator[bytes]:
+        for chunk in client.iter_records(ids):
+            yield "".join(json.dumps(bulk.record(i, j)) + "\n" for i, j in chunk).encode()
+
+    headers = {CURSOR_HEADER: after, COMPLETE_HEADER: "true" if complete else "false"}
+    return StreamingResponse(lines(), media_type=NDJSON, headers=headers)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=error_responses(404))

@@ -1,0 +1,227 @@
+"""Batches: every submission can name one (several jobs get one generated); its counters move in
+the same Lua call that finishes each job; its results are read from a cursor, in the order the
+jobs became final, every job once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from contract import keys
+from contract.errors import InvalidRequest, NotFound
+from contract.job import ErrorInfo, Prediction
+from contract.shards import ShardedStore
+from producer.client import Client, SubmitRequest
+from tests.support import ROOT, RedisServer
+from tests.support_gateway import register_idle_model
+
+MODEL = "batchnet"
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[Client]:
+    register_idle_model(redis_url, MODEL)
+    c = Client.from_url(redis_url)
+    yield c
+    c.close()
+
+
+def finish(store: ShardedStore, job_ids: list[str], fail: frozenset[str] = frozenset()) -> None:
+    """What a worker does: claim the jobs, then store each result (failed for ``fail``)."""
+    now = time.time()
+    for job_id in job_ids:
+        (claim,) = store.claim_many([job_id], MODEL, now, "w1", fresh_only=False)
+        assert claim.job is not None
+        job = claim.job
+        if job_id in fail:
+            store.finish_many([job.failed(ErrorInfo("not_found", "gone"), now)])
+        else:
+            store.finish_many([job.done([Prediction("a", 0, 1.0)], "w", False, now)])
+
+
+def test_many_jobs_get_one_generated_batch_one_job_none(client: Client) -> None:
+    jobs = client.submit_many([f"/x/{i}.jpg" for i in range(5)], model=MODEL)
+    assert len({j.batch for j in jobs}) == 1 and jobs[0].batch is not None
+    assert client.get(jobs[0].id) == jobs[0]  # the record carries it
+    assert client.submit("/x/one.jpg", model=MODEL).batch is None
+    named = client.submit("/x/one.jpg", model=MODEL, batch="mine")
+    assert named.batch == "mine"
+    batch = client.batch(jobs[0].batch)
+    assert batch is not None
+    assert (batch.total, batch.pending, batch.progress, batch.finished) == (5, 5, 0.0, None)
+    assert batch.counts == {"done": 0, "failed": 0}
+    assert batch.created is not None and abs(batch.created - time.time()) < 60
+
+
+def test_counts_progress_and_finished_follow_each_final_job(client: Client) -> None:
+    jobs = client.submit_many([f"/x/{i}.jpg" for i in range(10)], model=MODEL, batch="b1")
+    ids = [j.id for j in jobs]
+    finish(client.store, ids[:4], fail=frozenset({ids[1]}))
+    finish(client.store, ids[:4])  # a redelivered result counts once
+    batch = client.batch("b1")
+    assert batch is not None
+    assert (batch.total, batch.pending, batch.progress) == (10, 6, 0.4)
+    assert batch.counts == {"done": 3, "failed": 1}
+    assert batch.finished is None
+    finish(client.store, ids[4:])
+    batch = client.batch("b1")
+    assert batch is not None and batch.finished is not None
+    assert (batch.pending, batch.progress, batch.counts) == (0, 1.0, {"done": 9, "failed": 1})
+
+
+def test_a_later_submission_to_a_finished_batch_reopens_it(client: Client) -> None:
+    first = client.submit_many(["/x/a.jpg", "/x/b.jpg"], model=MODEL, batch="grow")
+    finish(client.store, [j.id for j in first])
+    assert client.batch("grow").is_finished  # type: ignore[union-attr]
+    more = client.submit("/x/c.jpg", model=MODEL, batch="grow")
+    batch = client.batch("grow")
+    assert batch is not None and not batch.is_finished and batch.total == 3
+    finish(client.store, [more.id])
+    assert client.batch("grow").is_finished  # type: ignore[union-attr]
+
+
+def test_a_resubmitted_id_is_not_counted_twice(client: Client) -> None:
+    requests = [SubmitRequest("/x/a.jpg", "same-a"), SubmitRequest("/x/b.jpg", "same-b")]
+    client.submit_many(requests, model=MODEL, batch="twice")
+    again = client.submit_many(requests, model=MODEL, batch="twice")
+    assert [j.batch for j in again] == ["twice", "twice"]
+    assert client.batch("twice").total == 2  # type: ignore[union-attr]
+
+
+def test_results_come_from_a_cursor_in_finish_order_each_once(client: Client) -> None:
+    jobs = client.submit_many([f"/x/{i}.jpg" for i in range(25)], model=MODEL, batch="res")
+    ids = [j.id for j in jobs]
+    order = ids[::-1]
+    finish(client.store, order[:7], fail=frozenset({order[3]}))
+    page = client.batch_results("res", limit=5)
+    assert [i for i, _ in page.records] == order[:5] and not page.complete
+    page = client.batch_results("res", page.cursor, limit=5)
+    assert [i for i, _ in page.records] == order[5:7] and not page.complete
+    assert page.records[-1][1] is not None and page.records[-1][1].status == "done"
+    cursor = page.cursor
+    finish(client.store, order[7:])
+    seen: list[str] = []
+    while True:
+        page = client.batch_results("res", cursor, limit=4)
+        seen += [i for i, job in page.records if job is not None and job.is_final]
+        cursor = page.cursor
+        if page.complete:
+            break
+    assert seen == order[7:]
+    assert client.batch_results("res", cursor).records == []
+
+
+def test_results_of_unknown_batches_and_foreign_cursors_are_refused(client: Client) -> None:
+    with pytest.raises(NotFound):
+        client.batch_results("nobody")
+    assert client.batch("nobody") is None
+    client.submit_many(["/x/a.jpg", "/x/b.jpg"], model=MODEL, batch="cur")
+    for cursor in ("0.0", "x", "-1"):
+        with pytest.raises(InvalidRequest):
+            client.batch_results("cur", cursor)
+    with pytest.raises(InvalidRequest):
+        client.submit_many(["/x/a.jpg"], model=MODEL, batch="../etc")
+    with pytest.raises(InvalidRequest):
+        client.submit_many(["/x/a.jpg"], model=MODEL, output="http://example.com/x")
+
+
+def test_the_batch_travels_in_the_events_stream(client: Client, redis_client: redis.Redis) -> None:
+    jobs = client.submit_many(["/x/a.jpg", "/x/b.jpg"], model=MODEL, batch="ev")
+    finish(client.store, [j.id for j in jobs], fail=frozenset({jobs[1].id}))
+    events = [
+        {keys.text(k): keys.text(v) for k, v in f.items()}
+        for _, f in redis_client.xrange(keys.events_stream())
+    ]
+    assert events == [
+        {"id": jobs[0].id, "status": "done", "batch": "ev"},
+        {"id": jobs[1].id, "status": "failed", "batch": "ev"},
+    ]
+
+
+def test_a_poisoned_job_counts_in_its_batch(client: Client) -> None:
+    (job,) = client.submit_many(["/x/a.jpg"], model=MODEL, batch="poison")
+    for _ in range(4):
+        client.store.claim_many([job.id], MODEL, time.time(), "w", fresh_only=False)
+    batch = client.batch("poison")
+    assert batch is not None and batch.counts["failed"] == 1 and batch.is_finished
+    page = client.batch_results("poison")
+    assert page.complete and [i for i, _ in page.records] == [job.id]
+
+
+def test_batch_keys_expire_with_the_records(client: Client, redis_client: redis.Redis) -> None:
+    short = Client(client.redis, client.celery, ttl_s=100)
+    jobs = short.submit_many(["/x/a.jpg", "/x/b.jpg"], model=MODEL, batch="ttl")
+    finish(short.store, [jobs[0].id])
+    for name in (keys.batch_key("ttl"), keys.batch_jobs_key("ttl"), keys.batch_results_key("ttl")):
+        assert 0 < redis_client.ttl(name) <= 100
+
+
+def test_a_batch_over_two_shards_sums_them_and_reads_every_result(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    register_idle_model(redis_url, MODEL)
+    other = RedisServer(tmp_path_factory.mktemp("shard2"))
+    other.start()
+    client = Client.from_url(redis_url, [redis_url, other.url])
+    try:
+        jobs = client.submit_many([f"/x/{i}.jpg" for i in range(40)], model=MODEL, batch="wide")
+        assert all(client.store.shards[i].batch_hash("wide") for i in (0, 1))
+        finish(client.store, [j.id for j in jobs])
+        batch = client.batch("wide")
+        assert batch is not None and batch.total == 40 and batch.is_finished
+        ids: list[str] = []
+        cursor = None
+        while True:
+            page = client.batch_results("wide", cursor, limit=7)
+            ids += [i for i, _ in page.records]
+            cursor = page.cursor
+            if page.complete:
+                break
+        assert Counter(ids) == Counter(j.id for j in jobs)
+        assert cursor.count(".") == 1
+    finally:
+        client.close()
+        other.stop()
+
+
+def _producer(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "producer", *args, "--redis-url", redis_url],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+
+
+def test_the_cli_submits_a_batch_and_reads_its_status_and_results(
+    client: Client, redis_url: str
+) -> None:
+    run = _producer(redis_url, "submit", "--model", MODEL, "--batch", "cli", "/x/a.jpg", "/x/b.jpg")
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [r["batch"] for r in records] == ["cli", "cli"]
+    ids = [r["id"] for r in records]
+    status = _producer(redis_url, "batch", "status", "cli")
+    assert status.returncode == 5 and json.loads(status.stdout)["pending"] == 2
+    finish(client.store, ids[:1])
+    results = _producer(redis_url, "batch", "results", "cli")
+    assert results.returncode == 5
+    assert [json.loads(line)["id"] for line in results.stdout.splitlines()] == ids[:1]
+    cursor = results.stderr.split()[-1]
+    finish(client.store, ids[1:])
+    rest = _producer(redis_url, "batch", "results", "cli", "--cursor", cursor)
+    assert rest.returncode == 0, rest.stderr
+    assert [json.loads(line)["id"] for line in rest.stdout.splitlines()] == ids[1:]
+    status = _producer(redis_url, "batch", "status", "cli")
+    assert status.returncode == 0 and json.loads(status.stdout)["counts"]["done"] == 2
+    unknown = _producer(redis_url, "batch", "status", "nobody")
+    assert unknown.returncode == 1 and "not_found" in unknown.stderr
