@@ -301,49 +301,6 @@ def get_batch(batch_id: BatchIdPath, client: ClientDep) -> dict[str, Any]:
     return batch.to_dict()
 
 
-@router.get(
-    "/batches/{batch_id}/results",
-    response_class=StreamingResponse,
-    responses={
-        200: {
-            "content": {NDJSON: {"schema": {"type": "string"}}},
-            "description": "One job record per line (JSONL), in the order the jobs became "
-            f"final. The {CURSOR_HEADER} header is the cursor that reads on; "
-            f"{COMPLETE_HEADER} is true once the batch is finished and nothing follows.",
-            "headers": {
-                CURSOR_HEADER: {"schema": {"type": "string"}},
-                COMPLETE_HEADER: {"schema": {"type": "string", "enum": ["true", "false"]}},
-            },
-        },
-        **error_responses(404),
-    },
-)
-def batch_results(
-    batch_id: BatchIdPath,
-    client: ClientDep,
-    cursor: Annotated[
-        str | None,
-        Query(max_length=400, pattern=r"^[0-9]+(\.[0-9]+)*$", description="From a page's header."),
-    ] = None,
-    limit: Annotated[
-        int, Query(ge=1, le=defaults.MAX_BATCH_PAGE, description="Most records in the page.")
-    ] = defaults.BATCH_PAGE,
-) -> StreamingResponse:
-    """The records of the batch's final jobs after ``cursor``, streamed as JSONL.
-
-    Read on with the cursor the answer's header gives until it says complete. A record no
-    longer in Redis (expired, or written by the results sink and expired early) is a
-    ``not_found`` line naming its ID."""
-    ids, after, complete = client.batch_result_ids(batch_id, cursor, limit)
-
-    def lines() -> Iterator[bytes]:
-        for chunk in client.iter_records(ids):
-            yield "".join(json.dumps(bulk.record(i, j)) + "\n" for i, j in chunk).encode()
-
-    headers = {CURSOR_HEADER: after, COMPLETE_HEADER: "true" if complete else "false"}
-    return StreamingResponse(lines(), media_type=NDJSON, headers=headers)
-
-
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=error_responses(404))
 async def get_job(
     job_id: Annotated[str, Path(max_length=defaults.MAX_JOB_ID_LEN, pattern=JOB_ID_PATTERN)],
@@ -378,6 +335,67 @@ def models(client: ClientDep) -> dict[str, Any]:
         if info is not None:
             found.append(_model_out(info, state, registry.versions(client.redis, state.model)))
     return {"models": found}
+
+
+def _batch_results_router(shards: int) -> APIRouter:
+    """The results route; its cursor has one position per store shard, which its pattern says."""
+    batches = APIRouter(
+        prefix="/v1",
+        responses=error_responses(400, 413, 422, 503),
+        dependencies=[Depends(_known_query_only)],
+    )
+    cursor_pattern = rf"^[0-9]{{1,18}}(\.[0-9]{{1,18}}){{{shards - 1}}}$"
+
+    def batch_results(
+        batch_id: BatchIdPath,
+        client: ClientDep,
+        cursor: str | None = None,
+        limit: Annotated[
+            int, Query(ge=1, le=defaults.MAX_BATCH_PAGE, description="Most records in the page.")
+        ] = defaults.BATCH_PAGE,
+    ) -> StreamingResponse:
+        """The records of the batch's final jobs after ``cursor``, streamed as JSONL.
+
+        Read on with the cursor the answer's header gives until it says complete. A record no
+        longer in Redis (expired, or written by the results sink and expired early) is a
+        ``not_found`` line naming its ID."""
+        ids, after, complete = client.batch_result_ids(batch_id, cursor, limit)
+
+        def lines() -> Iterator[bytes]:
+            for chunk in client.iter_records(ids):
+                yield "".join(json.dumps(bulk.record(i, j)) + "\n" for i, j in chunk).encode()
+
+        headers = {CURSOR_HEADER: after, COMPLETE_HEADER: "true" if complete else "false"}
+        return StreamingResponse(lines(), media_type=NDJSON, headers=headers)
+
+    # Set here, not written above: a string annotation could not see cursor_pattern.
+    batch_results.__annotations__["cursor"] = Annotated[
+        str | None,
+        Query(pattern=cursor_pattern, description="From a page's X-Imgcls-Cursor header."),
+    ]
+    batches.add_api_route(
+        "/batches/{batch_id}/results",
+        batch_results,
+        methods=["GET"],
+        response_class=StreamingResponse,
+        responses=RESULTS_RESPONSES,
+    )
+    return batches
+
+
+RESULTS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {NDJSON: {"schema": {"type": "string"}}},
+        "description": "One job record per line (JSONL), in the order the jobs became final. "
+        f"The {CURSOR_HEADER} header is the cursor that reads on; {COMPLETE_HEADER} is true "
+        "once the batch is finished and nothing follows.",
+        "headers": {
+            CURSOR_HEADER: {"schema": {"type": "string"}},
+            COMPLETE_HEADER: {"schema": {"type": "string", "enum": ["true", "false"]}},
+        },
+    },
+    **error_responses(404),
+}
 
 
 def _model_out(
@@ -475,7 +493,10 @@ def create_app(
         redoc_url=None,  # ReDoc would load from a CDN
     )
     auth = [Security(_token_checker(settings.token))] if settings.token else []
-    app.include_router(router, dependencies=auth, responses=error_responses(401) if auth else None)
+    for routes in (router, _batch_results_router(max(len(settings.store_urls), 1))):
+        app.include_router(
+            routes, dependencies=auth, responses=error_responses(401) if auth else None
+        )
     _health_routes(app)
     _docs_routes(app)
     _install_error_handlers(app)

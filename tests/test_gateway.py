@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -448,3 +449,38 @@ def test_a_callback_url_that_is_not_http_is_refused_naming_the_field(
     reply = stack.http.post("/v1/jobs", json={"uri": "a.jpg", "model": IDLE, "callback_url": url})
     assert reply.status_code == 422
     assert "callback_url" in reply.json()["error"]["message"]
+
+
+def test_a_bulk_submission_is_a_batch_whose_results_stream_from_a_cursor(stack: Stack) -> None:
+    bad = str(stack.workdir / "missing.jpg")
+    jobs = [{"uri": str(p)} for p in stack.images] * 2 + [{"uri": bad}]
+    reply = stack.http.post("/v1/jobs", json={"jobs": jobs, "model": MODEL, "top_k": 2})
+    assert reply.status_code == 202, reply.text
+    batch = reply.json()["batch"]
+    ids = [j["id"] for j in reply.json()["jobs"]]
+    assert batch and {j["batch"] for j in reply.json()["jobs"]} == {batch}
+    seen: list[dict] = []
+    cursor = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        params = {"limit": 3} | ({"cursor": cursor} if cursor else {})
+        page = stack.http.get(f"/v1/batches/{batch}/results", params=params)
+        assert page.status_code == 200 and page.headers["content-type"] == "application/x-ndjson"
+        seen += [json.loads(line) for line in page.text.splitlines()]
+        cursor = page.headers["X-Imgcls-Cursor"]
+        if page.headers["X-Imgcls-Complete"] == "true":
+            break
+        time.sleep(0.2)
+    assert sorted(r["id"] for r in seen) == sorted(ids)  # every job once
+    assert {r["status"] for r in seen if r["id"] != ids[-1]} == {"done"}
+    status = stack.http.get(f"/v1/batches/{batch}").json()
+    assert status["counts"] == {"done": 6, "failed": 1}
+    assert (status["total"], status["pending"], status["progress"]) == (7, 0, 1.0)
+    assert status["finished"] >= status["created"]
+    one = stack.http.post("/v1/jobs", json={"uri": bad, "model": MODEL, "batch": batch})
+    assert one.json()["batch"] == batch
+    assert stack.http.get(f"/v1/batches/{batch}").json()["total"] == 8
+    assert stack.http.get("/v1/batches/nobody").status_code == 404
+    assert stack.http.get("/v1/batches/nobody/results").status_code == 404
+    foreign = stack.http.get(f"/v1/batches/{batch}/results", params={"cursor": "1.2"})
+    assert foreign.status_code == 422 and "cursor" in foreign.json()["error"]["message"]

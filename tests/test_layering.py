@@ -10,7 +10,15 @@ from pathlib import Path
 from tests.support import ROOT
 
 # Each package's layer; a module may import only packages of a lower layer, or its own package.
-LAYERS = {"contract": 0, "producer": 1, "worker": 1, "notifier": 1, "demo": 2, "bench": 3}
+LAYERS = {
+    "contract": 0,
+    "producer": 1,
+    "worker": 1,
+    "notifier": 1,
+    "sink": 1,
+    "demo": 2,
+    "bench": 3,
+}
 
 
 def _imports(path: Path) -> set[str]:
