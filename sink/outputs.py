@@ -9,6 +9,7 @@ written whole or not at all: a temporary file renamed into place, or one S3 PUT.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -87,6 +88,7 @@ class LocalTarget:
         try:
             if os.path.realpath(f"/proc/self/fd/{fd}") != str(self.directory):
                 raise OutputRefused(f"{self.directory} changed while it was opened")
+            _remove_leftovers(fd, name)
             temp = f".{name}.{uuid.uuid4().hex}.tmp"
             out = os.open(
                 temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=fd
@@ -105,6 +107,15 @@ class LocalTarget:
             return
         for path in sorted(self.directory.glob(f"{PART_PREFIX}*{PART_SUFFIX}")):
             yield path.read_bytes()
+
+
+def _remove_leftovers(fd: int, name: str) -> None:
+    """Remove the temporary files of earlier tries at part ``name`` (a sink killed while
+    writing it; the same events are written again under the same name)."""
+    for entry in os.listdir(fd):
+        if entry.startswith(f".{name}.") and entry.endswith(".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry, dir_fd=fd)
 
 
 @dataclass(frozen=True)
