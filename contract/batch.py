@@ -6,7 +6,9 @@ one counter per final status, ``created`` and ``finished`` (µs), ``ttl``, and w
 submission named (``callback_url``, ``output``); the results sink adds ``written`` and
 ``output_error``. Two lists hold the batch's job IDs, in submission order (``jobs``) and in the
 order they became final (``results``): a results cursor is a position in the latter, one per
-shard. ``Batch`` is what readers get, summed over the shards.
+shard. When a batch finishes, the events stream gets an entry of its own: an empty ``id``,
+status ``batch_finished`` and the batch's ID. ``Batch`` is what readers get, summed over the
+shards.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from typing import Any
 
 from contract.errors import InvalidRequest
 from contract.job import FINAL
+
+# The ``status`` of the completion event a batch adds (with an empty ``id``) when it finishes.
+BATCH_FINISHED = "batch_finished"
 
 
 def _doc(text: str) -> dict[str, str]:

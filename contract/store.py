@@ -22,7 +22,7 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
 from contract import defaults, keys, record
-from contract.batch import BatchSpec
+from contract.batch import BATCH_FINISHED, BatchSpec
 from contract.errors import InvalidRequest, MalformedRecord, PoisonJob
 from contract.job import DONE, FAILED, QUEUED, RUNNING, Job
 
@@ -55,7 +55,7 @@ def _lua(script: str) -> str:
     ``$queued`` ... ``$failed`` are status codes, ``$poison`` and ``$invalid`` error types,
     ``$required`` the fields a job cannot run without (with the names messages give them),
     ``$piece`` the longest value one field holds, ``$id_from`` where the ID starts in a key,
-    ``$batch_prefix`` a batch's key without its ID.
+    ``$batch_prefix`` a batch's key without its ID, ``$batch_finished`` its finish event's status.
     """
     code = record.STATUS_CODES
     return Template(script).substitute(
@@ -69,6 +69,7 @@ def _lua(script: str) -> str:
         piece=record.PIECE,
         id_from=len(keys.job_key("")) + 1,
         batch_prefix=keys.batch_key(""),
+        batch_finished=f"'{BATCH_FINISHED}'",
     )
 
 
@@ -82,16 +83,19 @@ _FIELD_NAMES = {
 
 # ``batch_final`` counts jobs of ``batch`` that just became final: ``names`` status -> count,
 # ``ids`` their IDs (appended to the batch's results list). The batch is finished once as many
-# of its jobs are final as were submitted; its keys live ``ttl`` seconds after the latest.
+# of its jobs are final as were submitted, which adds its own event; its keys live ``ttl``
+# seconds after the latest.
 _BATCH = """
-local function batch_final(batch, names, ids, now)
+local function batch_final(batch, names, ids, now, events, maxlen)
   local bkey = '$batch_prefix' .. batch
   for name, count in pairs(names) do redis.call('HINCRBY', bkey, name, count) end
   local final = redis.call('HINCRBY', bkey, 'final', #ids)
   redis.call('RPUSH', bkey .. ':results', unpack(ids))
   local v = redis.call('HMGET', bkey, 'total', 'ttl')
-  if tonumber(v[1]) and final >= tonumber(v[1]) then
-    redis.call('HSET', bkey, 'finished', string.format('%d', now))
+  if tonumber(v[1]) and final >= tonumber(v[1])
+      and redis.call('HSETNX', bkey, 'finished', string.format('%d', now)) == 1 then
+    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'id', '', 'status', $batch_finished,
+      'batch', batch)
   end
   if tonumber(v[2]) then
     for _, k in ipairs({bkey, bkey .. ':jobs', bkey .. ':results'}) do
@@ -141,7 +145,7 @@ local function fail(key, flat, at, err, now, events, maxlen)
   local batch = redis.call('HGET', key, 'g') or ''
   redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'id', id, 'status', 'failed',
     'batch', batch)
-  if batch ~= '' then batch_final(batch, {failed = 1}, {id}, now) end
+  if batch ~= '' then batch_final(batch, {failed = 1}, {id}, now, events, maxlen) end
   return id
 end
 
@@ -284,7 +288,7 @@ end
 for stats, by_name in pairs(counts) do
   for name, count in pairs(by_name) do redis.call('HINCRBY', stats, name, count) end
 end
-for batch, b in pairs(batches) do batch_final(batch, b.names, b.ids, now) end
+for batch, b in pairs(batches) do batch_final(batch, b.names, b.ids, now, events, maxlen) end
 return out
 """
 )

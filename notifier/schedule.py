@@ -37,6 +37,12 @@ class Delivery:
     def job_id(self) -> str:
         return self.webhook_id.rpartition(":")[0]
 
+    @property
+    def batch(self) -> str | None:
+        """The batch whose finish this webhook announces; None for a job's webhook."""
+        subject = self.job_id
+        return subject.removesuffix(_BATCH) if subject.endswith(_BATCH) else None
+
     def encode(self) -> str:
         return json.dumps({"url": self.url, "first": self.first, "attempts": self.attempts})
 
@@ -49,6 +55,15 @@ class Delivery:
 def webhook_id(job_id: str, status: str) -> str:
     """The ``webhook-id`` of a job's final record: the same on every retry."""
     return f"{job_id}:{status}"
+
+
+# What follows a batch's ID in its webhook's ID: no job ID contains "/".
+_BATCH = "/batch"
+
+
+def batch_webhook_id(batch: str) -> str:
+    """The ``webhook-id`` of a batch's finish: ``<batch>/batch:finished``."""
+    return webhook_id(f"{batch}{_BATCH}", "finished")
 
 
 def backoff_s(attempts: int, base_s: float, max_s: float, rng: random.Random) -> float:

@@ -8,6 +8,7 @@ once delivered or given up (recorded in the dead list).
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
@@ -20,11 +21,20 @@ from typing import Any
 import redis
 
 from contract import defaults, keys
+from contract.batch import BATCH_FINISHED
+from contract.batch import from_hashes as batch_from_hashes
 from contract.errors import MalformedRecord
 from contract.job import Job
 from contract.store import JobStore
 from notifier.delivery import Outcome, Poster
-from notifier.schedule import Delivery, Schedule, backoff_s, dead_entry, webhook_id
+from notifier.schedule import (
+    Delivery,
+    Schedule,
+    backoff_s,
+    batch_webhook_id,
+    dead_entry,
+    webhook_id,
+)
 from notifier.signing import Signer
 
 log = logging.getLogger("notifier")
@@ -57,10 +67,9 @@ class NotifierSettings:
         return 2 * self.timeout_s + 1
 
 
-def callback_for(job: Job, batch: str) -> str | None:
-    """Where a final job's webhook goes: its own callback_url (a batch's, once batches name one,
-    would be looked up here by ``batch`` for jobs that name none)."""
-    del batch  # batches do not carry a callback_url yet
+def callback_for(job: Job) -> str | None:
+    """Where a final job's webhook goes: its own callback_url (a batch's callback_url is given
+    to each of its jobs that names none at submit)."""
     return job.callback_url
 
 
@@ -164,7 +173,7 @@ class Notifier:
         now = self._clock()
         pipe = self.redis.pipeline(transaction=True)
         for event, job in zip(events, jobs, strict=True):
-            delivery = _delivery(event, job, now)
+            delivery = self._batch_delivery(event, now) or _delivery(event, job, now)
             if delivery is not None:
                 self.schedule.add(pipe, delivery)
         pipe.xack(keys.events_stream(), self.settings.group, *(i for i, _ in entries))
@@ -176,8 +185,8 @@ class Notifier:
         deliveries = self.schedule.lease(self._clock(), self.settings.lease_s, batch)
         if not deliveries:
             return 0
-        jobs = self._jobs([d.job_id for d in deliveries])
-        outcomes = list(pool.map(self._send, deliveries, jobs))
+        bodies = self._bodies(deliveries)
+        outcomes = list(pool.map(self._send, deliveries, bodies))
         self._settle(deliveries, outcomes)
         return len(deliveries)
 
@@ -195,10 +204,31 @@ class Notifier:
             log.warning("event for job %s: %s; no webhook", job_id, e)
             return None
 
-    def _send(self, delivery: Delivery, job: Job | None) -> Outcome:
-        if job is None:
-            return Outcome(False, permanent=True, error="the job record expired before delivery")
-        body = job.encode()
+    def _batch_delivery(self, event: dict[str, str], now: float) -> Delivery | None:
+        """The webhook of a batch's finish event, to the batch's callback_url, if it has one."""
+        batch = event.get("batch", "")
+        if event.get("status") != BATCH_FINISHED or not batch:
+            return None
+        raw = self.redis.hget(keys.batch_key(batch), "callback_url")
+        return None if raw is None else Delivery(batch_webhook_id(batch), keys.text(raw), now)
+
+    def _bodies(self, deliveries: Sequence[Delivery]) -> list[str | None]:
+        """What each delivery POSTs: the job's final record, or the batch's state; None when
+        it expired."""
+        jobs = iter(self._jobs([d.job_id for d in deliveries if d.batch is None]))
+        bodies: list[str | None] = []
+        for delivery in deliveries:
+            if delivery.batch is None:
+                job = next(jobs)
+                bodies.append(None if job is None else job.encode())
+            else:
+                state = batch_from_hashes(delivery.batch, [self.store.batch_hash(delivery.batch)])
+                bodies.append(None if state is None else json.dumps(state.to_dict()))
+        return bodies
+
+    def _send(self, delivery: Delivery, body: str | None) -> Outcome:
+        if body is None:
+            return Outcome(False, permanent=True, error="the record expired before delivery")
         headers = self.signer.headers(delivery.webhook_id, body, self._clock())
         return self.poster.post(delivery.url, body, headers)
 
@@ -229,7 +259,7 @@ def _delivery(event: dict[str, str], job: Job | None, now: float) -> Delivery | 
     """The webhook an event calls for, if its job (still) has somewhere to send it."""
     if job is None:
         return None  # the record expired (or is unreadable) before the event was read
-    url = callback_for(job, event.get("batch", ""))
+    url = callback_for(job)
     if url is None:
         return None
     return Delivery(webhook_id(job.id, event.get("status", job.status)), url, first=now)

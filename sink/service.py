@@ -138,7 +138,8 @@ class Sink:
         done: list[bytes] = []
         for entry in entries:
             batch = keys.text(entry[1].get(b"batch", b""))
-            output = self._output(batch) if batch else None
+            job_event = bool(entry[1].get(b"id"))  # not a batch's own finish event
+            output = self._output(batch) if batch and job_event else None
             if output is None:
                 done.append(entry[0])
             else:

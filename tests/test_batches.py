@@ -132,7 +132,9 @@ def test_results_of_unknown_batches_and_foreign_cursors_are_refused(client: Clie
         client.submit_many(["/x/a.jpg"], model=MODEL, output="http://example.com/x")
 
 
-def test_the_batch_travels_in_the_events_stream(client: Client, redis_client: redis.Redis) -> None:
+def test_the_batch_travels_in_the_events_stream_and_finishing_adds_one_event(
+    client: Client, redis_client: redis.Redis
+) -> None:
     jobs = client.submit_many(["/x/a.jpg", "/x/b.jpg"], model=MODEL, batch="ev")
     finish(client.store, [j.id for j in jobs], fail=frozenset({jobs[1].id}))
     events = [
@@ -142,6 +144,7 @@ def test_the_batch_travels_in_the_events_stream(client: Client, redis_client: re
     assert events == [
         {"id": jobs[0].id, "status": "done", "batch": "ev"},
         {"id": jobs[1].id, "status": "failed", "batch": "ev"},
+        {"id": "", "status": "batch_finished", "batch": "ev"},  # the batch's own, once
     ]
 
 

@@ -204,7 +204,7 @@ def test_a_refused_output_is_told_on_the_batch_and_its_events_are_dropped(
     finish(client, [j.id for j in jobs + other])
     sink = Sink(redis_client, SinkSettings(Policy(root=tmp_path)))
     sink.setup()
-    assert sink.step() == 4
+    assert sink.step() == 6  # 4 jobs, 2 batches finished
     state = client.batch(jobs[0].batch or "")
     assert state is not None and "outside the sink's root" in (state.output_error or "")
     assert redis_client.xpending(keys.events_stream(), "sink")["pending"] == 0

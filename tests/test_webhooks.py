@@ -31,7 +31,8 @@ import redis
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from contract import keys
-from contract.job import Job, Prediction
+from contract.batch import BatchSpec
+from contract.job import ErrorInfo, Job, Prediction
 from contract.store import JobStore
 from notifier.delivery import Poster
 from notifier.schedule import backoff_s, read_dead
@@ -369,7 +370,9 @@ def test_every_final_job_is_delivered_signed_across_a_killed_sender(
             records = producer.wait_many(ids, SETTLE_S)
             expected = {f"{r.id}:{r.status}": r for r in records if r is not None}
             sender.start()
-            wait_until(lambda: receiver.delivered().keys() >= expected.keys(), "every webhook")
+            batches = {f"{r.batch}/batch:finished" for r in expected.values()}
+            wanted = expected.keys() | batches
+            wait_until(lambda: receiver.delivered().keys() >= wanted, "every webhook")
             assert sender.stop() == 0
         finally:
             if sender.proc and sender.proc.poll() is None:
@@ -378,9 +381,42 @@ def test_every_final_job_is_delivered_signed_across_a_killed_sender(
     assert len(expected) == len(ids)
     assert Counter(r.status for r in expected.values()) == {"done": 25, "failed": 1}
     assert {p.verified for p in receiver.posts} == {True}
-    assert {p.webhook_id for p in receiver.posts} == expected.keys()  # duplicates: same IDs
+    # Each submit_many was a batch with the callback_url: one webhook more each, when finished.
+    assert len(batches) == 2
+    assert {
+        p.webhook_id for p in receiver.posts
+    } == expected.keys() | batches  # duplicates: same IDs
     assert min(Counter(p.webhook_id for p in receiver.posts).values()) >= 3  # 500, 500, 204
     for post in receiver.posts:  # a retry or duplicate carries the same record as the first
-        assert json.loads(post.body) == expected[post.webhook_id].to_dict()
+        if post.webhook_id not in batches:
+            assert json.loads(post.body) == expected[post.webhook_id].to_dict()
     assert read_dead(redis_client) == []
     assert redis_client.zcard(keys.webhook_due_key()) == 0
+
+
+def test_a_finished_batch_gets_one_signed_webhook_with_its_counts(
+    redis_client: redis.Redis, connects: list[Any]
+) -> None:
+    store = JobStore(redis_client)
+    with Receiver(fail_first=1) as receiver:
+        jobs = [
+            Job(id=f"b-{n}", uri="/x.jpg", model=MODEL, top_k=1, batch="nightly") for n in range(3)
+        ]
+        store.create_many(jobs, BatchSpec("nightly", callback_url=receiver.url))
+        notifier = _notifier(redis_client, LOOPBACK)
+        now = time.time()
+        store.finish_many([j.done([Prediction("a", 0, 1.0)], "w", False, now) for j in jobs[:2]])
+        notifier.setup()
+        notifier.take_events()  # two job events, no webhook for them (no callback_url)
+        assert redis_client.zcard(keys.webhook_due_key()) == 0
+        store.finish_many([jobs[2].failed(ErrorInfo("not_found", "gone"), now)])
+        store.finish_many([jobs[2].failed(ErrorInfo("not_found", "gone"), now)])  # a duplicate
+        _run_until(notifier, receiver.delivered)
+    assert [(p.webhook_id, p.verified, p.answered) for p in receiver.posts] == [
+        ("nightly/batch:finished", True, 500),
+        ("nightly/batch:finished", True, 204),
+    ]
+    body = json.loads(receiver.posts[-1].body)
+    assert (body["id"], body["total"], body["pending"]) == ("nightly", 3, 0)
+    assert body["counts"] == {"done": 2, "failed": 1} and body["finished"] is not None
+    assert read_dead(redis_client) == []
