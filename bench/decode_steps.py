@@ -4,10 +4,11 @@
 
 Each decoder gets the same compressed bytes (ImageNet-size, mixed-size and 12-MP sets, and the
 ImageNet-size batch with one in eight, then every image re-encoded progressive) as one
-batch call and must leave RGB uint8 images on the device; images per second over ``repeat``
-calls after a warm-up call. nvImageCodec (``pip install nvidia-nvimgcodec-cu13[nvjpeg]``) is
-measured with each of its back-ends that loads: its default (hardware JPEG engines and CUDA), the
-hardware engines alone and CUDA alone. A decoder that is missing or fails is reported with its
+batch call and must leave RGB uint8 images on the device; images per second and this process's
+CPU milliseconds per image over ``repeat`` calls after a warm-up call. nvImageCodec is the
+worker's own ``worker.nvdecode`` (``pip install 'imgcls[nvimgcodec]'``), measured with each of
+its back-ends that loads: its default (hardware JPEG engines and CUDA), the hardware engines
+alone and CUDA alone. A decoder that is missing or fails is reported with its
 error, never left out silently. On a CPU only torchvision's CPU decoder runs, a rehearsal.
 """
 
@@ -30,64 +31,62 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from bench.images import IMAGENET, PHONE_12MP, image_pool
 from bench.mixed_images import MIXED
+from worker.nvdecode import NvImageCodec
 
 Decode = Callable[[list[bytes]], Sequence[Any]]
 
 
 def torchvision_decoder(device: torch.device) -> Decode:
     def decode(batch: list[bytes]) -> Sequence[Any]:
-        with warnings.catch_warnings():  # read-only bytes: the decoder only reads them
-            warnings.simplefilter("ignore", UserWarning)
-            data = [torch.frombuffer(b, dtype=torch.uint8) for b in batch]
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return decode_jpeg(_tensors(batch), mode=ImageReadMode.RGB, device=device)
 
     return decode
 
 
 def nvimgcodec_decoders(device: torch.device) -> dict[str, Decode | str]:
-    """nvImageCodec's decoders by back-end, or the reason none could be made."""
-    try:
-        from nvidia import nvimgcodec  # type: ignore[import-untyped,import-not-found,unused-ignore]
-    except ImportError as e:
-        return {"nvimgcodec": f"not installed: {e}"}
-    kinds = {
-        "nvimgcodec": None,
-        "nvimgcodec-hw": "HW_GPU_ONLY",
-        "nvimgcodec-cuda": "GPU_ONLY",
-    }
-    params = nvimgcodec.DecodeParams(color_spec=nvimgcodec.ColorSpec.RGB)
+    """The worker's nvImageCodec decoder with each back-end, or the reason it could not be made."""
+    backends = {"nvimgcodec": None, "nvimgcodec-hw": "HW_GPU_ONLY", "nvimgcodec-cuda": "GPU_ONLY"}
     out: dict[str, Decode | str] = {}
-    for name, kind in kinds.items():
+    for name, backend in backends.items():
         try:
-            backend = None if kind is None else getattr(nvimgcodec.BackendKind, kind)
-            backends = None if backend is None else [nvimgcodec.Backend(backend)]
-            decoder = nvimgcodec.Decoder(device_id=device.index or 0, backends=backends)
+            out[name] = _nvimgcodec_decode(NvImageCodec(device, backend))
         except Exception as e:  # a back-end this GPU lacks is a result
             out[name] = f"{type(e).__name__}: {e}"
-            continue
-        out[name] = _nvimgcodec_decode(decoder, params)
     return out
 
 
-def _nvimgcodec_decode(decoder: Any, params: Any) -> Decode:
+def _nvimgcodec_decode(decoder: NvImageCodec) -> Decode:
     def decode(batch: list[bytes]) -> Sequence[Any]:
-        images = decoder.decode(batch, params=params)
+        images = decoder.decode(_tensors(batch))
         if any(i is None for i in images):
             raise RuntimeError(f"{sum(i is None for i in images)} of {len(images)} not decoded")
-        # A torch view of each: what the resize step would read; waits on nvImageCodec's stream.
-        return [torch.as_tensor(i, device="cuda") for i in images]
+        return images
 
     return decode
 
 
-def images_per_s(decode: Decode, batch: list[bytes], device: torch.device, repeat: int) -> float:
+def rates(
+    decode: Decode, batch: list[bytes], device: torch.device, repeat: int
+) -> dict[str, float]:
+    """Images per second, and this process's CPU milliseconds per image (all its threads)."""
     decode(batch)  # warm: decoder state, buffers
     _sync(device)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for _ in range(repeat):
         decode(batch)
     _sync(device)
-    return len(batch) * repeat / (time.perf_counter() - started)
+    n = len(batch) * repeat
+    return {
+        "img_s": round(n / (time.perf_counter() - started), 1),
+        "cpu_ms_per_img": round((time.process_time() - cpu) / n * 1000, 3),
+    }
+
+
+def _tensors(batch: list[bytes]) -> list[torch.Tensor]:
+    """The bytes as the worker hands them on: uint8 tensors over the same memory."""
+    with warnings.catch_warnings():  # read-only bytes: the decoders only read them
+        warnings.simplefilter("ignore", UserWarning)
+        return [torch.frombuffer(b, dtype=torch.uint8) for b in batch]
 
 
 def _sync(device: torch.device) -> None:
@@ -120,18 +119,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         decoders.update(nvimgcodec_decoders(device))
     sets = {"imagenet": (IMAGENET, args.batch), "mixed": (MIXED, args.batch)}
     sets["12mp"] = (PHONE_12MP, max(1, args.batch // 8))
-    report: dict[str, Any] = {"device": str(device), "img_s": {}}
+    report: dict[str, Any] = {"device": str(device), "decode": {}}
     batches = {name: _batch(root, spec, size) for name, (spec, size) in sets.items()}
     # Does a progressive JPEG stall a batch? One in eight, then all of them.
     batches["imagenet-1in8-progressive"] = _progressive(batches["imagenet"], 8)
     batches["imagenet-progressive"] = _progressive(batches["imagenet"], 1)
     for set_name, batch in batches.items():
         size = len(batch)
-        row: dict[str, float | str] = {}
+        row: dict[str, Any] = {}
         for name, decode in decoders.items():
             row[name] = _measure(decode, batch, device, args.repeat)
             print(f"decode {set_name} x{size} {name}: {row[name]}", flush=True)
-        report["img_s"][set_name] = {"batch": size, **row}
+        report["decode"][set_name] = {"batch": size, **row}
     return report
 
 
@@ -139,7 +138,7 @@ def _measure(decode: Decode | str, batch: list[bytes], device: torch.device, rep
     if isinstance(decode, str):
         return decode
     try:
-        return round(images_per_s(decode, batch, device, repeat), 1)
+        return rates(decode, batch, device, repeat)
     except Exception as e:  # a decoder that fails here is a finding, not a crash
         return f"{type(e).__name__}: {e}"
 

@@ -66,6 +66,10 @@ class Preprocess:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
+# Who decodes JPEGs on a CUDA device: torchvision's nvJPEG, or nvImageCodec (worker.nvdecode).
+JPEG_DECODERS = ("torchvision", "nvimgcodec")
+
+
 @dataclass(frozen=True)
 class Settings:
     model: str
@@ -79,6 +83,8 @@ class Settings:
     compile: bool = False
     # CUDA only: the forward pass as one captured graph per padded batch size.
     cuda_graphs: bool = True
+    # CUDA only: who decodes JPEGs on the device, one of JPEG_DECODERS.
+    jpeg_decoder: str = "torchvision"
     redis_url: str = defaults.REDIS_URL
     # Redis instances holding the job records (contract.shards); empty: redis_url alone.
     store_urls: tuple[str, ...] = ()
