@@ -6,13 +6,14 @@ one counter per final status, ``created`` and ``finished`` (µs), ``ttl``, and w
 submission named (``callback_url``, ``output``); the results sink adds ``written`` and
 ``output_error``. Two lists hold the batch's job IDs, in submission order (``jobs``) and in the
 order they became final (``results``): a results cursor is a position in the latter, one per
-shard. When a batch finishes, the events stream gets an entry of its own: an empty ``id``,
-status ``batch_finished`` and the batch's ID. ``Batch`` is what readers get, summed over the
-shards.
+shard; the former is dropped when the batch finishes (it is only needed to cancel it). When a
+batch finishes, the events stream gets an entry of its own: an empty ``id``, status
+``batch_finished`` and the batch's ID. ``Batch`` is what readers get, summed over the shards.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,12 @@ from contract.job import FINAL
 
 # The ``status`` of the completion event a batch adds (with an empty ``id``) when it finishes.
 BATCH_FINISHED = "batch_finished"
+
+
+def new_batch_id() -> str:
+    """A generated batch ID: 64 random bits in hex, half a job ID's length, as every record
+    and event of the batch carries it."""
+    return uuid.uuid4().hex[:16]
 
 
 def _doc(text: str) -> dict[str, str]:

@@ -17,7 +17,8 @@ def batch_key(batch_id: str) -> str:
 
 
 def batch_jobs_key(batch_id: str) -> str:
-    """List of a batch's job IDs in submission order (per store shard)."""
+    """List of a batch's job IDs in submission order (per store shard), deleted when the batch
+    finishes: what cancelling it goes through."""
     return f"{batch_key(batch_id)}:jobs"
 
 

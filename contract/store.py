@@ -83,8 +83,8 @@ _FIELD_NAMES = {
 
 # ``batch_final`` counts jobs of ``batch`` that just became final: ``names`` status -> count,
 # ``ids`` their IDs (appended to the batch's results list). The batch is finished once as many
-# of its jobs are final as were submitted, which adds its own event; its keys live ``ttl``
-# seconds after the latest.
+# of its jobs are final as were submitted, which adds its own event and drops its job list
+# (only jobs not final yet are ever cancelled); its keys live ``ttl`` seconds after the latest.
 _BATCH = """
 local function batch_final(batch, names, ids, now, events, maxlen)
   local bkey = '$batch_prefix' .. batch
@@ -94,6 +94,7 @@ local function batch_final(batch, names, ids, now, events, maxlen)
   local v = redis.call('HMGET', bkey, 'total', 'ttl')
   if tonumber(v[1]) and final >= tonumber(v[1])
       and redis.call('HSETNX', bkey, 'finished', string.format('%d', now)) == 1 then
+    redis.call('DEL', bkey .. ':jobs')  -- nothing left to cancel
     redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'id', '', 'status', $batch_finished,
       'batch', batch)
   end

@@ -13,7 +13,7 @@ import redis
 from celery import Celery
 
 from contract import defaults, keys, registry
-from contract.batch import Batch, BatchSpec
+from contract.batch import Batch, BatchSpec, new_batch_id
 from contract.connection import connect
 from contract.errors import (
     IdConflict,
@@ -500,7 +500,7 @@ def _batch_spec(
         validate_output(output)
     if batch is None and not many and output is None:
         return None
-    batch_id = new_job_id() if batch is None else validate_batch_id(batch)
+    batch_id = new_batch_id() if batch is None else validate_batch_id(batch)
     return BatchSpec(batch_id, callback_url, output)
 
 

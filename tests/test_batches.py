@@ -228,3 +228,17 @@ def test_the_cli_submits_a_batch_and_reads_its_status_and_results(
     assert status.returncode == 0 and json.loads(status.stdout)["counts"]["done"] == 2
     unknown = _producer(redis_url, "batch", "status", "nobody")
     assert unknown.returncode == 1 and "not_found" in unknown.stderr
+
+
+def test_a_finished_batch_drops_its_job_list_and_a_reopened_one_lists_only_the_new_jobs(
+    client: Client, redis_client: redis.Redis
+) -> None:
+    jobs = client.submit_many(["/x/a.jpg", "/x/b.jpg"], model=MODEL)
+    batch = jobs[0].batch or ""
+    assert len(batch) == 16
+    listed = [i for page in client.store.batch_job_ids(batch) for i in page]
+    assert listed == [j.id for j in jobs]
+    finish(client.store, [j.id for j in jobs])
+    assert not redis_client.exists(keys.batch_jobs_key(batch))
+    more = client.submit("/x/c.jpg", model=MODEL, batch=batch)
+    assert [i for page in client.store.batch_job_ids(batch) for i in page] == [more.id]
