@@ -484,3 +484,19 @@ def test_a_bulk_submission_is_a_batch_whose_results_stream_from_a_cursor(stack: 
     assert stack.http.get("/v1/batches/nobody/results").status_code == 404
     foreign = stack.http.get(f"/v1/batches/{batch}/results", params={"cursor": "1.2"})
     assert foreign.status_code == 422 and "cursor" in foreign.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"uri": "/x.jpg", "batch": "../etc"}, "batch"),
+        ({"uri": "/x.jpg", "output": "http://example.com/x"}, "output"),
+        ({"jobs": [{"uri": "/x.jpg"}], "output": "s3://b/\x01"}, "output"),
+    ],
+)
+def test_a_bad_batch_or_output_is_refused_naming_the_field(
+    stack: Stack, body: dict, field: str
+) -> None:
+    reply = stack.http.post("/v1/jobs", json={**body, "model": IDLE})
+    assert reply.status_code == 422
+    assert reply.json()["error"]["message"].startswith(f"{field}: ")

@@ -246,3 +246,23 @@ def test_a_real_worker_s_batch_reaches_the_output_and_python_m_sink_read_counts_
 @pytest.fixture
 def images(tmp_path: Path) -> list[Path]:
     return write_images(tmp_path / "images", 20, width=48, height=48)
+
+
+def test_a_failed_write_leaves_the_events_pending_until_it_succeeds(
+    client: Client, redis_client: redis.Redis, s3_client: Any
+) -> None:
+    jobs = client.submit_many(["/x/1.jpg", "/x/2.jpg"], model=IDLE, output="s3://later/p/")
+    finish(client, [j.id for j in jobs])
+    now = [0.0]
+    sink = Sink(redis_client, SinkSettings(Policy()), s3=s3_client, clock=lambda: now[0])
+    sink.setup()
+    assert sink.step() == 3  # no such bucket yet: nothing acknowledged
+    assert redis_client.xpending(keys.events_stream(), "sink")["pending"] == 2
+    s3_client.create_bucket(Bucket="later")
+    assert sink.step() == 0  # the retry waits a little
+    now[0] += 10
+    assert sink.step() == 2
+    assert redis_client.xpending(keys.events_stream(), "sink")["pending"] == 0
+    _count_every_job(client, S3Target("later", "p/", s3_client), [j.id for j in jobs])
+    state = client.batch(jobs[0].batch or "")
+    assert state is not None and state.output_written == 2 and state.output_error is None
