@@ -155,11 +155,12 @@ def test_two_redis_instances_carry_one_job_stream_with_every_job_done_and_stored
     assert on_broker.isdisjoint(on_second) and on_broker | on_second == set(ids)
     assert min(len(on_broker), len(on_second)) > JOBS // 4  # each a fair share
     # The queues and bookkeeping live on the broker only; beside the records: their completion
-    # events, the names and labels they refer to, and their batch's share on this shard.
+    # events, the names and labels they refer to, and their finished batch's share on this
+    # shard (its job list dropped once it finished).
     labels = keys.labels_key(MODEL, 0).rsplit(":", 1)[0]
     beside = {n for n in _queue_keys(second) if not n.startswith(labels)}
     batch = records[0].batch if records[0] else ""
-    batch_keys = {keys.batch_key(batch), keys.batch_jobs_key(batch), keys.batch_results_key(batch)}
+    batch_keys = {keys.batch_key(batch), keys.batch_results_key(batch)}
     assert beside == {keys.events_stream(), keys.names_key(), *batch_keys}
 
 
