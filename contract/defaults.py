@@ -12,6 +12,11 @@ JOB_TTL_S = 24 * 3600
 QUEUED_TTL_S = 24 * 3600
 # Longest ttl_s a submission may set (30 days).
 MAX_TTL_S = 30 * 24 * 3600
+# Latest deadline accepted, in Unix seconds (year 5138): a larger number is taken for
+# milliseconds by mistake.
+MAX_DEADLINE = 1e11
+# Longest relative deadline (deadline_s) the CLI and the gateway accept (30 days).
+MAX_DEADLINE_S = 30 * 24 * 3600
 # Seconds after which a process writes the names and labels its records refer to again, in
 # case Redis lost them (a restart without persistence).
 CATALOG_REWRITE_S = 60.0

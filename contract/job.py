@@ -341,8 +341,11 @@ def validate_deadline(deadline: float) -> float:
     job then ends expired at its claim)."""
     if isinstance(deadline, bool) or not isinstance(deadline, int | float):
         raise InvalidRequest(f"deadline must be a number of Unix seconds, got {deadline!r}")
-    if not math.isfinite(deadline) or deadline <= 0:
-        raise InvalidRequest(f"deadline must be a positive finite Unix time, got {deadline!r}")
+    if not math.isfinite(deadline) or not 0 < deadline <= defaults.MAX_DEADLINE:
+        raise InvalidRequest(
+            f"deadline must be a positive Unix time in seconds (not milliseconds), "
+            f"at most {defaults.MAX_DEADLINE:.0f}, got {deadline!r}"
+        )
     return timestamp(deadline)
 
 

@@ -95,13 +95,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+DeadlineS = Annotated[
+    float,
+    Field(
+        gt=0,
+        le=defaults.MAX_DEADLINE_S,
+        description="Seconds from now (the gateway's receipt): a job not started by then ends "
+        "expired, never fetched or run.",
+    ),
+]
+TtlS = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=defaults.MAX_TTL_S,
+        description="Seconds the record is kept once the job is final (default "
+        f"{defaults.JOB_TTL_S}).",
+    ),
+]
+
+
+class _Timing(_Strict):
+    deadline_s: DeadlineS | None = None
+    ttl_s: TtlS | None = None
+
+
 class JobIn(_Strict):
     uri: Uri
     id: JobId | None = Field(None, description="Your own job ID; generated when left out.")
     callback_url: CallbackUrl | None = None
 
 
-class SubmitOne(JobIn):
+class SubmitOne(JobIn, _Timing):
     """One job."""
 
     model: ModelName = defaults.MODEL
@@ -109,7 +134,7 @@ class SubmitOne(JobIn):
     priority: PriorityName = Field("normal", description="high jobs are served first, low last")
 
 
-class SubmitMany(_Strict):
+class SubmitMany(_Timing):
     """Many jobs for one model; the reply lists their records in the same order."""
 
     jobs: list[JobIn] = Field(min_length=1, max_length=MAX_JOBS_PER_REQUEST)
@@ -199,6 +224,8 @@ RULES = {
     "letter or digit",
     "top_k": f"must be an integer from 1 to {defaults.MAX_TOP_K}",
     "jobs": f"must list 1 to {MAX_JOBS_PER_REQUEST} jobs",
+    "deadline_s": f"must be a number of seconds above 0 and at most {defaults.MAX_DEADLINE_S}",
+    "ttl_s": f"must be an integer from 1 to {defaults.MAX_TTL_S} seconds",
 }
 # pydantic's error types that quote a field's constraint (a pattern, a length, a bound).
 _CONSTRAINT_ERRORS = {
@@ -206,6 +233,7 @@ _CONSTRAINT_ERRORS = {
     "string_too_short",
     "string_too_long",
     "greater_than_equal",
+    "greater_than",
     "less_than_equal",
     "too_short",
     "too_long",
