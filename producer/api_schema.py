@@ -49,8 +49,10 @@ URI_PATTERN = (
     "^(?:"
     + "|".join(
         (
-            r"[^A-Za-z\s\x00][^\x00]*",  # starts with neither a letter nor a space
-            r"\s[^\x00]*[^\s\x00][^\x00]*",  # starts with a space, but is not blank
+            # Spaces as Python's str.strip sees them: \x1c-\x1f too, which \s leaves out
+            # in the gateway's (Rust) regex engine.
+            r"[^A-Za-z\s\x1c-\x1f\x00][^\x00]*",  # starts with neither a letter nor a space
+            r"[\s\x1c-\x1f][^\x00]*[^\s\x1c-\x1f\x00][^\x00]*",  # a space first, not blank
             # starts with a word that is not followed by "://" (so not a scheme)
             r"[A-Za-z][A-Za-z0-9+.-]*(?:$|[^A-Za-z0-9+.:\x00-]|:$|:[^/\x00]|:/$|:/[^/\x00])[^\x00]*",
             r"(?:[sS]3|[hH][tT][tT][pP][sS]?|[fF][iI][lL][eE])://[^\x00]*",  # an allowed scheme

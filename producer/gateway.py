@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
@@ -169,6 +170,19 @@ def _error_response(error: ServiceError, status_code: int | None = None) -> JSON
     return JSONResponse({"error": error.to_dict()}, status_code=code, headers=headers)
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route of the request's path takes (GET and DELETE on a job):
+    Starlette's own ``Allow`` names only the first such route's."""
+    path = request.url.path
+    methods = {
+        m
+        for route in request.app.routes
+        if isinstance(route, APIRoute) and route.path_regex.match(path)
+        for m in route.methods or ()
+    }
+    return ", ".join(sorted(methods))
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     async def service_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
@@ -181,11 +195,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         malformed = any(e["type"] == "json_invalid" for e in problems)
         return _error_response(InvalidRequest(message), 400 if malformed else 422)
 
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         kind = NotFound if exc.status_code == 404 else InvalidRequest
         reply = _error_response(kind(str(exc.detail)), exc.status_code)
-        reply.headers.update(exc.headers or {})  # Allow on a 405
+        reply.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            reply.headers["Allow"] = _allowed_methods(request)
         return reply
 
     async def redis_down(_: Request, exc: Exception) -> JSONResponse:
