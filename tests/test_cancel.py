@@ -177,3 +177,31 @@ def test_a_records_ttl_counts_from_its_end(redis_client: redis.Redis) -> None:
     assert 0 < redis_client.ttl(keys.job_key("t0")) <= 60
     assert 0 < redis_client.ttl(keys.job_key("t1")) <= 60
     assert redis_client.ttl(keys.job_key("t2")) > 60  # still queued
+
+
+def test_cancel_answers_each_id_and_counts_a_long_model_name_in_its_own_stats(
+    redis_client: redis.Redis,
+) -> None:
+    store = JobStore(redis_client)
+    model = "m" * 100  # stored in two pieces
+    store.create_many([Job(id=i, uri="a.jpg", model=model, top_k=1, submitted=1.0) for i in "ab"])
+    redis_client.set(keys.job_key("str"), "not a hash")
+    redis_client.hset(keys.job_key("nostatus"), "u", "a.jpg")
+
+    outcomes = store.cancel_many(["a", "a", "str", "nostatus", "none", "b"], 2.0)
+
+    assert outcomes == [
+        CancelOutcome.CANCELLED,
+        CancelOutcome.ALREADY_FINAL,  # the same ID again: cancelled by the first
+        CancelOutcome.CORRUPT,
+        CancelOutcome.CORRUPT,
+        CancelOutcome.MISSING,
+        CancelOutcome.CANCELLED,
+    ]
+    assert store.stats(model) == {"cancelled": 2}
+    assert redis_client.get(keys.job_key("str")) == b"not a hash"
+    assert redis_client.hgetall(keys.job_key("nostatus")) == {b"u": b"a.jpg"}
+    assert [(j.status, j.finished) for j in store.get_many(["a", "b"]) if j] == [
+        ("cancelled", 2.0),
+        ("cancelled", 2.0),
+    ]
