@@ -139,7 +139,7 @@ local function finish(key, flat, at, status, name, err, now, events, maxlen)
   put(flat, at, w, 'f', since(flat, at, now))
   if err then put(flat, at, w, 'e', err) end
   redis.call('HSET', key, unpack(w))
-  redis.call('EXPIRE', key, at['l'] and tonumber(flat[at['l']]) or $ttl)
+  redis.call('EXPIRE', key, tonumber(redis.call('HGET', key, 'l')) or $ttl)
   local id = string.sub(key, $id_from)
   redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'id', id, 'status', name, 'batch', '')
   return id
@@ -184,7 +184,7 @@ local n = #KEYS - 2
 local stats, events, maxlen = KEYS[n + 1], KEYS[n + 2], ARGV[6]
 local now, max_attempts, fresh = tonumber(ARGV[1]), tonumber(ARGV[3]), ARGV[4] == 'fresh'
 local out, failed, expired = {}, {}, {}
-local FIELDS = {'s', 'a', 't', 'u', 'm', 'k', 'd', 'l'}
+local FIELDS = {'s', 'a', 't', 'u', 'm', 'k', 'd'}
 for i = 1, n do
   local key = KEYS[i]
   local v = redis.pcall('HMGET', key, unpack(FIELDS))

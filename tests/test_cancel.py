@@ -17,7 +17,7 @@ import redis
 from contract import defaults, keys
 from contract.errors import AlreadyFinal, JobFailed, NotFound
 from contract.job import ErrorInfo, Job
-from contract.store import CancelOutcome, JobStore
+from contract.store import CancelOutcome, ClaimState, JobStore
 from producer.client import Client
 from tests.faults_support import (
     CHUNK,
@@ -162,7 +162,7 @@ def test_a_records_ttl_counts_from_its_end(redis_client: redis.Redis) -> None:
     """Queued: at least the queued TTL (24 h), whatever its own; final: its own, from then."""
     store = JobStore(redis_client)
     jobs = [
-        Job(id=f"t{n}", uri="a.jpg", model="m", top_k=1, submitted=1.0, ttl_s=60) for n in range(3)
+        Job(id=f"t{n}", uri="a.jpg", model="m", top_k=1, submitted=1.0, ttl_s=60) for n in range(4)
     ]
     store.create_many(jobs)
     assert all(redis_client.ttl(keys.job_key(j.id)) > 60 for j in jobs)
@@ -173,10 +173,13 @@ def test_a_records_ttl_counts_from_its_end(redis_client: redis.Redis) -> None:
     (running,) = store.get_many(["t1"])
     assert running is not None
     store.finish_many([running.failed(ErrorInfo("not_found", "gone"), 3.0)])
+    (poisoned,) = store.claim_many(["t3"], "m", 2.0, "w", fresh_only=False, max_attempts=0)
 
     assert 0 < redis_client.ttl(keys.job_key("t0")) <= 60
     assert 0 < redis_client.ttl(keys.job_key("t1")) <= 60
     assert redis_client.ttl(keys.job_key("t2")) > 60  # still queued
+    assert poisoned.state == ClaimState.POISONED
+    assert 0 < redis_client.ttl(keys.job_key("t3")) <= 60
 
 
 def test_cancel_answers_each_id_and_counts_a_long_model_name_in_its_own_stats(
