@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from contract.errors import AlreadyFinal, InvalidRequest, NotFound
+from contract.errors import AlreadyFinal, InvalidRequest, MalformedRecord, NotFound
 from contract.job import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING, Job
 from contract.store import CancelOutcome
 
@@ -67,10 +67,11 @@ def cancel_line(job_id: str, outcome: CancelOutcome, job: Job | None) -> dict[st
     error = None
     if outcome is CancelOutcome.ALREADY_FINAL:
         error = {"type": AlreadyFinal.type, "message": f"job {job_id} is already {status}"}
-    elif not outcome.cancelled:
+    elif outcome is CancelOutcome.CORRUPT:
+        message = f"job record {job_id!r} is not a job; left as it is"
+        error = {"type": MalformedRecord.type, "message": message}
+    elif outcome is CancelOutcome.MISSING:
         message = f"no job {job_id!r} (never submitted, or its record expired)"
-        if outcome is CancelOutcome.CORRUPT:
-            message = f"job record {job_id!r} is not a job; left as it is"
         error = {"type": NotFound.type, "message": message}
     return {"id": job_id, "outcome": str(outcome), "status": status, "error": error}
 
