@@ -425,7 +425,7 @@ def cancel(redis_url: str, from_file: IO[str] | None, job_ids: tuple[str, ...]) 
 
     Prints one JSON line per ID: {"id", "outcome", "status", "error"}, where outcome is
     cancelled (it was queued), cancelled_running, final (left as it was: error
-    already_final), missing (error not_found) or corrupt.
+    already_final), missing (error not_found) or corrupt (error malformed_message).
 
     \b
     Exit status:
