@@ -167,6 +167,24 @@ def test_long_poll_returns_the_record_once_the_job_finishes(stack: Stack) -> Non
     assert replies[0].json()["error"] == {"type": "internal", "message": "finished by the test"}
 
 
+def test_a_long_poll_answers_once_the_job_is_cancelled(stack: Stack) -> None:
+    posted = stack.http.post("/v1/jobs", json={"uri": "never-run.jpg", "model": IDLE}).json()
+    client = redis.Redis.from_url(stack.redis_url)
+    client.config_resetstat()
+    replies: list[httpx.Response] = []
+    url = f"/v1/jobs/{posted['id']}"
+    poll = threading.Thread(target=lambda: replies.append(stack.http.get(url, params={"wait": 60})))
+    poll.start()
+    _wait_for_reads(client, 1)  # the poll has seen the job queued
+    cancelled = stack.http.delete(url)
+    poll.join(timeout=60)
+    client.close()
+
+    assert replies and replies[0].status_code == 200
+    assert replies[0].json() == cancelled.json()
+    assert replies[0].json()["status"] == "cancelled"
+
+
 def _reads(client: redis.Redis) -> int:
     # A record is read with one HGETALL (contract.store.JobStore.get_many).
     return int(client.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0))
