@@ -23,6 +23,8 @@ from tests.support import ROOT, RedisServer
 from tests.support_gateway import register_idle_model
 
 MODEL = "batchnet"
+# A batch's counts: one per final status.
+NONE = {"done": 0, "failed": 0, "cancelled": 0, "expired": 0}
 
 
 @pytest.fixture
@@ -56,7 +58,7 @@ def test_many_jobs_get_one_generated_batch_one_job_none(client: Client) -> None:
     batch = client.batch(jobs[0].batch)
     assert batch is not None
     assert (batch.total, batch.pending, batch.progress, batch.finished) == (5, 5, 0.0, None)
-    assert batch.counts == {"done": 0, "failed": 0}
+    assert batch.counts == NONE
     assert batch.created is not None and abs(batch.created - time.time()) < 60
 
 
@@ -68,12 +70,16 @@ def test_counts_progress_and_finished_follow_each_final_job(client: Client) -> N
     batch = client.batch("b1")
     assert batch is not None
     assert (batch.total, batch.pending, batch.progress) == (10, 6, 0.4)
-    assert batch.counts == {"done": 3, "failed": 1}
+    assert batch.counts == {**NONE, "done": 3, "failed": 1}
     assert batch.finished is None
     finish(client.store, ids[4:])
     batch = client.batch("b1")
     assert batch is not None and batch.finished is not None
-    assert (batch.pending, batch.progress, batch.counts) == (0, 1.0, {"done": 9, "failed": 1})
+    assert (batch.pending, batch.progress, batch.counts) == (
+        0,
+        1.0,
+        {**NONE, "done": 9, "failed": 1},
+    )
 
 
 def test_a_later_submission_to_a_finished_batch_reopens_it(client: Client) -> None:
@@ -158,12 +164,18 @@ def test_a_poisoned_job_counts_in_its_batch(client: Client) -> None:
     assert page.complete and [i for i, _ in page.records] == [job.id]
 
 
-def test_batch_keys_expire_with_the_records(client: Client, redis_client: redis.Redis) -> None:
-    short = Client(client.redis, client.celery, ttl_s=100)
-    jobs = short.submit_many(["/x/a.jpg", "/x/b.jpg"], model=MODEL, batch="ttl")
-    finish(short.store, [jobs[0].id])
-    for name in (keys.batch_key("ttl"), keys.batch_jobs_key("ttl"), keys.batch_results_key("ttl")):
-        assert 0 < redis_client.ttl(name) <= 100
+def test_batch_keys_live_as_long_as_their_records(
+    client: Client, redis_client: redis.Redis
+) -> None:
+    jobs = client.submit_many(["/x/a.jpg", "/x/b.jpg"], model=MODEL, batch="ttl", ttl_s=100)
+    names = (keys.batch_key("ttl"), keys.batch_jobs_key("ttl"), keys.batch_results_key("ttl"))
+    finish(client.store, [jobs[0].id])
+    queued = redis_client.ttl(keys.job_key(jobs[1].id))
+    assert queued > 100  # a queued record lives longer than a final one
+    assert all(redis_client.ttl(name) >= queued for name in names)
+    finish(client.store, [jobs[1].id])
+    assert all(0 < redis_client.ttl(name) <= 100 for name in names[::2])  # the job list is gone
+    assert not redis_client.exists(names[1])
 
 
 def test_a_batch_over_two_shards_sums_them_and_reads_every_result(

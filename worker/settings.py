@@ -53,7 +53,9 @@ LOG_LEVEL = "INFO"
 # Worker processes on this host: "auto" is one single-threaded process per core on a CPU, and
 # PROCESSES_PER_GPU per GPU on a GPU host (worker/supervisor.py; README "Processes per host").
 PROCESSES = "auto"
-PROCESSES_PER_GPU = 2
+# 4: on an H200 with CUDA graphs, 4 processes did 2.9-3.6x one process's rate, and in eager mode
+# 8 did no better than 4 (README "Throughput", bench/results/h200-run3-*).
+PROCESSES_PER_GPU = 4
 
 
 @dataclass(frozen=True)
