@@ -226,6 +226,11 @@ class JobList(BaseModel):
 BatchOut = _record_model(Batch, "A batch's counters, progress and times, over every shard.")
 
 
+class BatchCancelOut(BaseModel):
+    cancelled: int = Field(description="jobs this request cancelled")
+    batch: BatchOut  # type: ignore[valid-type]
+
+
 class ModelOut(BaseModel):
     name: str
     version: str = Field(description="the default version, where unpinned jobs go")

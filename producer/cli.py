@@ -452,6 +452,25 @@ def batch_status(redis_url: str, batch_id: str) -> None:
     click.get_current_context().exit(0 if found.is_finished else bulk.EXIT_UNFINISHED)
 
 
+@batch.command("cancel")
+@redis_option
+@click.argument("batch_id")
+def batch_cancel(redis_url: str, batch_id: str) -> None:
+    """Cancel every job of the batch not final yet: queued ones never run, running ones'
+    results are discarded. Prints {"cancelled": N, "batch": {...}} as one JSON line.
+
+    Exit status: 0 when cancelled, 1 when the batch is unknown, expired or finished already
+    (nothing changed)."""
+    client = Client.from_url(redis_url, _store_urls())
+    try:
+        cancelled, state = client.cancel_batch(batch_id)
+    except ServiceError as e:
+        raise click.ClickException(f"{e.type}: {e}") from e
+    finally:
+        client.close()
+    click.echo(json.dumps({"cancelled": cancelled, "batch": state.to_dict()}))
+
+
 @batch.command("results")
 @redis_option
 @click.option("--cursor", help="Read on from here: the cursor a previous run printed.")

@@ -477,6 +477,22 @@ class Client:
         """The batch's counters, progress and times; None when unknown or expired."""
         return self.store.batch(validate_batch_id(batch_id))
 
+    def cancel_batch(self, batch_id: str) -> tuple[int, Batch]:
+        """Cancel every job of the batch that is not final yet; returns how many were
+        cancelled and the batch afterwards. Raises ``NotFound`` for an unknown (or expired)
+        batch and ``AlreadyFinal``, changing nothing, for a finished one."""
+        batch_id = validate_batch_id(batch_id)
+        state = self.store.batch(batch_id)
+        if state is None:
+            raise NotFound(f"no batch {batch_id!r} (never submitted, or expired)")
+        if state.is_finished:
+            raise AlreadyFinal(f"batch {batch_id} is finished already; nothing was changed")
+        cancelled = 0
+        for ids in self.store.batch_job_ids(batch_id):
+            cancelled += sum(outcome.cancelled for outcome in self.cancel_many(ids))
+        after = self.store.batch(batch_id)
+        return cancelled, after or state
+
     def batch_results(
         self, batch_id: str, cursor: str | None = None, limit: int = defaults.BATCH_PAGE
     ) -> BatchPage:

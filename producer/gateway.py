@@ -43,6 +43,7 @@ from contract.gauges import QueueCollector
 from contract.job import JOB_ID_PATTERN, validate_job_id
 from producer import bulk, status
 from producer.api_schema import (
+    BatchCancelOut,
     BatchOut,
     JobList,
     JobOut,
@@ -315,6 +316,17 @@ def submit(body: Submission, client: ClientDep) -> dict[str, Any]:
 
 
 BatchIdPath = Annotated[str, Path(max_length=defaults.MAX_JOB_ID_LEN, pattern=JOB_ID_PATTERN)]
+
+
+@router.delete(
+    "/batches/{batch_id}", response_model=BatchCancelOut, responses=error_responses(404, 409)
+)
+def cancel_batch(batch_id: BatchIdPath, client: ClientDep) -> dict[str, Any]:
+    """Cancel every job of the batch not final yet (queued ones never run, running ones'
+    results are discarded); answers how many were cancelled and the batch afterwards. A
+    finished batch answers 409 ``already_final`` and is left as it is; an unknown one 404."""
+    cancelled, batch = client.cancel_batch(batch_id)
+    return {"cancelled": cancelled, "batch": batch.to_dict()}
 
 
 @router.get("/batches/{batch_id}", response_model=BatchOut, responses=error_responses(404))

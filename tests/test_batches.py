@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from contract import keys
-from contract.errors import InvalidRequest, NotFound
+from contract.errors import AlreadyFinal, InvalidRequest, NotFound
 from contract.job import ErrorInfo, Prediction
 from contract.shards import ShardedStore
 from producer.client import Client, SubmitRequest
@@ -254,3 +254,42 @@ def test_a_finished_batch_drops_its_job_list_and_a_reopened_one_lists_only_the_n
     assert not redis_client.exists(keys.batch_jobs_key(batch))
     more = client.submit("/x/c.jpg", model=MODEL, batch=batch)
     assert [i for page in client.store.batch_job_ids(batch) for i in page] == [more.id]
+
+
+def test_cancelling_a_batch_ends_every_unfinished_job_and_only_those(
+    client: Client, redis_client: redis.Redis
+) -> None:
+    jobs = client.submit_many([f"/x/{i}.jpg" for i in range(10)], model=MODEL, batch="stop")
+    ids = [j.id for j in jobs]
+    finish(client.store, ids[:3], fail=frozenset({ids[0]}))
+    (running,) = client.store.claim_many([ids[3]], MODEL, time.time(), "w2", fresh_only=True)
+    assert running.job is not None
+    cancelled, batch = client.cancel_batch("stop")
+    assert cancelled == 7  # 6 queued, 1 running
+    assert batch.counts == {**NONE, "done": 2, "failed": 1, "cancelled": 7}
+    assert batch.pending == 0 and batch.is_finished
+    records = client.get_many(ids)
+    assert [r.status if r else None for r in records] == ["failed"] + ["done"] * 2 + [
+        "cancelled"
+    ] * 7
+    late = running.job.done([Prediction("a", 0, 1.0)], "w", False, time.time())
+    assert client.store.finish_many([late]) == [False]  # the running job's result: discarded
+    assert client.batch("stop") == batch
+    page = client.batch_results("stop")
+    assert page.complete and sorted(i for i, _ in page.records) == sorted(ids)
+    events = [keys.text(f[b"status"]) for _, f in redis_client.xrange(keys.events_stream())]
+    assert events.count("cancelled") == 7 and events.count("batch_finished") == 1
+    with pytest.raises(AlreadyFinal):
+        client.cancel_batch("stop")
+    with pytest.raises(NotFound):
+        client.cancel_batch("nobody")
+
+
+def test_producer_batch_cancel(client: Client, redis_url: str) -> None:
+    client.submit_many(["/x/a.jpg", "/x/b.jpg"], model=MODEL, batch="clistop")
+    run = _producer(redis_url, "batch", "cancel", "clistop")
+    assert run.returncode == 0, run.stderr
+    reply = json.loads(run.stdout)
+    assert reply["cancelled"] == 2 and reply["batch"]["counts"]["cancelled"] == 2
+    again = _producer(redis_url, "batch", "cancel", "clistop")
+    assert again.returncode == 1 and "already_final" in again.stderr

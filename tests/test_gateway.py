@@ -567,3 +567,19 @@ def test_a_bad_batch_or_output_is_refused_naming_the_field(
     reply = stack.http.post("/v1/jobs", json={**body, "model": IDLE})
     assert reply.status_code == 422
     assert reply.json()["error"]["message"].startswith(f"{field}: ")
+
+
+def test_delete_cancels_a_batch_once(stack: Stack) -> None:
+    jobs = [{"uri": str(p)} for p in stack.images]
+    reply = stack.http.post("/v1/jobs", json={"jobs": jobs, "model": IDLE})  # no worker takes
+    batch = reply.json()["batch"]
+    gone = stack.http.delete(f"/v1/batches/{batch}")
+    assert gone.status_code == 200, gone.text
+    assert gone.json()["cancelled"] == len(jobs)
+    assert gone.json()["batch"]["counts"]["cancelled"] == len(jobs)
+    assert gone.json()["batch"]["finished"] is not None
+    again = stack.http.delete(f"/v1/batches/{batch}")
+    assert again.status_code == 409 and again.json()["error"]["type"] == "already_final"
+    assert stack.http.delete("/v1/batches/nobody").status_code == 404
+    for job in reply.json()["jobs"]:
+        assert stack.http.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
