@@ -45,7 +45,7 @@ NULL_PREPROCESS = ("--resize", "16", "--crop", "16")
 # Finished records whose MEMORY USAGE is read and averaged.
 KEY_SAMPLE = 100
 # Commands the benchmark itself sends to read these figures; left out of commandstats.
-PROBE_COMMANDS = {"info", "memory|usage", "memory"}
+PROBE_COMMANDS = {"info", "memory|usage", "memory", "strlen"}
 # Seconds a worker may take to load the null model.
 READY_TIMEOUT_S = 120
 
@@ -84,7 +84,7 @@ class HostPathResult:
     # Redis ``used_memory`` growth over the run, per finished job (queue messages are gone);
     # client buffers move it by tens of KB, so it means something over thousands of jobs.
     redis_bytes_per_job: float
-    # MEMORY USAGE of a sample of finished records, averaged, and their JSON length.
+    # MEMORY USAGE of a sample of finished records, averaged, and their stored length.
     record_bytes: float
     record_json_bytes: float
     # Per command (and script): calls and microseconds of Redis CPU per job, all servers.
@@ -140,14 +140,13 @@ def _per_job(
 
 
 def record_sizes(client: redis.Redis, ids: Sequence[str]) -> tuple[float, float]:
-    """Mean MEMORY USAGE and mean length of the field names and values of the records of ``ids``."""
+    """Mean MEMORY USAGE and mean length of the stored values of the records of ``ids``."""
     pipe = client.pipeline(transaction=False)
     for job_id in ids:
         pipe.memory_usage(keys.job_key(job_id), samples=0)
-        pipe.hgetall(keys.job_key(job_id))
+        pipe.strlen(keys.job_key(job_id))
     sizes = pipe.execute()
-    usage = sizes[0::2]
-    lengths = [sum(len(k) + len(v) for k, v in fields.items()) for fields in sizes[1::2]]
+    usage, lengths = sizes[0::2], sizes[1::2]
     return sum(usage) / len(usage), sum(lengths) / len(lengths)
 
 

@@ -1,20 +1,20 @@
 """Job records in Redis: create, read, claim and finish, each a single round trip for many jobs.
 
-State changes run as Lua scripts, one call per batch, so that a redelivered message can never
-move a finished job backwards or write its result twice. The scripts read and write single
-fields of the record's hash (``contract.record``), never the whole record.
+A record is one packed string (``contract.record``): created with ``SET NX EX``, read with
+``MGET``. Claims and results run as Lua scripts, one call per batch, so that a redelivered
+message can never move a finished job backwards or write its result twice: a claim rewrites the
+record's fixed-width header in place, a result replaces the record unless it is final already.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from string import Template
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.client import Pipeline
@@ -22,8 +22,8 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
 from contract import defaults, keys, record
-from contract.errors import InvalidRequest, MalformedRecord, PoisonJob
-from contract.job import DONE, FAILED, QUEUED, RUNNING, Job
+from contract.errors import MalformedRecord, PoisonJob
+from contract.job import FAILED, FINAL, QUEUED, RUNNING, Job, JobStatus
 
 
 class ClaimState(str, Enum):
@@ -49,155 +49,125 @@ CORRUPT = ClaimState.CORRUPT
 
 
 def _lua(script: str) -> str:
-    """``script`` with the record's status codes and error types filled in.
+    """``script`` with the record's layout (``contract.record``) and error types filled in.
 
-    ``$queued`` ... ``$failed`` are status codes, ``$poison`` and ``$invalid`` error types,
-    ``$required`` the fields a job cannot run without (with the names messages give them),
-    ``$piece`` the longest value one field holds, ``$id_from`` where the ID starts in a key.
+    ``$format`` is the format byte, ``$head`` the header's length, ``$running`` and ``$failed``
+    status codes, ``$names`` a table of every status code's name, ``$final`` one of the final
+    codes, ``$runnable`` one of the codes a claim may start, ``$error`` the error field's tag,
+    ``$poison`` an error type, ``$id_from`` where the ID starts in a key.
     """
     code = record.STATUS_CODES
+
+    def table(statuses: Sequence[JobStatus]) -> str:
+        return "{" + ", ".join(f"{_code(s)} = '{s}'" for s in statuses) + "}"
+
     return Template(script).substitute(
-        required=", ".join(f"{{'{f}', '{_FIELD_NAMES[f]}'}}" for f in record.REQUIRED),
-        queued=f"'{code[QUEUED]}'",
-        running=f"'{code[RUNNING]}'",
-        done=f"'{code[DONE]}'",
-        failed=f"'{code[FAILED]}'",
+        format=f"string.char({record.FORMAT[0]})",
+        head=record.HEADER_BYTES,
+        running=f"'{code[RUNNING].decode()}'",
+        failed=f"'{code[FAILED].decode()}'",
+        names=table(list(code)),
+        final=table([s for s in code if s in FINAL]),
+        runnable=table([QUEUED, RUNNING]),
+        error=f"string.char({record.ERROR})",
         poison=f"'{PoisonJob.type}'",
-        invalid=f"'{InvalidRequest.type}'",
-        piece=record.PIECE,
         id_from=len(keys.job_key("")) + 1,
     )
 
 
-# The Job field each required record field holds, as error messages name it.
-_FIELD_NAMES = {
-    record.URI: "uri",
-    record.MODEL: "model",
-    record.TOP_K: "top_k",
-    record.STATUS: "status",
-}
+def _code(status: JobStatus) -> str:
+    return f"['{record.STATUS_CODES[status].decode()}']"
 
-# A record read with HGETALL is its flat field/value list ``flat`` (what the claim answers)
-# and ``at``, field -> position of its value. ``put`` writes a value there and appends the
-# field and value to ``w`` (the HSET to make), a long value in pieces as contract.record does.
+
+# A record is a string: a fixed-width header, then tagged fields (contract.record). Positions
+# below are Lua's (1-based): the status at 2, attempts at 3, started at 5, who at 12, finished
+# at 16. ``is_record`` tells a record of this format from anything else a key may hold.
 _RECORD = """
-local REQUIRED = {$required}
-local function positions(flat)
-  local at = {}
-  for j = 1, #flat, 2 do at[flat[j]] = j + 1 end
-  return at
+local FORMAT, HEAD, NAMES, FINAL, RUNNABLE = $format, $head, $names, $final, $runnable
+local function is_record(v)
+  return string.sub(v, 1, 1) == FORMAT and #v >= HEAD
 end
-local function put(flat, at, w, f, value)
-  if #value > $piece then
-    for n = 0, math.ceil(#value / $piece) - 1 do
-      local piece = string.sub(value, n * $piece + 1, (n + 1) * $piece)
-      put(flat, at, w, n == 0 and f or (f .. n), piece)
-    end
-    return
+-- Little-endian unsigned integers: ``n`` in ``width`` bytes; the two bytes of ``v`` at ``at``.
+local function le(n, width)
+  local out = {}
+  for i = 1, width do
+    out[i] = n % 256
+    n = math.floor(n / 256)
   end
-  local j = at[f]
-  if j then flat[j] = value else
-    flat[#flat + 1] = f; flat[#flat + 1] = value; at[f] = #flat
+  return string.char(unpack(out))
+end
+local function u16(v, at)
+  local a, b = string.byte(v, at, at + 1)
+  return a + 256 * b
+end
+-- A tagged field: its tag, its length (LEB128), its value.
+local function field(tag, value)
+  local n, size = #value, ''
+  while n >= 128 do
+    size = size .. string.char(128 + n % 128)
+    n = math.floor(n / 128)
   end
-  w[#w + 1] = f; w[#w + 1] = value
+  return tag .. size .. string.char(n) .. value
 end
-local function since(flat, at, now)
-  local t = at['t'] and tonumber(flat[at['t']]) or 0
-  return string.format('%d', now - t)
-end
-
--- Fails the job at ``key`` with ``err`` ("<type>:<message>") and adds its event.
-local function fail(key, flat, at, err, now, events, maxlen)
-  local w = {}
-  put(flat, at, w, 's', $failed)
-  put(flat, at, w, 'f', since(flat, at, now))
-  put(flat, at, w, 'e', err)
-  redis.call('HSET', key, unpack(w))
-  local id = string.sub(key, $id_from)
-  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'id', id, 'status', 'failed', 'batch', '')
-  return id
-end
-
--- Why a record that is not final cannot run: the first required field it lacks, or nil.
-local function unrunnable(flat, at)
-  for _, f in ipairs(REQUIRED) do
-    if not at[f[1]] then return f[2] end
-  end
-  if not tonumber(flat[at['k']]) then return 'top_k' end
-  local status = flat[at['s']]
-  if status ~= $queued and status ~= $running then return 'status' end
-  return nil
+local function event(events, maxlen, key, status)
+  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*',
+    'id', string.sub(key, $id_from), 'status', status, 'batch', '')
 end
 """
 
 # KEYS: the jobs' keys, then the model's stats hash and the events stream. ARGV: now (µs),
 # worker (catalog ID), max_attempts, mode ("fresh" | "any"), channel, events' max length.
-# Answers per job its state; the caller reads the records in the same transaction, after it,
-# since passing a whole record through Lua costs more than all the rest of a claim. A record
-# without a required field is failed at once, naming the field (and given the empty value, so
-# that it reads as a failed job). "fresh" claims only never-started jobs
-# and answers "suspect" for the rest, so that a job which may have killed a worker is retried
-# on its own rather than beside its neighbours.
+# Answers per job its state, then per job its record as it is now (false where there is none).
+# Only the header is rewritten, in place. "fresh" claims only never-started jobs and answers
+# "suspect" for the rest, so that a job which may have killed a worker is retried on its own
+# rather than beside its neighbours. A job started too often is failed (its error appended).
 _CLAIM = _lua(
     _RECORD
     + """
 local n = #KEYS - 2
 local stats, events, maxlen = KEYS[n + 1], KEYS[n + 2], ARGV[6]
-local now, max_attempts, fresh = tonumber(ARGV[1]), tonumber(ARGV[3]), ARGV[4] == 'fresh'
+local now, worker, max_attempts = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local fresh = ARGV[4] == 'fresh'
 local out, failed = {}, {}
-local FIELDS = {'s', 'a', 't', 'u', 'm', 'k'}
+
+local function poison(key, v, attempts)
+  local err = $poison .. ':the job was started ' .. attempts ..
+    ' times and each time its worker died before finishing it; giving up'
+  local head = $failed .. string.sub(v, 3, 15) .. le(now, 7)
+  local tail = field($error, err)
+  redis.call('SETRANGE', key, 1, head)
+  redis.call('APPEND', key, tail)
+  event(events, maxlen, key, NAMES[$failed])
+  failed[#failed + 1] = string.sub(key, $id_from)
+  return FORMAT .. head .. string.sub(v, 23) .. tail
+end
+
 for i = 1, n do
   local key = KEYS[i]
-  local v = redis.pcall('HMGET', key, unpack(FIELDS))
-  local attempts = not v.err and (tonumber(v[2]) or 0)
-  if v.err then
+  local v = redis.pcall('GET', key)
+  local state, rec = 'corrupt', false
+  if type(v) == 'table' then
     if not string.find(tostring(v.err), 'WRONGTYPE') then return v end
-    out[i] = 'corrupt'
-  elseif not v[1] and redis.call('EXISTS', key) == 0 then
-    out[i] = 'missing'
-  elseif (v[1] == $queued or v[1] == $running) and v[4] and v[5] and tonumber(v[6])
-      and attempts < max_attempts and not (fresh and attempts > 0) then
-    -- The common case, without the tables below: a runnable job claimed.
-    redis.call('HSET', key, 's', $running, 'a', attempts + 1,
-      'b', string.format('%d', now - (tonumber(v[3]) or 0)), 'w', ARGV[2])
-    out[i] = 'claimed'
-  else
-    local flat = {}
-    for j, f in ipairs(FIELDS) do
-      if v[j] then flat[#flat + 1] = f; flat[#flat + 1] = v[j] end
-    end
-    local at = positions(flat)
-    local status = at['s'] and flat[at['s']]
-    local attempts = at['a'] and tonumber(flat[at['a']]) or 0
-    local missing = nil
-    if status ~= $done and status ~= $failed then missing = unrunnable(flat, at) end
-    if status == $done or status == $failed then
-      out[i] = 'final'
-    elseif missing then
-      local w = {}
-      put(flat, at, w, 'u', at['u'] and flat[at['u']] or '')
-      put(flat, at, w, 'm', at['m'] and flat[at['m']] or '')
-      put(flat, at, w, 'k', tostring(at['k'] and tonumber(flat[at['k']]) or 0))
-      redis.call('HSET', key, unpack(w))
-      failed[#failed + 1] = fail(key, flat, at, $invalid .. ':the job record has no valid "' ..
-        missing .. '" field, so it cannot be run', now, events, maxlen)
-      out[i] = 'final'
+  elseif not v then
+    state = 'missing'
+  elseif is_record(v) then
+    local status, attempts = string.sub(v, 2, 2), u16(v, 3)
+    state, rec = 'claimed', v
+    if FINAL[status] then
+      state = 'final'
+    elseif not RUNNABLE[status] then
+      state, rec = 'corrupt', false
     elseif fresh and attempts > 0 then
-      out[i] = 'suspect'
+      state = 'suspect'
     elseif attempts >= max_attempts then
-      failed[#failed + 1] = fail(key, flat, at, $poison .. ':the job was started ' .. attempts ..
-        ' times and each time its worker died before finishing it; giving up', now, events, maxlen)
-      out[i] = 'poisoned'
+      state, rec = 'poisoned', poison(key, v, attempts)
     else
-      local w = {}
-      put(flat, at, w, 's', $running)
-      put(flat, at, w, 'a', tostring(attempts + 1))
-      put(flat, at, w, 'b', since(flat, at, now))
-      put(flat, at, w, 'w', ARGV[2])
-      redis.call('HSET', key, unpack(w))
-      out[i] = 'claimed'
+      local head = $running .. le(attempts + 1, 2) .. le(now, 7) .. le(worker, 4)
+      redis.call('SETRANGE', key, 1, head)
+      rec = FORMAT .. head .. string.sub(v, 16)
     end
   end
+  out[i], out[n + i] = state, rec
 end
 if #failed > 0 then
   redis.call('HINCRBY', stats, 'failed', #failed)
@@ -208,35 +178,44 @@ return out
 )
 
 # KEYS: the jobs' keys, the events stream, then the stats hashes. ARGV: the events' max length,
-# the number of jobs; then per job: its stats hash (1 = the first), its status (the counter and
-# event name), its attempts, the number of field values to write, those field values. Writes
-# only over a job that is not final yet: a result is stored once. If a later delivery started
-# the job again meanwhile, the stored record keeps that higher attempt count. Answers per job
-# 1 written, 0 final already (a duplicate), -1 no record.
-_FINISH = _lua("""
+# the number of jobs, the finished-jobs channel; then per job: its stats hash (1 = the first)
+# and its final record. Every job's ID is announced on the channel, written or not. Writes
+# only over a job that is not final yet: a result is stored once. The write comes first (SET ...
+# GET, one command where a read and a write would be two) and is undone where the record was
+# final already, or not a record. If a later delivery started the job again meanwhile, the
+# stored record keeps that higher attempt count. Answers per job 1 written, 0 final already (a
+# duplicate), -1 no record.
+_FINISH = _lua(
+    _RECORD
+    + """
 local maxlen, n = ARGV[1], tonumber(ARGV[2])
 local events = KEYS[n + 1]
-local counts, out, at = {}, {}, 3
+local counts, out, ids = {}, {}, {}
 for i = 1, n do
-  local key, stats = KEYS[i], KEYS[n + 1 + tonumber(ARGV[at])]
-  local status, attempts, count = ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
-  local first = at + 4
-  at = first + count
-  local cur = redis.pcall('HMGET', key, 's', 'a')
+  local key, value = KEYS[i], ARGV[3 + 2 * i]
+  local stats = KEYS[n + 1 + tonumber(ARGV[2 + 2 * i])]
+  ids[i] = string.sub(key, $id_from)
+  local old = redis.pcall('SET', key, value, 'XX', 'KEEPTTL', 'GET')
   local counter = nil
-  if cur.err then
-    if not string.find(tostring(cur.err), 'WRONGTYPE') then return cur end
+  if type(old) == 'table' then
+    if not string.find(tostring(old.err), 'WRONGTYPE') then return old end
     out[i] = -1
-  elseif not cur[1] and redis.call('EXISTS', key) == 0 then
+  elseif not old then
     out[i] = -1
-  elseif cur[1] == $done or cur[1] == $failed then
+  elseif not is_record(old) then
+    redis.call('SET', key, old, 'KEEPTTL')
+    out[i] = -1
+  elseif FINAL[string.sub(old, 2, 2)] then
+    redis.call('SET', key, old, 'KEEPTTL')
     out[i], counter = 0, 'duplicate'
   else
-    redis.call('HSET', key, unpack(ARGV, first, at - 1))
-    if attempts > (tonumber(cur[2]) or 0) then redis.call('HSET', key, 'a', attempts) end
-    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*',
-      'id', string.sub(key, $id_from), 'status', status, 'batch', '')
-    out[i], counter = 1, status
+    local was = u16(old, 3)
+    if was > u16(value, 3) then
+      redis.call('SETRANGE', key, 2, le(was, 2))
+    end
+    counter = NAMES[string.sub(value, 2, 2)]
+    event(events, maxlen, key, counter)
+    out[i] = 1
   end
   if counter then
     counts[stats] = counts[stats] or {}
@@ -246,26 +225,10 @@ end
 for stats, by_name in pairs(counts) do
   for name, count in pairs(by_name) do redis.call('HINCRBY', stats, name, count) end
 end
-return out
-""")
-
-# KEYS: the jobs' keys. ARGV: the TTL in seconds; then per job: the number of field values,
-# those field values. Creates only records that do not exist; answers 1 created, 0 existed.
-_CREATE = """
-local ttl, out, at = ARGV[1], {}, 2
-for i, key in ipairs(KEYS) do
-  local count = tonumber(ARGV[at])
-  if redis.call('EXISTS', key) == 0 then
-    redis.call('HSET', key, unpack(ARGV, at + 1, at + count))
-    redis.call('EXPIRE', key, ttl)
-    out[i] = 1
-  else
-    out[i] = 0
-  end
-  at = at + 1 + count
-end
+redis.call('PUBLISH', ARGV[3], cjson.encode(ids))
 return out
 """
+)
 
 
 @dataclass(frozen=True)
@@ -289,52 +252,59 @@ class JobStore:
         self.ttl_s = ttl_s
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
-        self._create = client.register_script(_CREATE)
         self._catalog = record.Catalog()
         self._catalog_since = time.monotonic()
 
     def create_many(self, jobs: Sequence[Job]) -> list[bool]:
-        """Store new records; a job whose ID already exists is left as it is (False)."""
+        """Store new records; a job whose ID already exists is left as it is (False). All or
+        none are written: the SETs go in one transaction (a Redis out of memory refuses it)."""
         if not jobs:
             return []
         self._maybe_rewrite_catalog()
-        calls = [
-            ([keys.job_key(j.id) for j in chunk], [self.ttl_s, *_create_args(chunk, self._catalog)])
-            for chunk in _chunks(jobs, CREATE_CHUNK)
-        ]
+        values = [(keys.job_key(j.id), record.encode(j, self._catalog)) for j in jobs]
 
         def fill(pipe: Pipeline) -> None:
-            for names, args in calls:
-                _call(pipe, self._create, names, args)
+            for key, value in values:
+                pipe.set(key, value, nx=True, ex=self.ttl_s)
 
-        replies = self._round_trip(fill)
+        replies = self._round_trip(fill, transaction=True)
         _raise_first_error(replies)
-        return [bool(created) for created in itertools.chain.from_iterable(replies)]
+        return [bool(created) for created in replies]
 
     def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
-        if not job_ids:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hgetall(keys.job_key(job_id))
-        stored = [
-            _stored(i, r) for i, r in zip(job_ids, pipe.execute(raise_on_error=False), strict=True)
-        ]
-        self._learn([r for r in stored if r is not None])
-        return [None if r is None else record.from_fields(r, self._catalog) for r in stored]
+        """The records of ``job_ids``, None where there is none; ``MalformedRecord`` where a
+        key holds something else (a record of an older release's format among them)."""
+        found = self._read(job_ids)
+        self._learn([r for r in found if r is not None])
+        return [None if r is None else record.decode(r, self._catalog) for r in found]
 
     def get(self, job_id: str) -> Job | None:
         return self.get_many([job_id])[0]
 
+    def get_final_many(self, job_ids: Sequence[str]) -> list[Job | Unsettled | None]:
+        """Like ``get_many`` where a job is final or has no record; ``UNSETTLED`` for the rest,
+        whose records are not decoded."""
+        found = self._read(job_ids)
+        final = [r for r in found if r is not None and r.status_code() in _FINAL_CODES]
+        self._learn(final)
+        return [
+            None
+            if r is None
+            else record.decode(r, self._catalog)
+            if r.status_code() in _FINAL_CODES
+            else UNSETTLED
+            for r in found
+        ]
+
     def settled(self, job_ids: Sequence[str]) -> list[bool]:
-        """Whether each job may be final: its status code says so, or it has none to read (no
-        record, or not a hash). Reads one field, so that a waiter reads a record in full once."""
+        """Whether each job may be final: its status code says so, or it has no record to read
+        (none, or not a string)."""
         if not job_ids:
             return []
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hget(keys.job_key(job_id), record.STATUS)
-        return [_settled(r) for r in pipe.execute(raise_on_error=False)]
+        values = _mget(self.redis, job_ids)
+        return [
+            v is None or v[record.STATUS_AT : record.STATUS_AT + 1] in _FINAL_CODES for v in values
+        ]
 
     def claim_many(
         self,
@@ -360,19 +330,14 @@ class JobStore:
             defaults.EVENTS_MAX_LEN,
         ]
         names = [*map(keys.job_key, job_ids), keys.stats_key(model), keys.events_stream()]
-
-        def fill(pipe: Pipeline) -> None:
-            _call(pipe, self._claim, names, args)
-            for name in names[: len(job_ids)]:
-                pipe.hgetall(name)
-
-        states, *records = self._round_trip(fill, transaction=True)
-        _raise_first_error([states])
-        found = [_claimed(*z) for z in zip(job_ids, states, records, strict=True)]
-        self._learn([r for _, r in found if r is not None])
+        (reply,) = self._round_trip(lambda pipe: _call(pipe, self._claim, names, args))
+        _raise_first_error([reply])
+        n = len(job_ids)
+        found = [_claimed(*z) for z in zip(job_ids, reply[n:], strict=True)]
+        self._learn([r for r in found if isinstance(r, record.Stored)])
         return [
             self._claim_of(job_id, state, r)
-            for job_id, (state, r) in zip(job_ids, found, strict=True)
+            for job_id, state, r in zip(job_ids, reply[:n], found, strict=True)
         ]
 
     def finish_many(self, jobs: Sequence[Job]) -> list[bool]:
@@ -381,24 +346,34 @@ class JobStore:
             return []
         self._maybe_rewrite_catalog()
         stats = list(dict.fromkeys(keys.stats_key(j.model) for j in jobs))
-        args: list[str | int | bytes] = [defaults.EVENTS_MAX_LEN, len(jobs)]
+        args: list[str | int | bytes] = [
+            defaults.EVENTS_MAX_LEN,
+            len(jobs),
+            keys.finished_channel(),
+        ]
         for job in jobs:
-            base = 0 if job.submitted is None else record.micros(job.submitted)
-            fields = record.result_fields(job, base, self._catalog)
-            args += [stats.index(keys.stats_key(job.model)) + 1, str(job.status), job.attempts]
-            args += [2 * len(fields), *itertools.chain.from_iterable(fields.items())]
+            args += [stats.index(keys.stats_key(job.model)) + 1, record.encode(job, self._catalog)]
         names = [*(keys.job_key(j.id) for j in jobs), keys.events_stream(), *stats]
-
-        def fill(pipe: Pipeline) -> None:
-            _call(pipe, self._finish, names, args)
-            pipe.publish(keys.finished_channel(), json.dumps([j.id for j in jobs]))
-
-        replies = self._round_trip(fill)
-        _raise_first_error(replies)
-        return [r == 1 for r in replies[-2]]
+        (written,) = self._round_trip(lambda pipe: _call(pipe, self._finish, names, args))
+        _raise_first_error([written])
+        return [r == 1 for r in written]
 
     def stats(self, model: str) -> dict[str, int]:
         return read_stats(self.redis, model)
+
+    def _read(self, job_ids: Sequence[str]) -> list[record.Stored | None]:
+        """The records of ``job_ids`` by MGET, split into header and fields; None where there
+        is none. A key MGET finds no string under is looked at again: a hash is a record of
+        the format before this one, anything else not a record; both raise MalformedRecord."""
+        if not job_ids:
+            return []
+        values = _mget(self.redis, job_ids)
+        absent = [i for i, v in zip(job_ids, values, strict=True) if v is None]
+        if absent:
+            _refuse_other_types(self.redis, absent)
+        return [
+            None if v is None else record.stored(i, v) for i, v in zip(job_ids, values, strict=True)
+        ]
 
     def _pipeline(self, transaction: bool = False) -> tuple[Pipeline, _Pending]:
         """A pipeline that first writes the names and labels the records refer to, if new."""
@@ -422,7 +397,7 @@ class JobStore:
             replies = self._execute(pipe, pending)
             if not any(isinstance(r, NoScriptError) for r in replies):
                 return replies
-            for script in (self._claim, self._finish, self._create):
+            for script in (self._claim, self._finish):
                 self.redis.script_load(script.script)
         return replies
 
@@ -458,19 +433,28 @@ class JobStore:
                 },
             )
 
-    def _claim_of(self, job_id: str, state: str, stored: record.Stored | None) -> Claim:
-        if stored is None:
-            return Claim(job_id, ClaimState(state), None)
+    def _claim_of(
+        self, job_id: str, state: bytes, stored: record.Stored | MalformedRecord | None
+    ) -> Claim:
+        if not isinstance(stored, record.Stored):
+            return Claim(job_id, CORRUPT if stored else ClaimState(keys.text(state)), None)
         try:
-            return Claim(job_id, ClaimState(state), record.from_fields(stored, self._catalog))
+            return Claim(job_id, ClaimState(keys.text(state)), record.decode(stored, self._catalog))
         except MalformedRecord:
             return Claim(job_id, CORRUPT, None)
 
 
+class Unsettled(Enum):
+    """``get_final_many``'s answer for a job that is not final yet."""
+
+    UNSETTLED = "unsettled"
+
+
+UNSETTLED = Unsettled.UNSETTLED
+
 # Names and labels handed to a pipeline, marked written once it ran.
 _Pending = tuple[dict[int, str], dict[tuple[str, int], dict[int, str]]]
-# Jobs created by one script call: Redis runs nothing else while a script runs.
-CREATE_CHUNK = 1000
+_FINAL_CODES = frozenset(record.STATUS_CODES[s] for s in FINAL)
 
 
 def read_stats(client: redis.Redis, model: str) -> dict[str, int]:
@@ -479,49 +463,35 @@ def read_stats(client: redis.Redis, model: str) -> dict[str, int]:
     return {keys.text(k): int(v) for k, v in raw.items()}
 
 
-def _create_args(jobs: Sequence[Job], catalog: record.Catalog) -> list[str | int | bytes]:
-    """Per job: the number of field values, then those values."""
-    args: list[str | int | bytes] = []
-    for job in jobs:
-        fields = record.to_fields(job, catalog)
-        args += [2 * len(fields), *itertools.chain.from_iterable(fields.items())]
-    return args
+def _mget(client: redis.Redis, job_ids: Sequence[str]) -> list[bytes | None]:
+    """The values under ``job_ids``' keys, None where a key holds no string."""
+    return cast(list[bytes | None], client.mget([keys.job_key(i) for i in job_ids]))
 
 
-def _chunks(jobs: Sequence[Job], size: int) -> list[Sequence[Job]]:
-    return [jobs[i : i + size] for i in range(0, len(jobs), size)]
+def _refuse_other_types(client: redis.Redis, job_ids: Sequence[str]) -> None:
+    """MalformedRecord for the first of ``job_ids`` whose key holds something but a string."""
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.type(keys.job_key(job_id))
+    for job_id, kind in zip(job_ids, pipe.execute(), strict=True):
+        kind = keys.text(kind)
+        if kind == "hash":
+            raise MalformedRecord(
+                f"job record {job_id!r} is a hash, the format before packed records (issue 10): "
+                "this release cannot read it; let it expire, or read it with the older release"
+            )
+        if kind != "none":
+            raise MalformedRecord(f"job record {job_id!r} is a {kind}, not a job record")
 
 
-def _stored(job_id: str, reply: dict[bytes, bytes] | Exception) -> record.Stored | None:
-    """A record read with HGETALL; None when there is none. Only WRONGTYPE says something about
-    the record; any other error (a lost connection, say) says the read did not happen."""
-    if isinstance(reply, Exception):
-        if str(reply).startswith("WRONGTYPE"):
-            raise MalformedRecord(f"job record {job_id!r} is not a hash") from reply
-        raise reply
-    return record.stored(job_id, reply) if reply else None
-
-
-def _settled(reply: bytes | Exception | None) -> bool:
-    if isinstance(reply, Exception) and not str(reply).startswith("WRONGTYPE"):
-        raise reply
-    return not isinstance(reply, bytes) or reply in _FINAL_CODES
-
-
-_FINAL_CODES = {record.STATUS_CODES[DONE].encode(), record.STATUS_CODES[FAILED].encode()}
-
-
-def _claimed(
-    job_id: str, state: bytes | str, fields: dict[bytes, bytes] | Exception
-) -> tuple[str, record.Stored | None]:
-    """The claim script's answer for a job and its record, read right after in the same
-    transaction (an error there where the record is not a hash)."""
-    text = keys.text(state)
-    if text in (MISSING, CORRUPT):
-        return text, None
-    _raise_first_error([fields])
-    assert isinstance(fields, dict)
-    return text, record.stored(job_id, fields)
+def _claimed(job_id: str, value: bytes | None) -> record.Stored | MalformedRecord | None:
+    """The record the claim script answered for a job, split; the error where it is none."""
+    if value is None:
+        return None
+    try:
+        return record.stored(job_id, value)
+    except MalformedRecord as e:
+        return e
 
 
 def _call(pipe: Pipeline, script: Script, names: Sequence[str], args: Sequence[Any]) -> None:
