@@ -1,7 +1,8 @@
 """What each step of a job costs Redis: ``JobStore`` alone on a private redis-server (issue 10).
 
 No worker, no Celery: jobs like the host path's (a 68-character path, a version, top-5 results)
-are created, claimed in messages of 64, finished in batches of 8 and read back once, and each
+are created, claimed in messages of 64, finished in batches of 8 (the worker's batch when
+it keeps up) and read back once, and each
 step's Redis CPU (``INFO cpu``) and command time (``INFO commandstats``) is divided by the jobs.
 Best of ``--repeat`` per step. Also MEMORY USAGE of one finished record.
 
@@ -29,7 +30,6 @@ from contract.store import JobStore
 URI = "/tmp/imgcls-bench-hostpath/images/small-64x48/img-000123-of-4000.jpg"
 assert len(URI) == 68
 CLAIM = 64
-FINISH = 8
 READ = 2000
 
 
@@ -88,7 +88,9 @@ def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def run_once(client: redis.Redis, n: int, run: int) -> dict[str, tuple[float, Any]]:
+def run_once(
+    client: redis.Redis, n: int, run: int, finish_batch: int
+) -> dict[str, tuple[float, Any]]:
     store = JobStore(client)
     jobs = _jobs(n, run)
     ids = [j.id for j in jobs]
@@ -104,7 +106,7 @@ def run_once(client: redis.Redis, n: int, run: int) -> dict[str, tuple[float, An
             claimed.extend(c.job for c in claims if c.job is not None)
 
     def finish() -> None:
-        for chunk in _batches(claimed, FINISH):
+        for chunk in _batches(claimed, finish_batch):
             store.finish_many([_done(j) for j in chunk])
 
     def read() -> None:
@@ -123,12 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.store_cost", description=__doc__)
     p.add_argument("--jobs", type=int, default=4096)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--finish-batch", type=int, default=8, help="results per finish call")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="imgcls-store-cost-") as tmp:
         server = RedisServer(Path(tmp)).start()
         client = redis.Redis.from_url(server.url)
         try:
-            runs = [run_once(client, args.jobs, r) for r in range(args.repeat)]
+            runs = [run_once(client, args.jobs, r, args.finish_batch) for r in range(args.repeat)]
             last = _jobs(1, args.repeat - 1)[0].id
             usage = client.memory_usage(keys.job_key(last), samples=0)
         finally:

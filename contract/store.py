@@ -46,6 +46,15 @@ ALREADY_FINAL = ClaimState.ALREADY_FINAL
 POISONED = ClaimState.POISONED
 MISSING = ClaimState.MISSING
 CORRUPT = ClaimState.CORRUPT
+# The claim script's answer: one letter per job.
+_CLAIM_STATES = {
+    "c": CLAIMED,
+    "s": SUSPECT,
+    "f": ALREADY_FINAL,
+    "p": POISONED,
+    "m": MISSING,
+    "x": CORRUPT,
+}
 
 
 def _lua(script: str) -> str:
@@ -117,63 +126,60 @@ end
 
 # KEYS: the jobs' keys, then the model's stats hash and the events stream. ARGV: now (µs),
 # worker (catalog ID), max_attempts, mode ("fresh" | "any"), channel, events' max length.
-# Answers per job its state, then per job its record as it is now (false where there is none).
-# Only the header is rewritten, in place. "fresh" claims only never-started jobs and answers
-# "suspect" for the rest, so that a job which may have killed a worker is retried on its own
-# rather than beside its neighbours. A job started too often is failed (its error appended).
+# Answers one letter per job, its state (``_CLAIM_STATES``); the caller reads the records in the
+# same transaction, after it: a record passed through Lua costs more than the rest of a claim.
+# Only the header is read and rewritten, in place. "fresh" claims only never-started jobs and
+# answers "suspect" for the rest, so that a job which may have killed a worker is retried on its
+# own rather than beside its neighbours. A job started too often is failed (its error appended).
 _CLAIM = _lua(
     _RECORD
     + """
 local n = #KEYS - 2
 local stats, events, maxlen = KEYS[n + 1], KEYS[n + 2], ARGV[6]
-local now, worker, max_attempts = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local fresh = ARGV[4] == 'fresh'
+local now, max_attempts, fresh = tonumber(ARGV[1]), tonumber(ARGV[3]), ARGV[4] == 'fresh'
+local started = le(now, 7) .. le(tonumber(ARGV[2]), 4)  -- started, who: the same for every job
 local out, failed = {}, {}
 
-local function poison(key, v, attempts)
+local function poison(key, head, attempts)
   local err = $poison .. ':the job was started ' .. attempts ..
     ' times and each time its worker died before finishing it; giving up'
-  local head = $failed .. string.sub(v, 3, 15) .. le(now, 7)
-  local tail = field($error, err)
-  redis.call('SETRANGE', key, 1, head)
-  redis.call('APPEND', key, tail)
+  redis.call('SETRANGE', key, 1, $failed .. string.sub(head, 3, 15) .. le(now, 7))
+  redis.call('APPEND', key, field($error, err))
   event(events, maxlen, key, NAMES[$failed])
   failed[#failed + 1] = string.sub(key, $id_from)
-  return FORMAT .. head .. string.sub(v, 23) .. tail
 end
 
 for i = 1, n do
   local key = KEYS[i]
-  local v = redis.pcall('GET', key)
-  local state, rec = 'corrupt', false
-  if type(v) == 'table' then
-    if not string.find(tostring(v.err), 'WRONGTYPE') then return v end
-  elseif not v then
-    state = 'missing'
-  elseif is_record(v) then
-    local status, attempts = string.sub(v, 2, 2), u16(v, 3)
-    state, rec = 'claimed', v
+  local head = redis.pcall('GETRANGE', key, 0, HEAD - 1)
+  local state = 'x'
+  if type(head) == 'table' then
+    if not string.find(tostring(head.err), 'WRONGTYPE') then return head end
+  elseif head == '' and redis.call('EXISTS', key) == 0 then
+    state = 'm'
+  elseif is_record(head) then
+    local status, attempts = string.sub(head, 2, 2), u16(head, 3)
     if FINAL[status] then
-      state = 'final'
+      state = 'f'
     elseif not RUNNABLE[status] then
-      state, rec = 'corrupt', false
+      state = 'x'
     elseif fresh and attempts > 0 then
-      state = 'suspect'
+      state = 's'
     elseif attempts >= max_attempts then
-      state, rec = 'poisoned', poison(key, v, attempts)
+      poison(key, head, attempts)
+      state = 'p'
     else
-      local head = $running .. le(attempts + 1, 2) .. le(now, 7) .. le(worker, 4)
-      redis.call('SETRANGE', key, 1, head)
-      rec = FORMAT .. head .. string.sub(v, 16)
+      redis.call('SETRANGE', key, 1, $running .. le(attempts + 1, 2) .. started)
+      state = 'c'
     end
   end
-  out[i], out[n + i] = state, rec
+  out[i] = state
 end
 if #failed > 0 then
   redis.call('HINCRBY', stats, 'failed', #failed)
   redis.call('PUBLISH', ARGV[5], cjson.encode(failed))
 end
-return out
+return table.concat(out)
 """
 )
 
@@ -330,15 +336,17 @@ class JobStore:
             defaults.EVENTS_MAX_LEN,
         ]
         names = [*map(keys.job_key, job_ids), keys.stats_key(model), keys.events_stream()]
-        (reply,) = self._round_trip(lambda pipe: _call(pipe, self._claim, names, args))
-        _raise_first_error([reply])
-        n = len(job_ids)
-        found = [_claimed(*z) for z in zip(job_ids, reply[n:], strict=True)]
+
+        def fill(pipe: Pipeline) -> None:
+            _call(pipe, self._claim, names, args)
+            pipe.mget(names[: len(job_ids)])
+
+        states, values = self._round_trip(fill, transaction=True)
+        _raise_first_error([states, values])
+        claimed = [_CLAIM_STATES[s] for s in keys.text(states)]
+        found = [_claimed(*z) for z in zip(job_ids, claimed, values, strict=True)]
         self._learn([r for r in found if isinstance(r, record.Stored)])
-        return [
-            self._claim_of(job_id, state, r)
-            for job_id, state, r in zip(job_ids, reply[:n], found, strict=True)
-        ]
+        return [self._claim_of(*z) for z in zip(job_ids, claimed, found, strict=True)]
 
     def finish_many(self, jobs: Sequence[Job]) -> list[bool]:
         """Store final records and announce them, in one round trip; True where written."""
@@ -434,12 +442,12 @@ class JobStore:
             )
 
     def _claim_of(
-        self, job_id: str, state: bytes, stored: record.Stored | MalformedRecord | None
+        self, job_id: str, state: ClaimState, stored: record.Stored | MalformedRecord | None
     ) -> Claim:
         if not isinstance(stored, record.Stored):
-            return Claim(job_id, CORRUPT if stored else ClaimState(keys.text(state)), None)
+            return Claim(job_id, CORRUPT if stored else state, None)
         try:
-            return Claim(job_id, ClaimState(keys.text(state)), record.decode(stored, self._catalog))
+            return Claim(job_id, state, record.decode(stored, self._catalog))
         except MalformedRecord:
             return Claim(job_id, CORRUPT, None)
 
@@ -484,9 +492,11 @@ def _refuse_other_types(client: redis.Redis, job_ids: Sequence[str]) -> None:
             raise MalformedRecord(f"job record {job_id!r} is a {kind}, not a job record")
 
 
-def _claimed(job_id: str, value: bytes | None) -> record.Stored | MalformedRecord | None:
-    """The record the claim script answered for a job, split; the error where it is none."""
-    if value is None:
+def _claimed(
+    job_id: str, state: ClaimState, value: bytes | None
+) -> record.Stored | MalformedRecord | None:
+    """A claimed job's record, read right after the claim, split; the error where it is none."""
+    if value is None or state in (MISSING, CORRUPT):
         return None
     try:
         return record.stored(job_id, value)
