@@ -105,6 +105,9 @@ local function le(n, width)
   end
   return string.char(unpack(out))
 end
+local function le16(n)
+  return string.char(n % 256, math.floor(n / 256))
+end
 local function u16(v, at)
   local a, b = string.byte(v, at, at + 1)
   return a + 256 * b
@@ -143,20 +146,22 @@ local out, failed = {}, {}
 local function poison(key, head, attempts)
   local err = $poison .. ':the job was started ' .. attempts ..
     ' times and each time its worker died before finishing it; giving up'
-  redis.call('SETRANGE', key, 1, $failed .. string.sub(head, 3, 15) .. le(now, 7))
+  redis.call('SETRANGE', key, '1', $failed .. string.sub(head, 3, 15) .. le(now, 7))
   redis.call('APPEND', key, field($error, err))
   event(events, maxlen, key, NAMES[$failed])
   failed[#failed + 1] = string.sub(key, $id_from)
 end
 
+local values = {}
+for from = 1, n, 1000 do  -- unpack takes a few thousand values at most
+  local part = redis.call('MGET', unpack(KEYS, from, math.min(n, from + 999)))
+  for j = 1, #part do values[from + j - 1] = part[j] end
+end
 for i = 1, n do
-  local key = KEYS[i]
-  local head = redis.pcall('GETRANGE', key, 0, HEAD - 1)
+  local key, head = KEYS[i], values[i]
   local state = 'x'
-  if type(head) == 'table' then
-    if not string.find(tostring(head.err), 'WRONGTYPE') then return head end
-  elseif head == '' and redis.call('EXISTS', key) == 0 then
-    state = 'm'
+  if not head then
+    if redis.call('EXISTS', key) == 0 then state = 'm' end
   elseif is_record(head) then
     local status, attempts = string.sub(head, 2, 2), u16(head, 3)
     if FINAL[status] then
@@ -169,7 +174,7 @@ for i = 1, n do
       poison(key, head, attempts)
       state = 'p'
     else
-      redis.call('SETRANGE', key, 1, $running .. le(attempts + 1, 2) .. started)
+      redis.call('SETRANGE', key, '1', $running .. le16(attempts + 1) .. started)
       state = 'c'
     end
   end
@@ -217,7 +222,7 @@ for i = 1, n do
   else
     local was = u16(old, 3)
     if was > u16(value, 3) then
-      redis.call('SETRANGE', key, 2, le(was, 2))
+      redis.call('SETRANGE', key, '2', le16(was))
     end
     counter = NAMES[string.sub(value, 2, 2)]
     event(events, maxlen, key, counter)
