@@ -65,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--concurrency", type=int)
     w.add_argument("--channels-last", action=argparse.BooleanOptionalAction)
     w.add_argument("--compile", action=argparse.BooleanOptionalAction)
+    w.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction)
     w.add_argument("--torch-threads", type=int, help="intra-op threads, everywhere")
     w.add_argument(
         "--flush-denormal",
@@ -123,6 +124,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         concurrency=args.concurrency,
         channels_last=args.channels_last,
         compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
         torch_threads=args.torch_threads,
     )
     unknown = set(args.images) - set(ALL_IMAGE_SETS)

@@ -40,6 +40,8 @@ class WorkerOptions:
     concurrency: int = CPU_CONCURRENCY
     channels_last: bool = True
     compile: bool = False
+    # CUDA graphs of the forward pass (on CUDA only; the worker's default).
+    cuda_graphs: bool = True
     # torch intra-op threads in the benchmark and every worker; None leaves torch's default.
     torch_threads: int | None = None
 
@@ -55,6 +57,7 @@ class WorkerOptions:
             *("--io-threads", str(self.io_threads), "--concurrency", str(self.concurrency)),
             "--channels-last" if self.channels_last else "--no-channels-last",
             "--compile" if self.compile else "--no-compile",
+            "--cuda-graphs" if self.cuda_graphs else "--no-cuda-graphs",
         ]
 
     def settings(self, model: str, redis_url: str, roots: tuple[Path, ...]) -> Settings:
@@ -66,6 +69,7 @@ class WorkerOptions:
             precision=self.precision,
             channels_last=self.channels_last,
             compile=self.compile,
+            cuda_graphs=self.cuda_graphs,
             redis_url=redis_url,
             batch_size=self.batch_size,
             max_wait_ms=self.max_wait_ms,
