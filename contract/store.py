@@ -121,9 +121,12 @@ local function field(tag, value)
   end
   return tag .. size .. string.char(n) .. value
 end
-local function event(events, maxlen, key, status)
-  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*',
-    'id', string.sub(key, $id_from), 'status', status, 'batch', '')
+-- A job's completion event; the stream is trimmed once a call (``trim``), not at each entry.
+local function event(events, id, status)
+  redis.call('XADD', events, '*', 'id', id, 'status', status, 'batch', '')
+end
+local function trim(events, maxlen)
+  redis.call('XTRIM', events, 'MAXLEN', '~', maxlen)
 end
 """
 
@@ -148,8 +151,9 @@ local function poison(key, head, attempts)
     ' times and each time its worker died before finishing it; giving up'
   redis.call('SETRANGE', key, '1', $failed .. string.sub(head, 3, 15) .. le(now, 7))
   redis.call('APPEND', key, field($error, err))
-  event(events, maxlen, key, NAMES[$failed])
-  failed[#failed + 1] = string.sub(key, $id_from)
+  local id = string.sub(key, $id_from)
+  event(events, id, NAMES[$failed])
+  failed[#failed + 1] = id
 end
 
 local values = {}
@@ -181,6 +185,7 @@ for i = 1, n do
   out[i] = state
 end
 if #failed > 0 then
+  trim(events, maxlen)
   redis.call('HINCRBY', stats, 'failed', #failed)
   redis.call('PUBLISH', ARGV[5], cjson.encode(failed))
 end
@@ -201,7 +206,7 @@ _FINISH = _lua(
     + """
 local maxlen, n = ARGV[1], tonumber(ARGV[2])
 local events = KEYS[n + 1]
-local counts, out, ids = {}, {}, {}
+local counts, out, ids, written = {}, {}, {}, 0
 for i = 1, n do
   local key, value = KEYS[i], ARGV[3 + 2 * i]
   local stats = KEYS[n + 1 + tonumber(ARGV[2 + 2 * i])]
@@ -225,8 +230,8 @@ for i = 1, n do
       redis.call('SETRANGE', key, '2', le16(was))
     end
     counter = NAMES[string.sub(value, 2, 2)]
-    event(events, maxlen, key, counter)
-    out[i] = 1
+    event(events, ids[i], counter)
+    out[i], written = 1, written + 1
   end
   if counter then
     counts[stats] = counts[stats] or {}
@@ -236,6 +241,7 @@ end
 for stats, by_name in pairs(counts) do
   for name, count in pairs(by_name) do redis.call('HINCRBY', stats, name, count) end
 end
+if written > 0 then trim(events, maxlen) end
 redis.call('PUBLISH', ARGV[3], cjson.encode(ids))
 return out
 """
