@@ -2,7 +2,8 @@
 
 ``python -m bench.hostpath_profile [--jobs N] [--out DIR]`` writes to DIR: ``worker.raw``
 (py-spy's collapsed stacks), ``summary.json`` (the run's per-job figures, the functions with
-the most samples in µs per job, inclusive and self, and one finished record's bytes). Needs
+the most samples in µs per job, inclusive and self, and one finished record's bytes, field by
+field). Needs
 ``pip install py-spy`` and ptrace (root, or ``kernel.yama.ptrace_scope=0``).
 """
 
@@ -23,6 +24,7 @@ from bench.hostpath import SMALL, HostPath
 from bench.images import image_pool
 from bench.report import record
 from contract import keys
+from contract import record as job_record
 
 # py-spy samples per second; each sample of each active thread counts 1/RATE s of CPU.
 RATE = 500
@@ -57,21 +59,23 @@ def top_functions(stacks: Counter[tuple[str, ...]], jobs: int) -> dict[str, list
 
 
 def record_breakdown(bench: HostPath) -> dict[str, Any]:
-    """One finished top-5 record: key, bytes per hash field (name and value), Redis's total."""
+    """One finished top-5 record: key, bytes of its header and of each tagged field, Redis's
+    total."""
     job = bench.client.submit_many(bench.uris[:1], model="null", top_k=5)[0]
     bench.client.wait_many([job.id], timeout=30)
     key = keys.job_key(job.id)
-    fields = {keys.text(k): v for k, v in bench.admin.hgetall(key).items()}
-    assert fields
-    sizes = {k: len(k) + len(v) for k, v in fields.items()}
+    value = bench.admin.get(key)
+    assert value
+    fields = job_record.stored(job.id, value).fields
     return {
         "key": key,
         "key_bytes": len(key),
-        "value_bytes": sum(sizes.values()),
-        "field_bytes": sizes,
+        "value_bytes": len(value),
+        "header_bytes": job_record.HEADER_BYTES,
+        "field_bytes": {chr(t): len(job_record.field(t, v)) for t, v in fields.items()},
         "memory_usage": bench.admin.memory_usage(key, samples=0),
         "ttl_s": bench.admin.ttl(key),
-        "record": {k: repr(v) for k, v in fields.items()},
+        "record": repr(value),
     }
 
 

@@ -11,7 +11,6 @@ import pytest
 from contract import keys, record
 from contract.errors import InvalidRequest, MalformedRecord
 from contract.job import (
-    FAILED,
     ErrorInfo,
     Job,
     Prediction,
