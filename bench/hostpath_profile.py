@@ -65,7 +65,7 @@ def record_breakdown(bench: HostPath) -> dict[str, Any]:
     bench.client.wait_many([job.id], timeout=30)
     key = keys.job_key(job.id)
     value = bench.admin.get(key)
-    assert value
+    assert isinstance(value, bytes)
     fields = job_record.stored(job.id, value).fields
     return {
         "key": key,
