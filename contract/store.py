@@ -265,6 +265,8 @@ class JobStore:
     """
 
     def __init__(self, client: redis.Redis, ttl_s: int = defaults.JOB_TTL_S) -> None:
+        if ttl_s < 1:
+            raise ValueError(f"a job record's TTL must be at least 1 second, not {ttl_s}")
         self.redis = client
         self.ttl_s = ttl_s
         self._claim = client.register_script(_CLAIM)
