@@ -4,10 +4,11 @@
 
 Each decoder gets the same compressed bytes (ImageNet-size, mixed-size and 12-MP sets, and the
 ImageNet-size batch with one in eight, then every image re-encoded progressive) as one
-batch call and must leave RGB uint8 images on the device; images per second over ``repeat``
-calls after a warm-up call. nvImageCodec (``pip install nvidia-nvimgcodec-cu13[nvjpeg]``) is
-measured with each of its back-ends that loads: its default (hardware JPEG engines and CUDA), the
-hardware engines alone and CUDA alone. A decoder that is missing or fails is reported with its
+batch call and must leave RGB uint8 images on the device; images per second and this process's
+CPU milliseconds per image over ``repeat`` calls after a warm-up call. nvImageCodec is the
+worker's own ``worker.nvdecode`` (``pip install 'imgcls[nvimgcodec]'``), measured with each of
+its back-ends that loads: its default (hardware JPEG engines and CUDA), the hardware engines
+alone and CUDA alone. A decoder that is missing or fails is reported with its
 error, never left out silently. On a CPU only torchvision's CPU decoder runs, a rehearsal.
 """
 
@@ -30,64 +31,64 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from bench.images import IMAGENET, PHONE_12MP, image_pool
 from bench.mixed_images import MIXED
+from worker.nvdecode import NvImageCodec
 
 Decode = Callable[[list[bytes]], Sequence[Any]]
 
 
 def torchvision_decoder(device: torch.device) -> Decode:
     def decode(batch: list[bytes]) -> Sequence[Any]:
-        with warnings.catch_warnings():  # read-only bytes: the decoder only reads them
-            warnings.simplefilter("ignore", UserWarning)
-            data = [torch.frombuffer(b, dtype=torch.uint8) for b in batch]
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return decode_jpeg(_tensors(batch), mode=ImageReadMode.RGB, device=device)
 
     return decode
 
 
 def nvimgcodec_decoders(device: torch.device) -> dict[str, Decode | str]:
-    """nvImageCodec's decoders by back-end, or the reason none could be made."""
-    try:
-        from nvidia import nvimgcodec  # type: ignore[import-untyped,import-not-found,unused-ignore]
-    except ImportError as e:
-        return {"nvimgcodec": f"not installed: {e}"}
-    kinds = {
-        "nvimgcodec": None,
-        "nvimgcodec-hw": "HW_GPU_ONLY",
-        "nvimgcodec-cuda": "GPU_ONLY",
-    }
-    params = nvimgcodec.DecodeParams(color_spec=nvimgcodec.ColorSpec.RGB)
+    """The worker's nvImageCodec decoder with each back-end, or the reason it could not be made."""
+    backends = {"nvimgcodec": None, "nvimgcodec-hw": "HW_GPU_ONLY", "nvimgcodec-cuda": "GPU_ONLY"}
     out: dict[str, Decode | str] = {}
-    for name, kind in kinds.items():
+    for name, backend in backends.items():
+        started = time.perf_counter()
         try:
-            backend = None if kind is None else getattr(nvimgcodec.BackendKind, kind)
-            backends = None if backend is None else [nvimgcodec.Backend(backend)]
-            decoder = nvimgcodec.Decoder(device_id=device.index or 0, backends=backends)
+            out[name] = _nvimgcodec_decode(NvImageCodec(device, backend))
+            print(f"{name} ready in {time.perf_counter() - started:.1f} s", flush=True)
         except Exception as e:  # a back-end this GPU lacks is a result
             out[name] = f"{type(e).__name__}: {e}"
-            continue
-        out[name] = _nvimgcodec_decode(decoder, params)
     return out
 
 
-def _nvimgcodec_decode(decoder: Any, params: Any) -> Decode:
+def _nvimgcodec_decode(decoder: NvImageCodec) -> Decode:
     def decode(batch: list[bytes]) -> Sequence[Any]:
-        images = decoder.decode(batch, params=params)
+        images = decoder.decode(_tensors(batch))
         if any(i is None for i in images):
             raise RuntimeError(f"{sum(i is None for i in images)} of {len(images)} not decoded")
-        # A torch view of each: what the resize step would read; waits on nvImageCodec's stream.
-        return [torch.as_tensor(i, device="cuda") for i in images]
+        return images
 
     return decode
 
 
-def images_per_s(decode: Decode, batch: list[bytes], device: torch.device, repeat: int) -> float:
+def rates(
+    decode: Decode, batch: list[bytes], device: torch.device, repeat: int
+) -> dict[str, float]:
+    """Images per second, and this process's CPU milliseconds per image (all its threads)."""
     decode(batch)  # warm: decoder state, buffers
     _sync(device)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for _ in range(repeat):
         decode(batch)
     _sync(device)
-    return len(batch) * repeat / (time.perf_counter() - started)
+    n = len(batch) * repeat
+    return {
+        "img_s": round(n / (time.perf_counter() - started), 1),
+        "cpu_ms_per_img": round((time.process_time() - cpu) / n * 1000, 3),
+    }
+
+
+def _tensors(batch: list[bytes]) -> list[torch.Tensor]:
+    """The bytes as the worker hands them on: uint8 tensors over the same memory."""
+    with warnings.catch_warnings():  # read-only bytes: the decoders only read them
+        warnings.simplefilter("ignore", UserWarning)
+        return [torch.frombuffer(b, dtype=torch.uint8) for b in batch]
 
 
 def _sync(device: torch.device) -> None:
@@ -112,34 +113,44 @@ def _progressive(batch: list[bytes], every: int) -> list[bytes]:
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     device = torch.device(args.device)
     root = args.image_dir or Path(tempfile.mkdtemp(prefix="imgcls-decode-"))
+    # Images first, before any decoder starts its threads and CUDA context (on the H200 a run
+    # that made the decoders first printed nothing within its 45 s cap).
+    started = time.perf_counter()
+    batches = _batches(root, args.batch)
+    print(f"images ready in {time.perf_counter() - started:.1f} s", flush=True)
     decoders: dict[str, Decode | str] = {"torchvision": torchvision_decoder(device)}
     if device.type == "cuda":
         decoders.update(nvimgcodec_decoders(device))
-    sets = {"imagenet": (IMAGENET, args.batch), "mixed": (MIXED, args.batch)}
-    sets["12mp"] = (PHONE_12MP, max(1, args.batch // 8))
-    report: dict[str, Any] = {"device": str(device), "img_s": {}}
-    batches = {name: _batch(root, spec, size) for name, (spec, size) in sets.items()}
-    # Does a progressive JPEG stall a batch? One in eight, then all of them.
-    batches["imagenet-1in8-progressive"] = _progressive(batches["imagenet"], 8)
-    batches["imagenet-progressive"] = _progressive(batches["imagenet"], 1)
+    report: dict[str, Any] = {"device": str(device), "decode": {}}
     for set_name, batch in batches.items():
         size = len(batch)
-        row: dict[str, float | str] = {}
+        row: dict[str, Any] = {}
         for name, decode in decoders.items():
             row[name] = _measure(decode, batch, device, args.repeat)
             print(f"decode {set_name} x{size} {name}: {row[name]}", flush=True)
-        report["img_s"][set_name] = {"batch": size, **row}
+            report["decode"][set_name] = {"batch": size, **row}
+            save(report)
     return report
+
+
+def _batches(root: Path, size: int) -> dict[str, list[bytes]]:
+    sets = {"imagenet": (IMAGENET, size), "mixed": (MIXED, size)}
+    sets["12mp"] = (PHONE_12MP, max(1, size // 8))
+    batches = {name: _batch(root, spec, n) for name, (spec, n) in sets.items()}
+    # Does a progressive JPEG stall a batch? One in eight, then all of them.
+    batches["imagenet-1in8-progressive"] = _progressive(batches["imagenet"], 8)
+    batches["imagenet-progressive"] = _progressive(batches["imagenet"], 1)
+    return batches
 
 
 def _measure(decode: Decode | str, batch: list[bytes], device: torch.device, repeat: int) -> Any:
     if isinstance(decode, str):
         return decode
     try:
-        return round(images_per_s(decode, batch, device, repeat), 1)
+        return rates(decode, batch, device, repeat)
     except Exception as e:  # a decoder that fails here is a finding, not a crash
         return f"{type(e).__name__}: {e}"
 
@@ -152,9 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-dir", type=Path)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    report = run(args)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    def save(report: dict[str, Any]) -> None:
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    run(args, save)
     return 0
 
 

@@ -10,7 +10,8 @@
 # Python threads (bench/device_steps.py); (2) ResNet-50 fp16 end to end, one worker pool grown
 # 1 -> 4 -> 8 processes on the one GPU (complete workers, the layout --processes-per-gpu makes),
 # ImageNet-size, mixed-size and 12-MP sets at each size, with the in-process ceiling and idle
-# latency; (3) GPU fp16 vs CPU fp32 answers. Then summary.md. Each stage's JSON is rewritten
+# latency; (3) the same at 8 processes with JPEGs decoded by nvImageCodec; (4) GPU fp16 vs CPU
+# fp32 answers (GPU_CHECK=1; on by default in the QUICK rehearsal). Then summary.md. Each stage's JSON is rewritten
 # after every measurement, so a stage cut short by its time cap still leaves what it measured.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -77,8 +78,10 @@ if [ "$QUICK" = 1 ]; then
   steps=(--batch 8 --repeat 2 --busy 0,2) decode=(--batch 8 --repeat 2)
 else
   big=resnet50 scale=1,4,8 gpu=(--precision fp16)
-  check=(imagenet=64,12mp=8,mixed=64) steps=(--batch 256 --repeat 20 --busy 0,4,16)
+  check=(imagenet=64,12mp=8,mixed=64) steps=(--batch 256 --repeat 20 --busy 0,4)
   decode=(--batch 256 --repeat 10)
+  # At least 8,000 jobs per measurement: shorter runs measure mostly the ramp.
+  gpu+=(--e2e-min 8000)
 fi
 
 stage decode 45 20 python3 -m bench.decode_steps "${decode[@]}" --image-dir "$IMAGES" \
@@ -93,10 +96,18 @@ if ! grep -q '"graphs_ms"' "$LOGS/device_steps.json" 2>/dev/null && [ "$QUICK" !
   graphs=(--no-cuda-graphs)
 fi
 # One worker pool grown 1 -> 4 -> 8 processes on the one GPU, every image set at each size.
-bench r50-e2e 260 90 --models "$big" --images imagenet,mixed,12mp --scale-out "$scale" \
+bench r50-e2e 210 90 --models "$big" --images imagenet,mixed,12mp --scale-out "$scale" \
   --stages ceiling,e2e,latency "${gpu[@]}" "${graphs[@]}"
-stage gpu-check 60 25 python3 -m bench.gpu_check --model "$big" --images "${check[@]}" \
-  --image-dir "$IMAGES" --out "$OUT/gpu_check.json"
+# The same at the largest size with JPEGs decoded by the GPU's JPEG engines (nvImageCodec; CUDA
+# only, so not in the rehearsal).
+if [ "$QUICK" != 1 ]; then
+  bench r50-e2e-nvimgcodec 80 50 --models "$big" --images imagenet,mixed,12mp \
+    --scale-out "${scale##*,}" --stages e2e "${gpu[@]}" "${graphs[@]}" --jpeg-decoder nvimgcodec
+fi
+if [ "${GPU_CHECK:-$QUICK}" = 1 ]; then
+  stage gpu-check 60 25 python3 -m bench.gpu_check --model "$big" --images "${check[@]}" \
+    --image-dir "$IMAGES" --out "$OUT/gpu_check.json"
+fi
 
 mapfile -t results < <(ls "$OUT"/r50-*.json 2>/dev/null)
 if ((${#results[@]})); then
