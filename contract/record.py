@@ -33,6 +33,7 @@ probability the model computed. The record's key holds its ID.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
@@ -93,19 +94,23 @@ def micros(seconds: float) -> int:
     return round(seconds * 1_000_000)
 
 
+@functools.lru_cache(maxsize=4096)
 def name_id(text: str) -> int:
     """The catalog ID of ``text``: a 31-bit hash, so that every process derives the same one
     without asking Redis, and a Redis that lost its catalog gets the same IDs written again."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "big") >> 1
 
 
+@functools.lru_cache(maxsize=1024)
 def who_text(worker: str | None, weights: str | None, random_weights: bool | None) -> str:
     """Who answered a job: the worker and what it ran; one per worker process and model."""
     return json.dumps([worker, weights, random_weights], separators=(",", ":"))
 
 
+@functools.lru_cache(maxsize=1024)
 def answerer_id(weights: str | None, random_weights: bool | None) -> int:
-    """What answered (its labels are kept under this ID): the same for every worker."""
+    """What answered (its labels are kept under this ID): the same for every worker. Cached:
+    every record read and written asks."""
     return name_id(json.dumps([weights, random_weights], separators=(",", ":")))
 
 
