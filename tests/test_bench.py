@@ -122,3 +122,19 @@ def test_results_go_to_the_working_directory_by_default(
     cfg = build_config(parser().parse_args(["--quick", "--label", "here"]))
 
     assert cfg.out == tmp_path / "bench-results" / "here.json"
+
+
+def test_store_cost_measures_each_step_of_a_job(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "bench.store_cost", "--jobs", "128", "--repeat", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    report = json.loads(proc.stdout)
+    steps = ("create", "claim", "finish", "read")
+    assert list(report["us_per_job"]) == list(steps)
+    for step in steps:
+        value = report["us_per_job"][step]
+        assert isinstance(value, float) and math.isfinite(value) and value >= 0, report
+    assert "set" in report["commands_per_job"]["create"]
+    assert "evalsha" in report["commands_per_job"]["finish"]
+    assert 0 < report["memory_usage_finished_record"] <= 300
