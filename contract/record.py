@@ -67,6 +67,14 @@ NO_WHO = 0xFFFFFFFF  # Catalog IDs are 31-bit
 
 _HEAD = struct.Struct("<ccH7sI7s7sHcB")
 assert _HEAD.size == HEADER_BYTES
+# The claim script rewrites status, attempts, started and who with one SETRANGE, and a poison
+# pill's status through finished with another: they lie in that order, each after the last.
+assert (ATTEMPTS_AT, STARTED_AT, WHO_AT, FINISHED_AT) == (
+    STATUS_AT + 1,
+    ATTEMPTS_AT + 2,
+    STARTED_AT + TIME_BYTES,
+    WHO_AT + 4,
+)
 
 STATUS_CODES: Mapping[JobStatus, bytes] = {QUEUED: b"q", RUNNING: b"r", DONE: b"d", FAILED: b"f"}
 _STATUS_OF = {code: status for status, code in STATUS_CODES.items()}

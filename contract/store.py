@@ -63,7 +63,8 @@ def _lua(script: str) -> str:
     ``$format`` is the format byte, ``$head`` the header's length, ``$running`` and ``$failed``
     status codes, ``$names`` a table of every status code's name, ``$final`` one of the final
     codes, ``$runnable`` one of the codes a claim may start, ``$error`` the error field's tag,
-    ``$poison`` an error type, ``$id_from`` where the ID starts in a key.
+    ``$poison`` an error type, ``$id_from`` where the ID starts in a key; ``$status_at``,
+    ``$attempts_at``, ``$finished_at`` and ``$time_bytes`` the header's layout.
     """
     code = record.STATUS_CODES
 
@@ -81,6 +82,10 @@ def _lua(script: str) -> str:
         error=f"string.char({record.ERROR})",
         poison=f"'{PoisonJob.type}'",
         id_from=len(keys.job_key("")) + 1,
+        status_at=record.STATUS_AT,
+        attempts_at=record.ATTEMPTS_AT,
+        finished_at=record.FINISHED_AT,
+        time_bytes=record.TIME_BYTES,
     )
 
 
@@ -88,15 +93,24 @@ def _code(status: JobStatus) -> str:
     return f"['{record.STATUS_CODES[status].decode()}']"
 
 
-# A record is a string: a fixed-width header, then tagged fields (contract.record). Positions
-# below are Lua's (1-based): the status at 2, attempts at 3, started at 5, who at 12, finished
-# at 16. ``is_record`` tells a record of this format from anything else a key may hold.
+# A record is a string: a fixed-width header, then tagged fields (contract.record). The
+# header's offsets are 0-based as SETRANGE takes them (``STATUS_AT``, ``ATTEMPTS_AT``: strings,
+# as Lua formats a number it hands Redis with snprintf), 1-based as Lua reads them (``STATUS``,
+# ``ATTEMPTS``, ``FINISHED``: numbers, as arithmetic on a string parses it each time). The hot
+# paths call few Lua functions of their own: each call costs Redis hundreds of instructions.
+# ``is_record`` tells a record of this format from anything else a key may hold.
 _RECORD = """
 local FORMAT, HEAD, NAMES, FINAL, RUNNABLE = $format, $head, $names, $final, $runnable
+local STATUS_AT, ATTEMPTS_AT = '$status_at', '$attempts_at'
+local STATUS, ATTEMPTS, FINISHED = $status_at + 1, $attempts_at + 1, $finished_at + 1
 local function is_record(v)
   return string.sub(v, 1, 1) == FORMAT and #v >= HEAD
 end
--- Little-endian unsigned integers: ``n`` in ``width`` bytes; the two bytes of ``v`` at ``at``.
+local function attempts(v)
+  local a, b = string.byte(v, ATTEMPTS, ATTEMPTS + 1)
+  return a + 256 * b
+end
+-- Little-endian unsigned integers: ``n`` in ``width`` bytes, in two.
 local function le(n, width)
   local out = {}
   for i = 1, width do
@@ -107,10 +121,6 @@ local function le(n, width)
 end
 local function le16(n)
   return string.char(n % 256, math.floor(n / 256))
-end
-local function u16(v, at)
-  local a, b = string.byte(v, at, at + 1)
-  return a + 256 * b
 end
 -- A tagged field: its tag, its length (LEB128), its value.
 local function field(tag, value)
@@ -143,13 +153,14 @@ _CLAIM = _lua(
 local n = #KEYS - 2
 local stats, events, maxlen = KEYS[n + 1], KEYS[n + 2], ARGV[6]
 local now, max_attempts, fresh = tonumber(ARGV[1]), tonumber(ARGV[3]), ARGV[4] == 'fresh'
-local started = le(now, 7) .. le(tonumber(ARGV[2]), 4)  -- started, who: the same for every job
+local started = le(now, $time_bytes) .. le(tonumber(ARGV[2]), 4)  -- started, who: every job's
 local out, failed = {}, {}
 
 local function poison(key, head, attempts)
   local err = $poison .. ':the job was started ' .. attempts ..
     ' times and each time its worker died before finishing it; giving up'
-  redis.call('SETRANGE', key, '1', $failed .. string.sub(head, 3, 15) .. le(now, 7))
+  local kept = string.sub(head, ATTEMPTS, FINISHED - 1)  -- attempts, started, who
+  redis.call('SETRANGE', key, STATUS_AT, $failed .. kept .. le(now, $time_bytes))
   redis.call('APPEND', key, field($error, err))
   local id = string.sub(key, $id_from)
   event(events, id, NAMES[$failed])
@@ -167,18 +178,18 @@ for i = 1, n do
   if not head then
     if redis.call('EXISTS', key) == 0 then state = 'm' end
   elseif is_record(head) then
-    local status, attempts = string.sub(head, 2, 2), u16(head, 3)
-    if FINAL[status] then
+    local code, started_before = string.sub(head, STATUS, STATUS), attempts(head)
+    if FINAL[code] then
       state = 'f'
-    elseif not RUNNABLE[status] then
+    elseif not RUNNABLE[code] then
       state = 'x'
-    elseif fresh and attempts > 0 then
+    elseif fresh and started_before > 0 then
       state = 's'
-    elseif attempts >= max_attempts then
-      poison(key, head, attempts)
+    elseif started_before >= max_attempts then
+      poison(key, head, started_before)
       state = 'p'
     else
-      redis.call('SETRANGE', key, '1', $running .. le16(attempts + 1) .. started)
+      redis.call('SETRANGE', key, STATUS_AT, $running .. le16(started_before + 1) .. started)
       state = 'c'
     end
   end
@@ -221,15 +232,15 @@ for i = 1, n do
   elseif not is_record(old) then
     redis.call('SET', key, old, 'KEEPTTL')
     out[i] = -1
-  elseif FINAL[string.sub(old, 2, 2)] then
+  elseif FINAL[string.sub(old, STATUS, STATUS)] then
     redis.call('SET', key, old, 'KEEPTTL')
     out[i], counter = 0, 'duplicate'
   else
-    local was = u16(old, 3)
-    if was > u16(value, 3) then
-      redis.call('SETRANGE', key, '2', le16(was))
+    local was = attempts(old)
+    if was > attempts(value) then
+      redis.call('SETRANGE', key, ATTEMPTS_AT, le16(was))
     end
-    counter = NAMES[string.sub(value, 2, 2)]
+    counter = NAMES[string.sub(value, STATUS, STATUS)]
     event(events, ids[i], counter)
     out[i], written = 1, written + 1
   end

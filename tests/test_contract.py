@@ -132,6 +132,13 @@ def test_a_job_whose_worker_died_too_often_fails_as_poison(store: JobStore) -> N
     assert claim.state == POISONED
     record = store.get("j1")
     assert (record.status, record.error.type, record.attempts) == ("failed", "poison", 2)
+    assert (record.uri, record.started, record.worker, record.finished) == (
+        "img.jpg",
+        1.0,
+        "w",
+        3.0,
+    )
+    assert claim.job == record
     assert store.stats("m")["failed"] == 1
 
 
