@@ -208,7 +208,7 @@ def test_a_reader_that_knows_the_names_fetches_only_the_labels(redis_client: red
     assert reader.get("second") == second
 
 
-def test_waiting_reads_each_record_in_full_once_when_its_end_is_announced(
+def test_waiting_reads_announced_records_once_all_together_at_the_end(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from producer.client import Client
@@ -216,21 +216,26 @@ def test_waiting_reads_each_record_in_full_once_when_its_end_is_announced(
     monkeypatch.setattr(defaults, "WAIT_RECHECK_S", 60.0)  # no quiet-second re-read here
     client = Client.from_url(redis_url)
     client.redis.flushdb()
-    client.store.create_many([_job("w1")])
-    reads: list[str] = []
+    client.store.create_many([_job("w1"), _job("w2")])
+    reads: list[list[str]] = []
     get_many = client.store.get_many
-    client.store.get_many = lambda ids: reads.extend(ids) or get_many(ids)  # type: ignore[method-assign]
+    client.store.get_many = lambda ids: reads.append(list(ids)) or get_many(ids)  # type: ignore[method-assign]
     worker = JobStore(client.redis)
-    ending = threading.Timer(0.2, lambda: worker.finish_many([_top5(_job("w1"), 1.8e9)]))
-    ending.start()
+    endings = [
+        threading.Timer(delay, lambda i=i: worker.finish_many([_top5(_job(i), 1.8e9)]))
+        for delay, i in ((0.2, "w1"), (0.4, "w2"))
+    ]
+    for ending in endings:
+        ending.start()
     try:
-        (job,) = client.wait_many(["w1"], timeout=60)
+        jobs = client.wait_many(["w1", "w2"], timeout=60)
     finally:
-        ending.join()
+        for ending in endings:
+            ending.join()
         client.close()
 
-    assert job is not None and job.status == "done"
-    assert reads == ["w1"]  # once announced; before that only its status
+    assert [j.status for j in jobs if j is not None] == ["done", "done"]
+    assert reads == [["w1", "w2"]]  # once each, after both were announced; before, none in full
 
 
 def test_a_redis_that_forgot_the_scripts_still_creates_claims_and_finishes(
