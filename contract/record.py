@@ -16,8 +16,9 @@ offset bytes header field
 22     7     submitted, as started
 29     2     top_k, unsigned
 31     1     priority code (``PRIORITY_CODES``)
-32     1     flags: which optional fixed-width fields follow the header (none yet; a field a
-             script must read, such as a deadline, would be one, at a known offset)
+32     1     flags: which optional fixed-width fields follow the header, in this order:
+             ``HAS_DEADLINE`` a deadline (7 bytes, as started), ``HAS_TTL`` seconds the record
+             is kept once final (4 bytes, unsigned; without it ``defaults.JOB_TTL_S``)
 ====== ===== ===========================================================================
 
 Integers are little-endian. Each tagged field is its tag (one byte), its length (LEB128) and
@@ -40,9 +41,12 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from contract import defaults
 from contract.errors import MalformedRecord
 from contract.job import (
+    CANCELLED,
     DONE,
+    EXPIRED,
     FAILED,
     QUEUED,
     RUNNING,
@@ -76,7 +80,19 @@ assert (ATTEMPTS_AT, STARTED_AT, WHO_AT, FINISHED_AT) == (
     WHO_AT + 4,
 )
 
-STATUS_CODES: Mapping[JobStatus, bytes] = {QUEUED: b"q", RUNNING: b"r", DONE: b"d", FAILED: b"f"}
+FLAGS_AT = 32
+HAS_DEADLINE, HAS_TTL = 1, 2
+TTL_BYTES = 4
+assert FLAGS_AT == HEADER_BYTES - 1
+
+STATUS_CODES: Mapping[JobStatus, bytes] = {
+    QUEUED: b"q",
+    RUNNING: b"r",
+    DONE: b"d",
+    FAILED: b"f",
+    CANCELLED: b"c",
+    EXPIRED: b"x",
+}
 _STATUS_OF = {code: status for status, code in STATUS_CODES.items()}
 PRIORITY_CODES: Mapping[Priority, bytes] = {
     Priority.HIGH: b"h",
@@ -160,6 +176,7 @@ def encode(job: Job, catalog: Catalog) -> bytes:
     who = NO_WHO
     if job.worker is not None or job.weights is not None or job.random_weights is not None:
         who = catalog.who(job)
+    flags, optional = _optional(job)
     head = _HEAD.pack(
         FORMAT,
         STATUS_CODES[job.status],
@@ -170,9 +187,9 @@ def encode(job: Job, catalog: Catalog) -> bytes:
         _time(job.submitted),
         job.top_k,
         PRIORITY_CODES[job.priority],
-        0,
+        flags,
     )
-    parts = [head, field(URI, _bytes(job.uri)), field(MODEL, _bytes(job.model))]
+    parts = [head, *optional, field(URI, _bytes(job.uri)), field(MODEL, _bytes(job.model))]
     if job.version is not None:
         parts.append(field(VERSION, _bytes(job.version)))
     if job.callback_url is not None:
@@ -182,6 +199,18 @@ def encode(job: Job, catalog: Catalog) -> bytes:
     if job.error is not None:
         parts.append(field(ERROR, _bytes(f"{job.error.type}:{job.error.message}")))
     return b"".join(parts)
+
+
+def _optional(job: Job) -> tuple[int, list[bytes]]:
+    """The header's flags and the optional fixed-width fields after it."""
+    flags, fields = 0, []
+    if job.deadline is not None:
+        flags |= HAS_DEADLINE
+        fields.append(_time(job.deadline))
+    if job.ttl_s != defaults.JOB_TTL_S:
+        flags |= HAS_TTL
+        fields.append(job.ttl_s.to_bytes(TTL_BYTES, "little"))
+    return flags, fields
 
 
 def _bytes(text: str) -> bytes:
@@ -200,6 +229,8 @@ class Stored:
     job_id: str
     head: tuple[bytes, bytes, int, bytes, int, bytes, bytes, int, bytes, int]
     fields: Mapping[int, bytes]
+    deadline: bytes | None = None
+    ttl_s: int = defaults.JOB_TTL_S
 
     def get(self, tag: int) -> bytes | None:
         return self.fields.get(tag)
@@ -218,7 +249,12 @@ def stored(job_id: str, raw: bytes) -> Stored:
         raise MalformedRecord(_not_a_record(job_id, raw))
     try:
         head = _HEAD.unpack_from(raw)
-        return Stored(job_id, head, _fields(raw, HEADER_BYTES))
+        at, deadline, ttl_s = HEADER_BYTES, None, defaults.JOB_TTL_S
+        if head[9] & HAS_DEADLINE:
+            deadline, at = raw[at : at + TIME_BYTES], at + TIME_BYTES
+        if head[9] & HAS_TTL:
+            ttl_s, at = int.from_bytes(raw[at : at + TTL_BYTES], "little"), at + TTL_BYTES
+        return Stored(job_id, head, _fields(raw, at), deadline, ttl_s)
     except (IndexError, struct.error) as e:
         raise MalformedRecord(f"job record {job_id!r} is cut short: {e}") from e
 
@@ -280,6 +316,8 @@ def _job(record: Stored, catalog: Catalog) -> Job:
         callback_url=_optional_text(get(CALLBACK_URL)),
         version=_optional_text(get(VERSION)),
         priority=_PRIORITY_OF[priority],
+        deadline=None if record.deadline is None else _seconds(record.deadline),
+        ttl_s=record.ttl_s,
         status=_STATUS_OF[status],
         submitted=_seconds(submitted),
         started=_seconds(started),

@@ -23,7 +23,7 @@ from redis.exceptions import NoScriptError
 
 from contract import defaults, keys, record
 from contract.errors import MalformedRecord, PoisonJob
-from contract.job import FAILED, FINAL, QUEUED, RUNNING, Job, JobStatus
+from contract.job import CANCELLED, EXPIRED, FAILED, FINAL, QUEUED, RUNNING, Job, JobStatus
 
 
 class ClaimState(str, Enum):
@@ -31,7 +31,8 @@ class ClaimState(str, Enum):
 
     CLAIMED = "claimed"  # now running on this worker
     SUSPECT = "suspect"  # started before (its worker may have died on it); not claimed
-    ALREADY_FINAL = "final"  # done or failed already; not claimed
+    ALREADY_FINAL = "final"  # final already (done, failed, cancelled, expired); not claimed
+    EXPIRED = "expired"  # its deadline passed before it started: ended expired instead
     POISONED = "poisoned"  # started too often: failed as a poison pill instead
     MISSING = "missing"  # no record (never created, or expired)
     CORRUPT = "corrupt"  # the record is not a job
@@ -44,6 +45,7 @@ CLAIMED = ClaimState.CLAIMED
 SUSPECT = ClaimState.SUSPECT
 ALREADY_FINAL = ClaimState.ALREADY_FINAL
 POISONED = ClaimState.POISONED
+EXPIRED_CLAIM = ClaimState.EXPIRED
 MISSING = ClaimState.MISSING
 CORRUPT = ClaimState.CORRUPT
 # The claim script's answer: one letter per job.
@@ -52,9 +54,27 @@ _CLAIM_STATES = {
     "s": SUSPECT,
     "f": ALREADY_FINAL,
     "p": POISONED,
+    "e": EXPIRED_CLAIM,
     "m": MISSING,
     "x": CORRUPT,
 }
+
+
+class CancelOutcome(str, Enum):
+    """What cancelling one job found and did; the value is what the cancel script answers."""
+
+    CANCELLED = "cancelled"  # was queued: now cancelled, it never runs
+    CANCELLED_RUNNING = "cancelled_running"  # was running: now cancelled, its result discarded
+    ALREADY_FINAL = "final"  # final already (done, failed, cancelled, expired): left as it was
+    MISSING = "missing"  # no record (never created, or expired)
+    CORRUPT = "corrupt"  # the record is not a job
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def cancelled(self) -> bool:
+        return self in (CancelOutcome.CANCELLED, CancelOutcome.CANCELLED_RUNNING)
 
 
 def _lua(script: str) -> str:
@@ -63,7 +83,9 @@ def _lua(script: str) -> str:
     ``$format`` is the format byte, ``$head`` the header's length, ``$running`` and ``$failed``
     status codes, ``$names`` a table of every status code's name, ``$final`` one of the final
     codes, ``$runnable`` one of the codes a claim may start, ``$error`` the error field's tag,
-    ``$poison`` an error type, ``$id_from`` where the ID starts in a key; ``$status_at``,
+    ``$model`` the model field's tag, ``$cancelled``, ``$expired`` status codes, ``$ttl`` a final
+    record's TTL when it names none, ``$poison`` an error type, ``$id_from`` where the ID starts
+    in a key; ``$status_at``,
     ``$attempts_at``, ``$finished_at`` and ``$time_bytes`` the header's layout.
     """
     code = record.STATUS_CODES
@@ -76,10 +98,14 @@ def _lua(script: str) -> str:
         head=record.HEADER_BYTES,
         running=f"'{code[RUNNING].decode()}'",
         failed=f"'{code[FAILED].decode()}'",
+        cancelled=f"'{code[CANCELLED].decode()}'",
+        expired=f"'{code[EXPIRED].decode()}'",
+        ttl=defaults.JOB_TTL_S,
         names=table(list(code)),
         final=table([s for s in code if s in FINAL]),
         runnable=table([QUEUED, RUNNING]),
         error=f"string.char({record.ERROR})",
+        model=f"string.char({record.MODEL})",
         poison=f"'{PoisonJob.type}'",
         id_from=len(keys.job_key("")) + 1,
         status_at=record.STATUS_AT,
@@ -138,6 +164,53 @@ end
 local function trim(events, maxlen)
   redis.call('XTRIM', events, 'MAXLEN', '~', maxlen)
 end
+-- The optional fixed-width fields the header's flags announce: a deadline (µs) or nil, the
+-- seconds a final record is kept, and where the tagged fields start.
+local function optional(v)
+  local flags, at, deadline, ttl = string.byte(v, HEAD), HEAD + 1, nil, $ttl
+  if flags % 2 == 1 then
+    deadline = 0
+    for j = $time_bytes - 1, 0, -1 do deadline = deadline * 256 + string.byte(v, at + j) end
+    at = at + $time_bytes
+  end
+  if math.floor(flags / 2) % 2 == 1 then
+    local a, b, c, d = string.byte(v, at, at + 3)
+    ttl, at = a + 256 * (b + 256 * (c + 256 * d)), at + 4
+  end
+  return deadline, ttl, at
+end
+-- Whether the record's deadline passed before ``now`` (µs).
+local function overdue(v, now)
+  local deadline = optional(v)
+  return deadline ~= nil and now > deadline
+end
+-- The value of the tagged field ``tag`` ('' when the record has none).
+local function tagged(v, tag)
+  local _, _, at = optional(v)
+  while at <= #v do
+    local t, n, shift = string.sub(v, at, at), 0, 1
+    at = at + 1
+    repeat
+      local b = string.byte(v, at)
+      at, n, shift = at + 1, n + (b % 128) * shift, shift * 128
+    until b < 128
+    if t == tag then return string.sub(v, at, at + n - 1) end
+    at = at + n
+  end
+  return ''
+end
+-- Ends the job at ``key`` (its record ``v``) with status ``code`` at ``now`` (µs), appends
+-- ``err`` ("<type>:<message>") if given, keeps it for its TTL from now, adds its event.
+local function end_as(key, v, code, err, now, events)
+  local kept = string.sub(v, ATTEMPTS, FINISHED - 1)  -- attempts, started, who
+  redis.call('SETRANGE', key, STATUS_AT, code .. kept .. le(now, $time_bytes))
+  if err then redis.call('APPEND', key, field($error, err)) end
+  local _, ttl = optional(v)
+  redis.call('EXPIRE', key, ttl)
+  local id = string.sub(key, $id_from)
+  event(events, id, NAMES[code])
+  return id
+end
 """
 
 # KEYS: the jobs' keys, then the model's stats hash and the events stream. ARGV: now (µs),
@@ -154,17 +227,12 @@ local n = #KEYS - 2
 local stats, events, maxlen = KEYS[n + 1], KEYS[n + 2], ARGV[6]
 local now, max_attempts, fresh = tonumber(ARGV[1]), tonumber(ARGV[3]), ARGV[4] == 'fresh'
 local started = le(now, $time_bytes) .. le(tonumber(ARGV[2]), 4)  -- started, who: every job's
-local out, failed = {}, {}
+local out, failed, expired = {}, {}, {}
 
 local function poison(key, head, attempts)
   local err = $poison .. ':the job was started ' .. attempts ..
     ' times and each time its worker died before finishing it; giving up'
-  local kept = string.sub(head, ATTEMPTS, FINISHED - 1)  -- attempts, started, who
-  redis.call('SETRANGE', key, STATUS_AT, $failed .. kept .. le(now, $time_bytes))
-  redis.call('APPEND', key, field($error, err))
-  local id = string.sub(key, $id_from)
-  event(events, id, NAMES[$failed])
-  failed[#failed + 1] = id
+  failed[#failed + 1] = end_as(key, head, $failed, err, now, events)
 end
 
 local values = {}
@@ -183,6 +251,9 @@ for i = 1, n do
       state = 'f'
     elseif not RUNNABLE[code] then
       state = 'x'
+    elseif overdue(head, now) then
+      expired[#expired + 1] = end_as(key, head, $expired, nil, now, events)
+      state = 'e'
     elseif fresh and started_before > 0 then
       state = 's'
     elseif started_before >= max_attempts then
@@ -195,9 +266,11 @@ for i = 1, n do
   end
   out[i] = state
 end
+if #failed > 0 then redis.call('HINCRBY', stats, 'failed', #failed) end
+if #expired > 0 then redis.call('HINCRBY', stats, 'expired', #expired) end
+for _, id in ipairs(expired) do failed[#failed + 1] = id end
 if #failed > 0 then
   trim(events, maxlen)
-  redis.call('HINCRBY', stats, 'failed', #failed)
   redis.call('PUBLISH', ARGV[5], cjson.encode(failed))
 end
 return table.concat(out)
@@ -205,9 +278,10 @@ return table.concat(out)
 )
 
 # KEYS: the jobs' keys, the events stream, then the stats hashes. ARGV: the events' max length,
-# the number of jobs, the finished-jobs channel; then per job: its stats hash (1 = the first)
-# and its final record. Every job's ID is announced on the channel, written or not. Writes
-# only over a job that is not final yet: a result is stored once. The write comes first (SET ...
+# the number of jobs, the finished-jobs channel; then per job: its stats hash (1 = the first),
+# its TTL once final, and its final record. Every job's ID is announced on the channel, written
+# or not. Writes only over a job that is not final yet: a result is stored once (and a cancelled
+# job's is discarded, counted as such). The write comes first (SET ...
 # GET, one command where a read and a write would be two) and is undone where the record was
 # final already, or not a record. If a later delivery started the job again meanwhile, the
 # stored record keeps that higher attempt count. Answers per job 1 written, 0 final already (a
@@ -219,8 +293,8 @@ local maxlen, n = ARGV[1], tonumber(ARGV[2])
 local events = KEYS[n + 1]
 local counts, out, ids, written = {}, {}, {}, 0
 for i = 1, n do
-  local key, value = KEYS[i], ARGV[3 + 2 * i]
-  local stats = KEYS[n + 1 + tonumber(ARGV[2 + 2 * i])]
+  local key, ttl, value = KEYS[i], ARGV[3 * i + 2], ARGV[3 * i + 3]
+  local stats = KEYS[n + 1 + tonumber(ARGV[3 * i + 1])]
   ids[i] = string.sub(key, $id_from)
   local old = redis.pcall('SET', key, value, 'XX', 'KEEPTTL', 'GET')
   local counter = nil
@@ -234,12 +308,14 @@ for i = 1, n do
     out[i] = -1
   elseif FINAL[string.sub(old, STATUS, STATUS)] then
     redis.call('SET', key, old, 'KEEPTTL')
-    out[i], counter = 0, 'duplicate'
+    out[i] = 0
+    counter = string.sub(old, STATUS, STATUS) == $cancelled and 'discarded' or 'duplicate'
   else
     local was = attempts(old)
     if was > attempts(value) then
       redis.call('SETRANGE', key, ATTEMPTS_AT, le16(was))
     end
+    redis.call('EXPIRE', key, ttl)
     counter = NAMES[string.sub(value, STATUS, STATUS)]
     event(events, ids[i], counter)
     out[i], written = 1, written + 1
@@ -254,6 +330,45 @@ for stats, by_name in pairs(counts) do
 end
 if written > 0 then trim(events, maxlen) end
 redis.call('PUBLISH', ARGV[3], cjson.encode(ids))
+return out
+"""
+)
+
+
+# KEYS: the jobs' keys, then the events stream. ARGV: now (µs), the events' max length, the
+# stats keys' prefix (the model name follows), the finished-jobs channel. Ends each queued or
+# running job cancelled: a later claim sees it final and skips it, a later result is discarded.
+# Counts it in its model's stats, adds its event, keeps it for its TTL from now, and announces
+# the cancelled IDs. Answers per job a CancelOutcome.
+_CANCEL = _lua(
+    _RECORD
+    + """
+local n = #KEYS - 1
+local events, now, maxlen, prefix = KEYS[n + 1], tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local out, ended = {}, {}
+for i = 1, n do
+  local key = KEYS[i]
+  local v = redis.pcall('GET', key)
+  if type(v) == 'table' then
+    if not string.find(tostring(v.err), 'WRONGTYPE') then return v end
+    out[i] = 'corrupt'
+  elseif not v then
+    out[i] = 'missing'
+  elseif not is_record(v) or not (FINAL[string.sub(v, STATUS, STATUS)]
+      or RUNNABLE[string.sub(v, STATUS, STATUS)]) then
+    out[i] = 'corrupt'
+  elseif FINAL[string.sub(v, STATUS, STATUS)] then
+    out[i] = 'final'
+  else
+    ended[#ended + 1] = end_as(key, v, $cancelled, nil, now, events)
+    redis.call('HINCRBY', prefix .. tagged(v, $model), 'cancelled', 1)
+    out[i] = string.sub(v, STATUS, STATUS) == $running and 'cancelled_running' or 'cancelled'
+  end
+end
+if #ended > 0 then
+  trim(events, maxlen)
+  redis.call('PUBLISH', ARGV[4], cjson.encode(ended))
+end
 return out
 """
 )
@@ -275,13 +390,16 @@ class JobStore:
     names and labels records refer to, see ``contract.record.Catalog``).
     """
 
-    def __init__(self, client: redis.Redis, ttl_s: int = defaults.JOB_TTL_S) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int = defaults.QUEUED_TTL_S) -> None:
+        """``ttl_s``: how long a new record lives at least while queued or running; each job's
+        own ``ttl_s`` takes over once it is final."""
         if ttl_s < 1:
             raise ValueError(f"a job record's TTL must be at least 1 second, not {ttl_s}")
         self.redis = client
         self.ttl_s = ttl_s
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
+        self._cancel = client.register_script(_CANCEL)
         self._catalog = record.Catalog()
         self._catalog_since = time.monotonic()
 
@@ -294,8 +412,8 @@ class JobStore:
         values = [(keys.job_key(j.id), record.encode(j, self._catalog)) for j in jobs]
 
         def fill(pipe: Pipeline) -> None:
-            for key, value in values:
-                pipe.set(key, value, nx=True, ex=self.ttl_s)
+            for (key, value), job in zip(values, jobs, strict=True):
+                pipe.set(key, value, nx=True, ex=max(self.ttl_s, job.ttl_s))
 
         replies = self._round_trip(fill, transaction=True)
         _raise_first_error(replies)
@@ -384,11 +502,28 @@ class JobStore:
             keys.finished_channel(),
         ]
         for job in jobs:
-            args += [stats.index(keys.stats_key(job.model)) + 1, record.encode(job, self._catalog)]
+            stats_at = stats.index(keys.stats_key(job.model)) + 1
+            args += [stats_at, job.ttl_s, record.encode(job, self._catalog)]
         names = [*(keys.job_key(j.id) for j in jobs), keys.events_stream(), *stats]
         (written,) = self._round_trip(lambda pipe: _call(pipe, self._finish, names, args))
         _raise_first_error([written])
         return [r == 1 for r in written]
+
+    def cancel_many(self, job_ids: Sequence[str], now: float) -> list[CancelOutcome]:
+        """End every queued or running job of ``job_ids`` cancelled, in one round trip; final,
+        missing and corrupt records are left as they are. Answers per job in input order."""
+        if not job_ids:
+            return []
+        names = [*map(keys.job_key, job_ids), keys.events_stream()]
+        args = [
+            record.micros(now),
+            defaults.EVENTS_MAX_LEN,
+            keys.stats_key(""),
+            keys.finished_channel(),
+        ]
+        replies = self._round_trip(lambda pipe: _call(pipe, self._cancel, names, args))
+        _raise_first_error(replies)
+        return [CancelOutcome(keys.text(r)) for r in replies[0]]
 
     def stats(self, model: str) -> dict[str, int]:
         return read_stats(self.redis, model)
@@ -429,7 +564,7 @@ class JobStore:
             replies = self._execute(pipe, pending)
             if not any(isinstance(r, NoScriptError) for r in replies):
                 return replies
-            for script in (self._claim, self._finish):
+            for script in (self._claim, self._finish, self._cancel):
                 self.redis.script_load(script.script)
         return replies
 
@@ -490,7 +625,8 @@ _FINAL_CODES = frozenset(record.STATUS_CODES[s] for s in FINAL)
 
 
 def read_stats(client: redis.Redis, model: str) -> dict[str, int]:
-    """``model``'s counters: jobs done, failed, duplicate results."""
+    """``model``'s counters: jobs done, failed, cancelled, expired; results computed again
+    (duplicate) or for a cancelled job (discarded)."""
     raw = client.hgetall(keys.stats_key(model))
     return {keys.text(k): int(v) for k, v in raw.items()}
 
