@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,12 @@ def record_breakdown(bench: HostPath) -> dict[str, Any]:
     }
 
 
+def py_spy() -> str:
+    """py-spy on PATH, else the one installed beside this interpreter (a venv not activated)."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return shutil.which("py-spy") or str(beside)
+
+
 def profile(workdir: Path, out: Path, jobs: int) -> dict[str, Any]:
     uris = [str(p) for p in image_pool(workdir / "images", SMALL, jobs)]
     with HostPath(workdir, uris, workdir / "logs") as bench:
@@ -82,7 +89,7 @@ def profile(workdir: Path, out: Path, jobs: int) -> dict[str, Any]:
         bench.measure(min(jobs, 500))
         pid = next(iter(bench.pool.pids().values()))
         raw = out / "worker.raw"
-        cmd = ["py-spy", "record", "-p", str(pid), "-r", str(RATE), "-f", "raw", "-o", str(raw)]
+        cmd = [py_spy(), "record", "-p", str(pid), "-r", str(RATE), "-f", "raw", "-o", str(raw)]
         spy = subprocess.Popen([*cmd, "--nonblocking", "--function"], stdout=subprocess.DEVNULL)
         time.sleep(1)  # py-spy attaches
         result = bench.measure(jobs)

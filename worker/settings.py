@@ -54,6 +54,10 @@ LOG_LEVEL = "INFO"
 # PROCESSES_PER_GPU per GPU on a GPU host (worker/supervisor.py; README "Processes per host").
 PROCESSES = "auto"
 PROCESSES_PER_GPU = 2
+# How torch's OpenMP threads wait between parallel regions, unless the operator sets
+# OMP_WAIT_POLICY: libgomp's default spins a core for a while after each region, which between
+# small batches burnt more CPU than the whole job path (README "Per-job cost"); passive sleeps.
+OMP_WAIT_POLICY = "PASSIVE"
 
 
 @dataclass(frozen=True)
