@@ -1,7 +1,7 @@
 """Where the host path's per-job CPU goes: py-spy on one worker during a host-path run.
 
-``python -m bench.hostpath_profile [--jobs N] [--out DIR]`` writes to DIR: ``worker.raw``
-(py-spy's collapsed stacks), ``summary.json`` (the run's per-job figures, the functions with
+``python -m bench.hostpath_profile [--jobs N] [--out DIR] [--device-stand-in]`` writes to DIR:
+``worker.raw`` (py-spy's collapsed stacks), ``summary.json`` (the run's per-job figures, the functions with
 the most samples in µs per job, inclusive and self, and one finished record's bytes). Needs
 ``pip install py-spy`` and ptrace (root, or ``kernel.yama.ptrace_scope=0``).
 """
@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.hostpath import SMALL, HostPath
+from bench.hostpath import CPU_PATH, GPU_STAND_IN, SMALL, HostPath
 from bench.images import image_pool
 from bench.report import record
 from contract import keys
@@ -82,9 +82,9 @@ def py_spy() -> str:
     return shutil.which("py-spy") or str(beside)
 
 
-def profile(workdir: Path, out: Path, jobs: int) -> dict[str, Any]:
+def profile(workdir: Path, out: Path, jobs: int, path: str = CPU_PATH) -> dict[str, Any]:
     uris = [str(p) for p in image_pool(workdir / "images", SMALL, jobs)]
-    with HostPath(workdir, uris, workdir / "logs") as bench:
+    with HostPath(workdir, uris, workdir / "logs", path=path) as bench:
         bench.grow(1)
         bench.measure(min(jobs, 500))
         pid = next(iter(bench.pool.pids().values()))
@@ -107,10 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.hostpath_profile", description=__doc__)
     p.add_argument("--jobs", type=int, default=8000)
     p.add_argument("--out", type=Path, default=Path("hostpath-profile"))
+    p.add_argument(
+        "--device-stand-in", action="store_true", help="the GPU path, on a device stand-in"
+    )
     args = p.parse_args(argv)
+    path = GPU_STAND_IN if args.device_stand_in else CPU_PATH
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="imgcls-profile-") as tmp:
-        summary = profile(Path(tmp), args.out.resolve(), args.jobs)
+        summary = profile(Path(tmp), args.out.resolve(), args.jobs, path)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary["run"], indent=2))
     return 0
