@@ -1,8 +1,9 @@
 """Where the host path's per-job CPU goes: py-spy on one worker during a host-path run.
 
 ``python -m bench.hostpath_profile [--jobs N] [--out DIR] [--device-stand-in]`` writes to DIR:
-``worker.raw`` (py-spy's collapsed stacks), ``summary.json`` (the run's per-job figures, the functions with
-the most samples in µs per job, inclusive and self, and one finished record's bytes). Needs
+``worker.raw`` (py-spy's collapsed stacks), ``summary.json`` (the run's per-job figures, the
+functions with the most samples in µs per job, inclusive and self, and one finished record's
+bytes). Needs
 ``pip install py-spy`` and ptrace (root, or ``kernel.yama.ptrace_scope=0``).
 """
 
