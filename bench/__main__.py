@@ -25,6 +25,7 @@ from bench.config import (
 )
 from bench.images import IMAGE_SETS
 from bench.mixed_images import ALL_IMAGE_SETS
+from worker.settings import JPEG_DECODERS
 
 # Where results go by default, under the working directory. bench/results/ in the repository
 # is the record of past runs, copied there by hand; a run never writes into the package.
@@ -65,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--concurrency", type=int)
     w.add_argument("--channels-last", action=argparse.BooleanOptionalAction)
     w.add_argument("--compile", action=argparse.BooleanOptionalAction)
+    w.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction)
+    w.add_argument("--jpeg-decoder", choices=JPEG_DECODERS)
     w.add_argument("--torch-threads", type=int, help="intra-op threads, everywhere")
     w.add_argument(
         "--flush-denormal",
@@ -86,7 +89,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--pool", type=_pool, help="distinct images per set, e.g. imagenet=512,12mp=32")
     for name in ("seed_seconds", "ceiling_seconds", "e2e_seconds", "latency_seconds"):
         s.add_argument("--" + name.replace("_", "-"), type=float)
-    ints = ("seed_max", "e2e_jobs", "e2e_max", "latency_n", "submit_jobs", "warmup_jobs")
+    ints = ("seed_max", "e2e_jobs", "e2e_min", "e2e_max", "latency_n", "submit_jobs", "warmup_jobs")
     for name in (*ints, "hostpath_jobs", "peer_images"):
         s.add_argument("--" + name.replace("_", "-"), type=int)
     return p
@@ -128,6 +131,8 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         concurrency=args.concurrency,
         channels_last=args.channels_last,
         compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
+        jpeg_decoder=args.jpeg_decoder,
         torch_threads=args.torch_threads,
     )
     unknown = set(args.images) - set(ALL_IMAGE_SETS)

@@ -40,6 +40,10 @@ class WorkerOptions:
     concurrency: int = CPU_CONCURRENCY
     channels_last: bool = True
     compile: bool = False
+    # CUDA graphs of the forward pass (on CUDA only; the worker's default).
+    cuda_graphs: bool = True
+    # Who decodes JPEGs on CUDA (worker.settings.JPEG_DECODERS).
+    jpeg_decoder: str = "torchvision"
     # torch intra-op threads in the benchmark and every worker; None leaves torch's default.
     torch_threads: int | None = None
 
@@ -55,6 +59,8 @@ class WorkerOptions:
             *("--io-threads", str(self.io_threads), "--concurrency", str(self.concurrency)),
             "--channels-last" if self.channels_last else "--no-channels-last",
             "--compile" if self.compile else "--no-compile",
+            "--cuda-graphs" if self.cuda_graphs else "--no-cuda-graphs",
+            *("--jpeg-decoder", self.jpeg_decoder),
         ]
 
     def settings(self, model: str, redis_url: str, roots: tuple[Path, ...]) -> Settings:
@@ -66,6 +72,8 @@ class WorkerOptions:
             precision=self.precision,
             channels_last=self.channels_last,
             compile=self.compile,
+            cuda_graphs=self.cuda_graphs,
+            jpeg_decoder=self.jpeg_decoder,
             redis_url=redis_url,
             batch_size=self.batch_size,
             max_wait_ms=self.max_wait_ms,

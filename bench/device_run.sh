@@ -4,14 +4,15 @@
 #   on the GPU machine (carry .devkit):   bash bench/device_run.sh
 #   here, a tiny rehearsal on the CPU:    QUICK=1 OUT=/tmp/devrun bash bench/device_run.sh
 #
-# Stages: (0) the device's batch steps alone: resize calls and ms per batch on uniform and mixed
-# sizes, forward eager vs CUDA graphs; (1) ResNet-50 fp16, ImageNet-size JPEGs, bulk submission,
-# 1, 4 and 8 worker processes on the one GPU (complete workers, the layout --processes-per-gpu
-# makes); (2) GPU fp16 vs CPU fp32 answers, mixed sizes included; (3) ResNet-50 fp16, 12-MP
-# photos and mixed sizes; (4) EfficientNet-B0 and MobileNetV3-Large,
-# ImageNet-size; (5) ResNet-50 with --compile, if time is left. Then
-# summary.md. Each stage's JSON is rewritten after every measurement, so a stage cut short by its
-# time cap still leaves what it measured.
+# Stages: (0) decode alone: torchvision's batched nvJPEG vs nvImageCodec's back-ends, progressive
+# JPEGs among them (bench/decode_steps.py); (1) the device's batch steps alone: resize calls and
+# ms per batch on uniform and mixed sizes, forward eager vs CUDA graphs alone and beside busy
+# Python threads (bench/device_steps.py); (2) ResNet-50 fp16 end to end, one worker pool grown
+# 1 -> 4 -> 8 processes on the one GPU (complete workers, the layout --processes-per-gpu makes),
+# ImageNet-size, mixed-size and 12-MP sets at each size, with the in-process ceiling and idle
+# latency; (3) the same at 8 processes with JPEGs decoded by nvImageCodec; (4) GPU fp16 vs CPU
+# fp32 answers (GPU_CHECK=1; on by default in the QUICK rehearsal). Then summary.md. Each stage's JSON is rewritten
+# after every measurement, so a stage cut short by its time cap still leaves what it measured.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 : "${OUT:?set OUT to the folder for results}"
@@ -73,38 +74,53 @@ bench() {
 }
 
 if [ "$QUICK" = 1 ]; then
-  big=mobilenet_v3_small small=mobilenet_v3_small scale=1,2 gpu=(--quick) check=(imagenet=4,12mp=1,mixed=4)
-  steps=(--batch 8 --repeat 2)
+  big=mobilenet_v3_small scale=1,2 gpu=(--quick) check=(imagenet=4,12mp=1,mixed=4)
+  steps=(--batch 8 --repeat 2 --busy 0,2) decode=(--batch 8 --repeat 2)
 else
-  big=resnet50 small=efficientnet_b0,mobilenet_v3_large scale=1,4,8 gpu=(--precision fp16)
-  check=(imagenet=64,12mp=8,mixed=64) steps=(--batch 256 --repeat 20)
+  big=resnet50 scale=1,4,8 gpu=(--precision fp16)
+  check=(imagenet=64,12mp=8,mixed=64) steps=(--batch 256 --repeat 20 --busy 0,4)
+  decode=(--batch 256 --repeat 10)
+  # At least 8,000 jobs per measurement: shorter runs measure mostly the ramp.
+  gpu+=(--e2e-min 8000)
 fi
-rest=(--stages seed,ceiling,e2e,latency)
 
-stage device-steps 60 20 python3 -m bench.device_steps --model "$big" "${steps[@]}" \
+stage decode 45 20 python3 -m bench.decode_steps "${decode[@]}" --image-dir "$IMAGES" \
+  --out "$LOGS/decode_steps.json"
+stage device-steps 75 25 python3 -m bench.device_steps --model "$big" "${steps[@]}" \
   --image-dir "$IMAGES" --out "$LOGS/device_steps.json"
-bench r50-imagenet 190 60 --models "$big" --images imagenet --scale-out "$scale" "${gpu[@]}"
-stage gpu-check 60 25 python3 -m bench.gpu_check --model "$big" --images "${check[@]}" \
-  --image-dir "$IMAGES" --out "$OUT/gpu_check.json"
-bench r50-12mp-mixed 170 50 --models "$big" --images 12mp,mixed "${rest[@]}" "${gpu[@]}"
-bench small-imagenet 130 50 --models "$small" --images imagenet "${rest[@]}" "${gpu[@]}"
-if [ "$QUICK" = 1 ]; then
-  echo "== skip r50-compile: torch.compile takes minutes on a CPU"
-else
-  bench r50-compile 170 120 --models "$big" --images imagenet --compile --stages ceiling,e2e \
-    "${gpu[@]}"
+# The forward pass's CUDA graphs ran first in device-steps: where they failed, the end-to-end
+# stages run eagerly rather than not at all (the log says which).
+graphs=(--cuda-graphs)
+if ! grep -q '"graphs_ms"' "$LOGS/device_steps.json" 2>/dev/null && [ "$QUICK" != 1 ]; then
+  echo "== CUDA graphs did not run in device-steps: end to end without them"
+  graphs=(--no-cuda-graphs)
+fi
+# One worker pool grown 1 -> 4 -> 8 processes on the one GPU, every image set at each size.
+bench r50-e2e 210 90 --models "$big" --images imagenet,mixed,12mp --scale-out "$scale" \
+  --stages ceiling,e2e,latency "${gpu[@]}" "${graphs[@]}"
+# The same at the largest size with JPEGs decoded by the GPU's JPEG engines (nvImageCodec; CUDA
+# only, so not in the rehearsal).
+if [ "$QUICK" != 1 ]; then
+  bench r50-e2e-nvimgcodec 80 50 --models "$big" --images imagenet,mixed,12mp \
+    --scale-out "${scale##*,}" --stages e2e "${gpu[@]}" "${graphs[@]}" --jpeg-decoder nvimgcodec
+fi
+if [ "${GPU_CHECK:-$QUICK}" = 1 ]; then
+  stage gpu-check 60 25 python3 -m bench.gpu_check --model "$big" --images "${check[@]}" \
+    --image-dir "$IMAGES" --out "$OUT/gpu_check.json"
 fi
 
-mapfile -t results < <(ls "$OUT"/r50-*.json "$OUT"/small-*.json 2>/dev/null)
+mapfile -t results < <(ls "$OUT"/r50-*.json 2>/dev/null)
 if ((${#results[@]})); then
   python3 -m bench.report "${results[@]}" | tee "$OUT/summary.md"
 fi
 if [ -f "$OUT/gpu_check.json" ]; then
   python3 -m bench.gpu_check --summarize "$OUT/gpu_check.json" | tee -a "$OUT/summary.md"
 fi
-if [ -f "$LOGS/device_steps.json" ]; then
-  { echo; echo "Device steps alone (bench/device_steps.py):"; echo '```'
-    cat "$LOGS/device_steps.json"; echo '```'; } | tee -a "$OUT/summary.md"
-fi
+for steps in decode_steps device_steps; do
+  if [ -f "$LOGS/$steps.json" ]; then
+    { echo; echo "bench/$steps.py:"; echo '```'; cat "$LOGS/$steps.json"; echo '```'; } |
+      tee -a "$OUT/summary.md"
+  fi
+done
 tar czf "$OUT/logs.tar.gz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"
 echo "== device_run done after $((SECONDS - T0)) s"

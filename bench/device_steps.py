@@ -6,7 +6,9 @@ resize   decoded images already on the device, uniform (ImageNet-size) and mixed
          ``roi_align`` calls and milliseconds per batch for worker.resize, beside the previous
          way (the weights' transforms once per distinct shape) for comparison.
 forward  ``Classifier.predict`` on ready inputs at the full batch size, with and without CUDA
-         graphs (graphs only on CUDA), milliseconds per batch.
+         graphs (graphs only on CUDA), milliseconds per batch, alone and beside ``--busy``
+         Python threads doing the worker's per-image header checks (bench.gil_probe's load):
+         eager launches must win the GIL back from them for every kernel, a graph replay once.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.models import get_model_weights
 
+from bench.gil_probe import with_busy_threads
 from bench.images import IMAGENET, ImageSet, image_pool
 from bench.mixed_images import MIXED, MixedImageSet
 from worker import resize
@@ -82,28 +85,47 @@ def resize_steps(
     }
 
 
-def forward_steps(model: str, device: torch.device, batch: int, repeat: int) -> dict[str, Any]:
+def forward_steps(
+    model: str, device: torch.device, batch: int, repeat: int, busy: tuple[int, ...]
+) -> dict[str, Any]:
     loaded = load_model(Settings(model=model, weights="none"))
     out: dict[str, Any] = {"batch": batch}
-    for graphs in (False, True) if device.type == "cuda" else (False,):
-        clf = Classifier(
-            loaded,
-            device,
-            pick_dtype("auto", device),
-            channels_last=True,
-            compile=False,
-            batch_size=batch,
-            cuda_graphs=graphs,
-        )
-        clf.warmup()
-        x = torch.randn(batch, 3, clf.crop, clf.crop, device=device, dtype=clf.dtype)
-        name = "graphs_ms" if graphs else "eager_ms"
-        out[name] = _ms_per_call(partial(clf.predict, x, 5), device, repeat)
-        del clf
+    # Graphs first: beside busy threads the eager pass may take the stage's whole time cap.
+    for graphs in (True, False) if device.type == "cuda" else (False,):
+        try:
+            out.update(_forward(loaded, device, batch, repeat, busy, graphs))
+        except Exception as e:  # graphs failing on a device is the finding
+            out["graphs_error" if graphs else "eager_error"] = f"{type(e).__name__}: {e}"
+            print("forward failed:", out, flush=True)
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def _forward(
+    loaded: Any, device: torch.device, batch: int, repeat: int, busy: tuple[int, ...], graphs: bool
+) -> dict[str, float]:
+    clf = Classifier(
+        loaded,
+        device,
+        pick_dtype("auto", device),
+        channels_last=True,
+        compile=False,
+        batch_size=batch,
+        cuda_graphs=graphs,
+    )
+    clf.warmup()
+    x = torch.randn(batch, 3, clf.crop, clf.crop, device=device, dtype=clf.dtype)
+    out = {}
+    for threads in busy:
+        # Beside busy threads an eager pass can take 100 times longer: fewer repeats there.
+        times = 3 if threads else repeat
+        step = partial(_ms_per_call, partial(clf.predict, x, 5), device, times)
+        name = ("graphs" if graphs else "eager") + (f"_busy{threads}" if threads else "") + "_ms"
+        out[name] = with_busy_threads(threads, step)
+        print("forward", name, round(out[name], 3), flush=True)
+    return out
+
+
+def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     device = torch.device(args.device)
     root = args.image_dir or Path(tempfile.mkdtemp(prefix="imgcls-steps-"))
     sets: dict[str, ImageSet | MixedImageSet] = {"uniform": IMAGENET, "mixed": MIXED}
@@ -112,8 +134,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         images = _decoded(image_pool(root, spec, args.batch), device)
         report["resize"][name] = resize_steps(images, args.model, device, args.repeat)
         print(name, report["resize"][name], flush=True)
-    report["forward"] = forward_steps(args.model, device, args.batch, args.repeat)
-    print("forward", report["forward"], flush=True)
+        save(report)
+    report["forward"] = forward_steps(args.model, device, args.batch, args.repeat, args.busy)
+    save(report)
     return report
 
 
@@ -123,13 +146,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="resnet50")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument(
+        "--busy",
+        type=lambda t: tuple(int(x) for x in t.split(",")),
+        default=(0, 4, 16),
+        help="busy Python threads beside the forward pass, comma-separated",
+    )
     p.add_argument("--image-dir", type=Path)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     torch.set_flush_denormal(True)
-    report = run(args)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    def save(report: dict[str, Any]) -> None:
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    run(args, save)
     return 0
 
 

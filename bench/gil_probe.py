@@ -30,7 +30,7 @@ def _forward_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats * 1e3
 
 
-def _with_busy_threads(threads: int, run: Callable[[], float]) -> float:
+def with_busy_threads(threads: int, run: Callable[[], float]) -> float:
     stop = threading.Event()
     data, policy = make_jpeg(), DecodePolicy(max_pixels=10**8)
 
@@ -67,7 +67,7 @@ def main() -> None:
     }
     for interval in (0.005, 0.0005):
         sys.setswitchinterval(interval)
-        ms = _with_busy_threads(args.threads, lambda: _forward_ms(model, x, args.repeats))
+        ms = with_busy_threads(args.threads, lambda: _forward_ms(model, x, args.repeats))
         result[f"busy_ms_switch_{interval}"] = ms
     sys.setswitchinterval(0.005)
     print(json.dumps(result, indent=2))

@@ -8,12 +8,14 @@ import io
 import pytest
 import torch
 from PIL import Image
+from torchvision.io import decode_jpeg
 
 from tests.support import make_jpeg
 from worker import resize
 from worker.decode import DecodePolicy, decode_rgb, encoded_tensor, rgb_uint8
 from worker.inference import Classifier, Payload, PayloadKind, crop_on_host
-from worker.models import LoadedModel, load_model
+from worker.models import LoadedModel, ModelLoadError, load_model
+from worker.nvdecode import NvImageCodec
 from worker.settings import Settings
 
 POLICY = DecodePolicy(max_pixels=10**8)
@@ -137,4 +139,41 @@ def test_the_cpu_path_normalising_per_batch_matches_the_transforms_to_the_bit(
     x, errors = _classifier(loaded, False).make_batch(payloads)
     reference = torch.stack([loaded.transforms(i) for i in [images[0], *images]])
     assert not errors
+    assert torch.equal(x, reference)
+
+
+def test_nvimgcodec_refuses_a_device_without_cuda_at_setup() -> None:
+    with pytest.raises(ModelLoadError, match="needs a CUDA device"):
+        NvImageCodec(torch.device("cpu"))
+
+
+class _RefusesOddPositions:
+    """Stands in for nvImageCodec (no GPU here): refuses odd positions and what it cannot read,
+    with None, as nvImageCodec does."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def decode(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        self.calls.append(len(data))
+        return [None if i % 2 else _decoded_or_none(d) for i, d in enumerate(data)]
+
+
+def _decoded_or_none(data: torch.Tensor) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(data)
+    except RuntimeError:
+        return None
+
+
+def test_images_the_gpu_decoder_refuses_are_decoded_one_by_one(loaded: LoadedModel) -> None:
+    jpegs = [make_jpeg(500, 375, seed=s) for s in range(4)]
+    broken = jpegs[0][:200]  # a JPEG cut short: neither decoder can read it
+    payloads = [Payload(PayloadKind.JPEG, encoded_tensor(j)) for j in [*jpegs, broken]]
+    reference, _ = _classifier(loaded, True).make_batch(payloads[:4])
+    clf = _classifier(loaded, True)
+    clf._nvdecode = stand_in = _RefusesOddPositions()  # type: ignore[assignment]
+    x, errors = clf.make_batch(payloads)
+    assert stand_in.calls == [5]  # one batched call for the whole batch
+    assert set(errors) == {4}  # only the broken image fails, by its position
     assert torch.equal(x, reference)

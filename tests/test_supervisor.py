@@ -33,6 +33,7 @@ from tests.faults_support import (
     wait_until,
 )
 from tests.support import WorkerProcess, write_images
+from worker import settings as worker_defaults
 from worker import supervisor
 from worker.cli import main
 from worker.supervisor import ChildSpec, Supervisor
@@ -281,6 +282,7 @@ def test_processes_defaults_to_auto_and_the_cli_refuses_a_bad_count(
 ) -> None:
     monkeypatch.delenv("IMGCLS_PROCESSES", raising=False)  # the suite's own setting
     ctx = main.make_context("worker", ["--model", "m"])
-    assert ctx.params["processes"] is None and ctx.params["processes_per_gpu"] == 2
+    assert ctx.params["processes"] is None
+    assert ctx.params["processes_per_gpu"] == worker_defaults.PROCESSES_PER_GPU
     refused = CliRunner().invoke(main, ["--model", "m", "--processes", "0"])
     assert refused.exit_code == 2 and "auto or a count" in refused.output

@@ -98,6 +98,7 @@ def setup(settings: Settings) -> Runtime:
         compile=settings.compile,
         batch_size=batch_size,
         cuda_graphs=settings.cuda_graphs,
+        jpeg_decoder=settings.jpeg_decoder,
     )
     started = time.perf_counter()
     classifier.warmup()

@@ -128,6 +128,15 @@ def _show_envvars(command: click.Command) -> click.Command:
     help="On CUDA, replay the forward pass as a graph captured at start-up (not with --compile).",
 )
 @click.option(
+    "--jpeg-decoder",
+    type=click.Choice(worker_defaults.JPEG_DECODERS),
+    envvar="IMGCLS_JPEG_DECODER",
+    default=Settings.jpeg_decoder,
+    show_default=True,
+    help="On CUDA, who decodes JPEGs: torchvision's nvJPEG (Huffman decoding on the CPU) or "
+    "nvImageCodec (the GPU's hardware JPEG engines; pip install 'imgcls[nvimgcodec]').",
+)
+@click.option(
     "--redis-url",
     envvar="REDIS_URL",
     default=defaults.REDIS_URL,
@@ -414,6 +423,7 @@ def _settings(o: dict[str, Any]) -> Settings:
         channels_last=o["channels_last"],
         compile=o["compile_"],
         cuda_graphs=o["cuda_graphs"],
+        jpeg_decoder=o["jpeg_decoder"],
         redis_url=o["redis_url"],
         store_urls=_store_urls(o["store_urls"]),
         batch_size=o["batch_size"],

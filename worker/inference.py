@@ -19,6 +19,7 @@ from torchvision.transforms._presets import ImageClassification
 
 from worker.graphs import GRAPH_TOP_K, CudaGraphs, Step, make_step, unpack
 from worker.models import LoadedModel, ModelLoadError
+from worker.nvdecode import NvImageCodec
 from worker.resize import ResizeCrop, resize_crop_normalize
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class Classifier:
         batch_size: int,
         device_preprocess: bool | None = None,
         cuda_graphs: bool = True,
+        jpeg_decoder: str = "torchvision",
     ) -> None:
         self.loaded = loaded
         self.device = device
@@ -95,6 +97,8 @@ class Classifier:
         # a compiled module is left to torch.compile).
         self.cuda_graphs = cuda and cuda_graphs and not compile
         self._graphs: CudaGraphs | None = None
+        # JPEGs decoded by nvImageCodec instead of torchvision's nvJPEG (worker.nvdecode).
+        self._nvdecode = NvImageCodec(device) if jpeg_decoder == "nvimgcodec" else None
 
     def warmup(self) -> None:
         """A forward pass at every batch size served: tunes, compiles, allocates, and checks the
@@ -213,11 +217,21 @@ class Classifier:
         if not positions:
             return {}
         data = [payloads[i].data for i in positions]
+        if self._nvdecode is not None:
+            pairs = list(zip(positions, self._nvdecode.decode(data), strict=True))
+            out = {i: image for i, image in pairs if image is not None}
+            rest = [i for i, image in pairs if image is None]
+            return out | self._decode_one_by_one(rest, payloads, errors)
         try:
             decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
             return dict(zip(positions, decoded, strict=True))
         except RuntimeError:
             log.info("batched nvJPEG decode failed; decoding %d images one by one", len(data))
+        return self._decode_one_by_one(positions, payloads, errors)
+
+    def _decode_one_by_one(
+        self, positions: list[int], payloads: list[Payload], errors: dict[int, Exception]
+    ) -> dict[int, torch.Tensor]:
         out = {}
         for i in positions:
             try:

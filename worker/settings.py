@@ -53,7 +53,9 @@ LOG_LEVEL = "INFO"
 # Worker processes on this host: "auto" is one single-threaded process per core on a CPU, and
 # PROCESSES_PER_GPU per GPU on a GPU host (worker/supervisor.py; README "Processes per host").
 PROCESSES = "auto"
-PROCESSES_PER_GPU = 2
+# 4: on an H200 with CUDA graphs, 4 processes did 2.9-3.6x one process's rate, and in eager mode
+# 8 did no better than 4 (README "Throughput", bench/results/h200-run3-*).
+PROCESSES_PER_GPU = 4
 # How torch's OpenMP threads wait between parallel regions, unless the operator sets
 # OMP_WAIT_POLICY: libgomp's default spins a core for a while after each region, which between
 # small batches burnt more CPU than the whole job path (README "Per-job cost"); passive sleeps.
@@ -70,6 +72,10 @@ class Preprocess:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
+# Who decodes JPEGs on a CUDA device: torchvision's nvJPEG, or nvImageCodec (worker.nvdecode).
+JPEG_DECODERS = ("torchvision", "nvimgcodec")
+
+
 @dataclass(frozen=True)
 class Settings:
     model: str
@@ -83,6 +89,8 @@ class Settings:
     compile: bool = False
     # CUDA only: the forward pass as one captured graph per padded batch size.
     cuda_graphs: bool = True
+    # CUDA only: who decodes JPEGs on the device, one of JPEG_DECODERS.
+    jpeg_decoder: str = "torchvision"
     redis_url: str = defaults.REDIS_URL
     # Redis instances holding the job records (contract.shards); empty: redis_url alone.
     store_urls: tuple[str, ...] = ()
