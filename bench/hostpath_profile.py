@@ -83,7 +83,9 @@ def py_spy() -> str:
     return shutil.which("py-spy") or str(beside)
 
 
-def profile(workdir: Path, out: Path, jobs: int, path: str = CPU_PATH) -> dict[str, Any]:
+def profile(
+    workdir: Path, out: Path, jobs: int, path: str = CPU_PATH, gil: bool = False
+) -> dict[str, Any]:
     uris = [str(p) for p in image_pool(workdir / "images", SMALL, jobs)]
     with HostPath(workdir, uris, workdir / "logs", path=path) as bench:
         bench.grow(1)
@@ -91,7 +93,8 @@ def profile(workdir: Path, out: Path, jobs: int, path: str = CPU_PATH) -> dict[s
         pid = next(iter(bench.pool.pids().values()))
         raw = out / "worker.raw"
         cmd = [py_spy(), "record", "-p", str(pid), "-r", str(RATE), "-f", "raw", "-o", str(raw)]
-        spy = subprocess.Popen([*cmd, "--nonblocking", "--function"], stdout=subprocess.DEVNULL)
+        cmd += ["--nonblocking", "--function", *(["--gil"] if gil else [])]
+        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         time.sleep(1)  # py-spy attaches
         result = bench.measure(jobs)
         spy.send_signal(signal.SIGINT)
@@ -111,11 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--device-stand-in", action="store_true", help="the GPU path, on a device stand-in"
     )
+    p.add_argument(
+        "--gil",
+        action="store_true",
+        help="sample only the thread holding the GIL: the Python work, without the waits that "
+        "py-spy counts as active on a loaded machine",
+    )
     args = p.parse_args(argv)
     path = GPU_STAND_IN if args.device_stand_in else CPU_PATH
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="imgcls-profile-") as tmp:
-        summary = profile(Path(tmp), args.out.resolve(), args.jobs, path)
+        summary = profile(Path(tmp), args.out.resolve(), args.jobs, path, args.gil)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary["run"], indent=2))
     return 0
