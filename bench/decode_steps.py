@@ -48,8 +48,10 @@ def nvimgcodec_decoders(device: torch.device) -> dict[str, Decode | str]:
     backends = {"nvimgcodec": None, "nvimgcodec-hw": "HW_GPU_ONLY", "nvimgcodec-cuda": "GPU_ONLY"}
     out: dict[str, Decode | str] = {}
     for name, backend in backends.items():
+        started = time.perf_counter()
         try:
             out[name] = _nvimgcodec_decode(NvImageCodec(device, backend))
+            print(f"{name} ready in {time.perf_counter() - started:.1f} s", flush=True)
         except Exception as e:  # a back-end this GPU lacks is a result
             out[name] = f"{type(e).__name__}: {e}"
     return out
@@ -111,27 +113,37 @@ def _progressive(batch: list[bytes], every: int) -> list[bytes]:
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     device = torch.device(args.device)
     root = args.image_dir or Path(tempfile.mkdtemp(prefix="imgcls-decode-"))
+    # Images first, before any decoder starts its threads and CUDA context (on the H200 a run
+    # that made the decoders first printed nothing within its 45 s cap).
+    started = time.perf_counter()
+    batches = _batches(root, args.batch)
+    print(f"images ready in {time.perf_counter() - started:.1f} s", flush=True)
     decoders: dict[str, Decode | str] = {"torchvision": torchvision_decoder(device)}
     if device.type == "cuda":
         decoders.update(nvimgcodec_decoders(device))
-    sets = {"imagenet": (IMAGENET, args.batch), "mixed": (MIXED, args.batch)}
-    sets["12mp"] = (PHONE_12MP, max(1, args.batch // 8))
     report: dict[str, Any] = {"device": str(device), "decode": {}}
-    batches = {name: _batch(root, spec, size) for name, (spec, size) in sets.items()}
-    # Does a progressive JPEG stall a batch? One in eight, then all of them.
-    batches["imagenet-1in8-progressive"] = _progressive(batches["imagenet"], 8)
-    batches["imagenet-progressive"] = _progressive(batches["imagenet"], 1)
     for set_name, batch in batches.items():
         size = len(batch)
         row: dict[str, Any] = {}
         for name, decode in decoders.items():
             row[name] = _measure(decode, batch, device, args.repeat)
             print(f"decode {set_name} x{size} {name}: {row[name]}", flush=True)
-        report["decode"][set_name] = {"batch": size, **row}
+            report["decode"][set_name] = {"batch": size, **row}
+            save(report)
     return report
+
+
+def _batches(root: Path, size: int) -> dict[str, list[bytes]]:
+    sets = {"imagenet": (IMAGENET, size), "mixed": (MIXED, size)}
+    sets["12mp"] = (PHONE_12MP, max(1, size // 8))
+    batches = {name: _batch(root, spec, n) for name, (spec, n) in sets.items()}
+    # Does a progressive JPEG stall a batch? One in eight, then all of them.
+    batches["imagenet-1in8-progressive"] = _progressive(batches["imagenet"], 8)
+    batches["imagenet-progressive"] = _progressive(batches["imagenet"], 1)
+    return batches
 
 
 def _measure(decode: Decode | str, batch: list[bytes], device: torch.device, repeat: int) -> Any:
@@ -151,9 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-dir", type=Path)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    report = run(args)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    def save(report: dict[str, Any]) -> None:
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    run(args, save)
     return 0
 
 

@@ -4,8 +4,19 @@
 REDIS_URL = "redis://127.0.0.1:6379/0"
 # Prefix of every Redis key and Celery queue the service owns.
 KEY_PREFIX = "imgcls"
-# Seconds a job record lives in Redis after submission (24 h).
+# Seconds a job record is kept in Redis once the job is final (24 h), unless its submission set
+# its own ``ttl_s``.
 JOB_TTL_S = 24 * 3600
+# Seconds a record lives while queued or running, at least (24 h): the time a job may wait in
+# the queue. A record gets max(QUEUED_TTL_S, its ttl_s) at submission, its ttl_s when final.
+QUEUED_TTL_S = 24 * 3600
+# Longest ttl_s a submission may set (30 days).
+MAX_TTL_S = 30 * 24 * 3600
+# Latest deadline accepted, in Unix seconds (year 5138): a larger number is taken for
+# milliseconds by mistake.
+MAX_DEADLINE = 1e11
+# Longest relative deadline (deadline_s) the CLI and the gateway accept (30 days).
+MAX_DEADLINE_S = 30 * 24 * 3600
 # Seconds after which a process writes the names and labels its records refer to again, in
 # case Redis lost them (a restart without persistence).
 CATALOG_REWRITE_S = 60.0

@@ -59,6 +59,12 @@ class IdConflict(ServiceError):
     type = "conflict"
 
 
+class AlreadyFinal(ServiceError):
+    """A job cannot be cancelled: it is final already (done, failed, cancelled or expired)."""
+
+    type = "already_final"
+
+
 class Unavailable(ServiceError):
     """A source timed out, throttled or answered 5xx, and retries with backoff did not help."""
 
@@ -102,7 +108,8 @@ class MalformedRecord(MalformedMessage):
 
 
 class JobFailed(Exception):
-    """Raised on the caller's side for a job whose stored status is ``failed``."""
+    """Raised on the caller's side for a job that ended without predictions: ``failed`` (its
+    error's type), ``cancelled`` or ``expired`` (the status as the type)."""
 
     def __init__(self, job_id: str, type: str, message: str) -> None:
         super().__init__(f"job {job_id} failed ({type}): {message}")

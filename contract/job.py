@@ -9,6 +9,7 @@ keeps a compact form of it (``contract.record``); ``JobStore`` reads it back as 
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -28,6 +29,8 @@ class JobStatus(str, Enum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
 
     def __str__(self) -> str:
         return self.value
@@ -37,17 +40,22 @@ QUEUED = JobStatus.QUEUED
 RUNNING = JobStatus.RUNNING
 DONE = JobStatus.DONE
 FAILED = JobStatus.FAILED
+CANCELLED = JobStatus.CANCELLED
+EXPIRED = JobStatus.EXPIRED
 STATUSES = tuple(JobStatus)
 
 # The job state machine: the statuses a record may move to from each status. Claiming moves a
-# job to running (again after a worker died), or fails it as a poison pill; finishing writes
-# done or failed over any status that is not final. contract.store's Lua scripts are checked
-# against this table by tests/test_contract.py.
+# job to running (again after a worker died), fails it as a poison pill, or expires it when its
+# deadline passed before it started; finishing writes done or failed over any status that is not
+# final; cancelling ends a queued or running job (a running job's result is then discarded).
+# contract.store's Lua scripts are checked against this table by tests/test_state_machine.py.
 TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
-    QUEUED: frozenset({RUNNING, DONE, FAILED}),
-    RUNNING: frozenset({RUNNING, DONE, FAILED}),
+    QUEUED: frozenset({RUNNING, DONE, FAILED, CANCELLED, EXPIRED}),
+    RUNNING: frozenset({RUNNING, DONE, FAILED, CANCELLED, EXPIRED}),
     DONE: frozenset(),
     FAILED: frozenset(),
+    CANCELLED: frozenset(),
+    EXPIRED: frozenset(),
 }
 # Statuses a job never leaves.
 FINAL = frozenset(status for status, after in TRANSITIONS.items() if not after)
@@ -120,7 +128,18 @@ class Job:
     priority: Priority = field(
         default=Priority.NORMAL, metadata=_doc("high | normal | low: served high first")
     )
-    status: JobStatus = field(default=QUEUED, metadata=_doc("queued -> running -> done | failed"))
+    deadline: float | None = field(
+        default=None,
+        metadata=_doc("unix seconds: not started by then, it ends expired unrun; or null"),
+    )
+    ttl_s: int = field(
+        default=defaults.JOB_TTL_S,
+        metadata=_doc("seconds the record is kept once the job is final"),
+    )
+    status: JobStatus = field(
+        default=QUEUED,
+        metadata=_doc("queued -> running -> done | failed; or cancelled, or expired (deadline)"),
+    )
     submitted: float | None = field(default=None, metadata=_doc("unix seconds"))
     started: float | None = field(
         default=None, metadata=_doc("unix seconds of the latest start, or null")
@@ -302,6 +321,32 @@ def validate_top_k(top_k: int, num_classes: int | None = None) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= upper:
         raise InvalidRequest(f"top_k must be an integer from 1 to {upper}, got {top_k!r}")
     return top_k
+
+
+def validate_ttl_s(ttl_s: int) -> int:
+    """Seconds a record is kept once final: 1 to ``defaults.MAX_TTL_S``."""
+    if (
+        isinstance(ttl_s, bool)
+        or not isinstance(ttl_s, int)
+        or not 1 <= ttl_s <= defaults.MAX_TTL_S
+    ):
+        raise InvalidRequest(
+            f"ttl_s must be an integer from 1 to {defaults.MAX_TTL_S} seconds, got {ttl_s!r}"
+        )
+    return ttl_s
+
+
+def validate_deadline(deadline: float) -> float:
+    """A deadline in Unix seconds: a finite positive number (one already past is allowed: the
+    job then ends expired at its claim)."""
+    if isinstance(deadline, bool) or not isinstance(deadline, int | float):
+        raise InvalidRequest(f"deadline must be a number of Unix seconds, got {deadline!r}")
+    if not math.isfinite(deadline) or not 0 < deadline <= defaults.MAX_DEADLINE:
+        raise InvalidRequest(
+            f"deadline must be a positive Unix time in seconds (not milliseconds), "
+            f"at most {defaults.MAX_DEADLINE:.0f}, got {deadline!r}"
+        )
+    return timestamp(deadline)
 
 
 def validate_callback_url(url: str) -> str:

@@ -17,9 +17,12 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from contract import defaults
 from contract.errors import MalformedRecord
 from contract.job import (
+    CANCELLED,
     DONE,
+    EXPIRED,
     FAILED,
     QUEUED,
     RUNNING,
@@ -44,6 +47,8 @@ ERROR = "e"  # "<type>:<message>"
 CALLBACK_URL = "c"  # only when the job has one
 VERSION = "v"  # the model version it was queued for, when known
 PRIORITY = "o"  # only when not normal
+DEADLINE = "d"  # microseconds after SUBMITTED, only when the job has one
+TTL = "l"  # seconds kept once final, only when not defaults.JOB_TTL_S
 # Longest value kept in one field: Redis's default hash-max-listpack-value. One longer value
 # turns the whole hash into a hashtable, three times the size, so a longer value (a long URI, an
 # error message, many predictions) is kept in pieces: "u", "u1", "u2", ...
@@ -51,7 +56,14 @@ PIECE = 64
 # Fields a record cannot be run without (its ID is the key).
 REQUIRED = (URI, MODEL, TOP_K, STATUS)
 
-STATUS_CODES: Mapping[JobStatus, str] = {QUEUED: "q", RUNNING: "r", DONE: "d", FAILED: "f"}
+STATUS_CODES: Mapping[JobStatus, str] = {
+    QUEUED: "q",
+    RUNNING: "r",
+    DONE: "d",
+    FAILED: "f",
+    CANCELLED: "c",
+    EXPIRED: "x",
+}
 _STATUS_OF = {code: status for status, code in STATUS_CODES.items()}
 
 # The first byte of packed predictions says the width of each class index.
@@ -116,6 +128,10 @@ def to_fields(job: Job, catalog: Catalog) -> dict[str, str | int | bytes]:
         fields[VERSION] = job.version
     if job.priority != Priority.NORMAL:
         fields[PRIORITY] = Priority(job.priority).value
+    if job.deadline is not None:
+        fields[DEADLINE] = micros(job.deadline) - base
+    if job.ttl_s != defaults.JOB_TTL_S:
+        fields[TTL] = job.ttl_s
     fields.update(result_fields(job, base, catalog))
     return in_pieces(fields)
 
@@ -205,6 +221,8 @@ def _job(record: Stored, catalog: Catalog) -> Job:
         callback_url=_optional_text(get(CALLBACK_URL)),
         version=_optional_text(get(VERSION)),
         priority=Priority(_text(get(PRIORITY)) or Priority.NORMAL),
+        deadline=_seconds(_int(get(DEADLINE)), base),
+        ttl_s=_int(get(TTL)) or defaults.JOB_TTL_S,
         status=_STATUS_OF[_text(get(STATUS))],
         submitted=_seconds(submitted, 0),
         started=_seconds(_int(get(STARTED)), base),

@@ -80,7 +80,7 @@ class ShardedStore:
     Each call makes one round trip per shard that holds any of its jobs, one after the other.
     """
 
-    def __init__(self, clients: Sequence[redis.Redis], ttl_s: int = defaults.JOB_TTL_S) -> None:
+    def __init__(self, clients: Sequence[redis.Redis], ttl_s: int = defaults.QUEUED_TTL_S) -> None:
         if not clients:
             raise ValueError("a sharded store needs at least one Redis")
         self.shards = tuple(JobStore(c, ttl_s) for c in clients)
@@ -110,6 +110,9 @@ class ShardedStore:
 
     # Mark jobs running and count an attempt, one round trip per shard: JobStore's arguments.
     claim_many = _per_shard(JobStore.claim_many)
+
+    # End queued or running jobs cancelled, one round trip per shard: JobStore's arguments.
+    cancel_many = _per_shard(JobStore.cancel_many)
 
     def finish_many(self, jobs: Sequence[Job]) -> list[bool]:
         """Store final records; each shard announces its own jobs on its finished channel."""

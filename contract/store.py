@@ -23,7 +23,7 @@ from redis.exceptions import NoScriptError
 
 from contract import defaults, keys, record
 from contract.errors import InvalidRequest, MalformedRecord, PoisonJob
-from contract.job import DONE, FAILED, QUEUED, RUNNING, Job
+from contract.job import CANCELLED, DONE, EXPIRED, FAILED, FINAL, QUEUED, RUNNING, Job
 
 
 class ClaimState(str, Enum):
@@ -31,7 +31,8 @@ class ClaimState(str, Enum):
 
     CLAIMED = "claimed"  # now running on this worker
     SUSPECT = "suspect"  # started before (its worker may have died on it); not claimed
-    ALREADY_FINAL = "final"  # done or failed already; not claimed
+    ALREADY_FINAL = "final"  # final already (done, failed, cancelled, expired); not claimed
+    EXPIRED = "expired"  # its deadline passed before it started: ended expired instead
     POISONED = "poisoned"  # started too often: failed as a poison pill instead
     MISSING = "missing"  # no record (never created, or expired)
     CORRUPT = "corrupt"  # the record is not a job
@@ -44,16 +45,35 @@ CLAIMED = ClaimState.CLAIMED
 SUSPECT = ClaimState.SUSPECT
 ALREADY_FINAL = ClaimState.ALREADY_FINAL
 POISONED = ClaimState.POISONED
+EXPIRED_CLAIM = ClaimState.EXPIRED
 MISSING = ClaimState.MISSING
 CORRUPT = ClaimState.CORRUPT
+
+
+class CancelOutcome(str, Enum):
+    """What cancelling one job found and did; the value is what the cancel script answers."""
+
+    CANCELLED = "cancelled"  # was queued: now cancelled, it never runs
+    CANCELLED_RUNNING = "cancelled_running"  # was running: now cancelled, its result discarded
+    ALREADY_FINAL = "final"  # final already (done, failed, cancelled, expired): left as it was
+    MISSING = "missing"  # no record (never created, or expired)
+    CORRUPT = "corrupt"  # the record is not a job
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def cancelled(self) -> bool:
+        return self in (CancelOutcome.CANCELLED, CancelOutcome.CANCELLED_RUNNING)
 
 
 def _lua(script: str) -> str:
     """``script`` with the record's status codes and error types filled in.
 
-    ``$queued`` ... ``$failed`` are status codes, ``$poison`` and ``$invalid`` error types,
-    ``$required`` the fields a job cannot run without (with the names messages give them),
-    ``$piece`` the longest value one field holds, ``$id_from`` where the ID starts in a key.
+    ``$queued`` ... ``$expired`` are status codes, ``$final`` a Lua set of the final ones,
+    ``$poison`` and ``$invalid`` error types, ``$required`` the fields a job cannot run without
+    (with the names messages give them), ``$piece`` the longest value one field holds,
+    ``$id_from`` where the ID starts in a key, ``$ttl`` a final record's TTL when it has none.
     """
     code = record.STATUS_CODES
     return Template(script).substitute(
@@ -62,6 +82,10 @@ def _lua(script: str) -> str:
         running=f"'{code[RUNNING]}'",
         done=f"'{code[DONE]}'",
         failed=f"'{code[FAILED]}'",
+        cancelled=f"'{code[CANCELLED]}'",
+        expired=f"'{code[EXPIRED]}'",
+        final="{" + ", ".join(f"['{code[s]}'] = true" for s in sorted(FINAL)) + "}",
+        ttl=defaults.JOB_TTL_S,
         poison=f"'{PoisonJob.type}'",
         invalid=f"'{InvalidRequest.type}'",
         piece=record.PIECE,
@@ -82,6 +106,7 @@ _FIELD_NAMES = {
 # field and value to ``w`` (the HSET to make), a long value in pieces as contract.record does.
 _RECORD = """
 local REQUIRED = {$required}
+local FINAL = $final
 local function positions(flat)
   local at = {}
   for j = 1, #flat, 2 do at[flat[j]] = j + 1 end
@@ -106,16 +131,29 @@ local function since(flat, at, now)
   return string.format('%d', now - t)
 end
 
+-- Ends the job at ``key`` with ``status`` (a code; ``name`` for its event) and ``err``
+-- ("<type>:<message>", or nil), keeps it for its TTL from now, and adds its event.
+local function finish(key, flat, at, status, name, err, now, events, maxlen)
+  local w = {}
+  put(flat, at, w, 's', status)
+  put(flat, at, w, 'f', since(flat, at, now))
+  if err then put(flat, at, w, 'e', err) end
+  redis.call('HSET', key, unpack(w))
+  redis.call('EXPIRE', key, tonumber(redis.call('HGET', key, 'l')) or $ttl)
+  local id = string.sub(key, $id_from)
+  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'id', id, 'status', name, 'batch', '')
+  return id
+end
+
 -- Fails the job at ``key`` with ``err`` ("<type>:<message>") and adds its event.
 local function fail(key, flat, at, err, now, events, maxlen)
-  local w = {}
-  put(flat, at, w, 's', $failed)
-  put(flat, at, w, 'f', since(flat, at, now))
-  put(flat, at, w, 'e', err)
-  redis.call('HSET', key, unpack(w))
-  local id = string.sub(key, $id_from)
-  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'id', id, 'status', 'failed', 'batch', '')
-  return id
+  return finish(key, flat, at, $failed, 'failed', err, now, events, maxlen)
+end
+
+-- Whether the job's deadline (µs after submission) passed before ``now``.
+local function overdue(flat, at, now)
+  if not at['d'] then return false end
+  return now > (at['t'] and tonumber(flat[at['t']]) or 0) + (tonumber(flat[at['d']]) or 0)
 end
 
 -- Why a record that is not final cannot run: the first required field it lacks, or nil.
@@ -137,15 +175,16 @@ end
 # without a required field is failed at once, naming the field (and given the empty value, so
 # that it reads as a failed job). "fresh" claims only never-started jobs
 # and answers "suspect" for the rest, so that a job which may have killed a worker is retried
-# on its own rather than beside its neighbours.
+# on its own rather than beside its neighbours. A job whose deadline passed ends expired,
+# unrun, whether it was never started or is retried after its worker died.
 _CLAIM = _lua(
     _RECORD
     + """
 local n = #KEYS - 2
 local stats, events, maxlen = KEYS[n + 1], KEYS[n + 2], ARGV[6]
 local now, max_attempts, fresh = tonumber(ARGV[1]), tonumber(ARGV[3]), ARGV[4] == 'fresh'
-local out, failed = {}, {}
-local FIELDS = {'s', 'a', 't', 'u', 'm', 'k'}
+local out, failed, expired = {}, {}, {}
+local FIELDS = {'s', 'a', 't', 'u', 'm', 'k', 'd'}
 for i = 1, n do
   local key = KEYS[i]
   local v = redis.pcall('HMGET', key, unpack(FIELDS))
@@ -156,7 +195,8 @@ for i = 1, n do
   elseif not v[1] and redis.call('EXISTS', key) == 0 then
     out[i] = 'missing'
   elseif (v[1] == $queued or v[1] == $running) and v[4] and v[5] and tonumber(v[6])
-      and attempts < max_attempts and not (fresh and attempts > 0) then
+      and attempts < max_attempts and not (fresh and attempts > 0)
+      and (not v[7] or now <= (tonumber(v[3]) or 0) + (tonumber(v[7]) or 0)) then
     -- The common case, without the tables below: a runnable job claimed.
     redis.call('HSET', key, 's', $running, 'a', attempts + 1,
       'b', string.format('%d', now - (tonumber(v[3]) or 0)), 'w', ARGV[2])
@@ -170,8 +210,8 @@ for i = 1, n do
     local status = at['s'] and flat[at['s']]
     local attempts = at['a'] and tonumber(flat[at['a']]) or 0
     local missing = nil
-    if status ~= $done and status ~= $failed then missing = unrunnable(flat, at) end
-    if status == $done or status == $failed then
+    if not FINAL[status] then missing = unrunnable(flat, at) end
+    if FINAL[status] then
       out[i] = 'final'
     elseif missing then
       local w = {}
@@ -182,6 +222,9 @@ for i = 1, n do
       failed[#failed + 1] = fail(key, flat, at, $invalid .. ':the job record has no valid "' ..
         missing .. '" field, so it cannot be run', now, events, maxlen)
       out[i] = 'final'
+    elseif overdue(flat, at, now) then
+      expired[#expired + 1] = finish(key, flat, at, $expired, 'expired', nil, now, events, maxlen)
+      out[i] = 'expired'
     elseif fresh and attempts > 0 then
       out[i] = 'suspect'
     elseif attempts >= max_attempts then
@@ -199,28 +242,31 @@ for i = 1, n do
     end
   end
 end
-if #failed > 0 then
-  redis.call('HINCRBY', stats, 'failed', #failed)
-  redis.call('PUBLISH', ARGV[5], cjson.encode(failed))
-end
+if #failed > 0 then redis.call('HINCRBY', stats, 'failed', #failed) end
+if #expired > 0 then redis.call('HINCRBY', stats, 'expired', #expired) end
+for _, id in ipairs(expired) do failed[#failed + 1] = id end
+if #failed > 0 then redis.call('PUBLISH', ARGV[5], cjson.encode(failed)) end
 return out
 """
 )
 
 # KEYS: the jobs' keys, the events stream, then the stats hashes. ARGV: the events' max length,
 # the number of jobs; then per job: its stats hash (1 = the first), its status (the counter and
-# event name), its attempts, the number of field values to write, those field values. Writes
-# only over a job that is not final yet: a result is stored once. If a later delivery started
-# the job again meanwhile, the stored record keeps that higher attempt count. Answers per job
-# 1 written, 0 final already (a duplicate), -1 no record.
+# event name), its attempts, its TTL once final, the number of field values to write, those
+# field values. Writes only over a job that is not final yet: a result is stored once (and a
+# cancelled job's is discarded). If a later delivery started the job again meanwhile, the stored
+# record keeps that higher attempt count. Answers per job 1 written, 0 final already (counted
+# as a duplicate, or as discarded where the job was cancelled), -1 no record.
 _FINISH = _lua("""
+local FINAL = $final
 local maxlen, n = ARGV[1], tonumber(ARGV[2])
 local events = KEYS[n + 1]
 local counts, out, at = {}, {}, 3
 for i = 1, n do
   local key, stats = KEYS[i], KEYS[n + 1 + tonumber(ARGV[at])]
-  local status, attempts, count = ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
-  local first = at + 4
+  local status, attempts, ttl = ARGV[at + 1], tonumber(ARGV[at + 2]), ARGV[at + 3]
+  local count = tonumber(ARGV[at + 4])
+  local first = at + 5
   at = first + count
   local cur = redis.pcall('HMGET', key, 's', 'a')
   local counter = nil
@@ -229,10 +275,11 @@ for i = 1, n do
     out[i] = -1
   elseif not cur[1] and redis.call('EXISTS', key) == 0 then
     out[i] = -1
-  elseif cur[1] == $done or cur[1] == $failed then
-    out[i], counter = 0, 'duplicate'
+  elseif FINAL[cur[1]] then
+    out[i], counter = 0, cur[1] == $cancelled and 'discarded' or 'duplicate'
   else
     redis.call('HSET', key, unpack(ARGV, first, at - 1))
+    redis.call('EXPIRE', key, ttl)
     if attempts > (tonumber(cur[2]) or 0) then redis.call('HSET', key, 'a', attempts) end
     redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*',
       'id', string.sub(key, $id_from), 'status', status, 'batch', '')
@@ -249,23 +296,61 @@ end
 return out
 """)
 
-# KEYS: the jobs' keys. ARGV: the TTL in seconds; then per job: the number of field values,
-# those field values. Creates only records that do not exist; answers 1 created, 0 existed.
+# KEYS: the jobs' keys. ARGV per job: its TTL in seconds, the number of field values, those
+# field values. Creates only records that do not exist; answers 1 created, 0 existed.
 _CREATE = """
-local ttl, out, at = ARGV[1], {}, 2
+local out, at = {}, 1
 for i, key in ipairs(KEYS) do
-  local count = tonumber(ARGV[at])
+  local ttl, count = ARGV[at], tonumber(ARGV[at + 1])
   if redis.call('EXISTS', key) == 0 then
-    redis.call('HSET', key, unpack(ARGV, at + 1, at + count))
+    redis.call('HSET', key, unpack(ARGV, at + 2, at + 1 + count))
     redis.call('EXPIRE', key, ttl)
     out[i] = 1
   else
     out[i] = 0
   end
-  at = at + 1 + count
+  at = at + 2 + count
 end
 return out
 """
+
+# KEYS: the jobs' keys, then the events stream. ARGV: now (µs), the events' max length, the
+# stats keys' prefix (the model name follows), the finished-jobs channel. Ends each queued or
+# running job cancelled: a later claim sees it final and skips it, a later result is discarded.
+# Counts it in its model's stats, adds its event, keeps it for its TTL from now, and announces
+# the cancelled IDs. Answers per job a CancelOutcome.
+_CANCEL = _lua("""
+local FINAL = $final
+local n = #KEYS - 1
+local events, now, maxlen, prefix = KEYS[n + 1], tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local out, ended = {}, {}
+for i = 1, n do
+  local key = KEYS[i]
+  local v = redis.pcall('HMGET', key, 's', 't', 'l', 'm', 'm1')
+  if v.err then
+    if not string.find(tostring(v.err), 'WRONGTYPE') then return v end
+    out[i] = 'corrupt'
+  elseif not v[1] then
+    out[i] = redis.call('EXISTS', key) == 0 and 'missing' or 'corrupt'
+  elseif FINAL[v[1]] then
+    out[i] = 'final'
+  elseif v[1] ~= $queued and v[1] ~= $running then
+    out[i] = 'corrupt'
+  else
+    redis.call('HSET', key, 's', $cancelled,
+      'f', string.format('%d', now - (tonumber(v[2]) or 0)))
+    redis.call('EXPIRE', key, tonumber(v[3]) or $ttl)
+    local id = string.sub(key, $id_from)
+    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*',
+      'id', id, 'status', 'cancelled', 'batch', '')
+    redis.call('HINCRBY', prefix .. (v[4] or '') .. (v[5] or ''), 'cancelled', 1)
+    ended[#ended + 1] = id
+    out[i] = v[1] == $queued and 'cancelled' or 'cancelled_running'
+  end
+end
+if #ended > 0 then redis.call('PUBLISH', ARGV[4], cjson.encode(ended)) end
+return out
+""")
 
 
 @dataclass(frozen=True)
@@ -284,12 +369,15 @@ class JobStore:
     names and labels records refer to, see ``contract.record.Catalog``).
     """
 
-    def __init__(self, client: redis.Redis, ttl_s: int = defaults.JOB_TTL_S) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int = defaults.QUEUED_TTL_S) -> None:
+        """``ttl_s``: how long a new record lives at least while queued or running; each job's
+        own ``ttl_s`` takes over once it is final."""
         self.redis = client
         self.ttl_s = ttl_s
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._create = client.register_script(_CREATE)
+        self._cancel = client.register_script(_CANCEL)
         self._catalog = record.Catalog()
         self._catalog_since = time.monotonic()
 
@@ -299,7 +387,7 @@ class JobStore:
             return []
         self._maybe_rewrite_catalog()
         calls = [
-            ([keys.job_key(j.id) for j in chunk], [self.ttl_s, *_create_args(chunk, self._catalog)])
+            ([keys.job_key(j.id) for j in chunk], _create_args(chunk, self.ttl_s, self._catalog))
             for chunk in _chunks(jobs, CREATE_CHUNK)
         ]
 
@@ -386,6 +474,7 @@ class JobStore:
             base = 0 if job.submitted is None else record.micros(job.submitted)
             fields = record.result_fields(job, base, self._catalog)
             args += [stats.index(keys.stats_key(job.model)) + 1, str(job.status), job.attempts]
+            args.append(job.ttl_s)
             args += [2 * len(fields), *itertools.chain.from_iterable(fields.items())]
         names = [*(keys.job_key(j.id) for j in jobs), keys.events_stream(), *stats]
 
@@ -396,6 +485,22 @@ class JobStore:
         replies = self._round_trip(fill)
         _raise_first_error(replies)
         return [r == 1 for r in replies[-2]]
+
+    def cancel_many(self, job_ids: Sequence[str], now: float) -> list[CancelOutcome]:
+        """End every queued or running job of ``job_ids`` cancelled, in one round trip; final,
+        missing and corrupt records are left as they are. Answers per job in input order."""
+        if not job_ids:
+            return []
+        names = [*map(keys.job_key, job_ids), keys.events_stream()]
+        args = [
+            record.micros(now),
+            defaults.EVENTS_MAX_LEN,
+            keys.stats_key(""),
+            keys.finished_channel(),
+        ]
+        replies = self._round_trip(lambda pipe: _call(pipe, self._cancel, names, args))
+        _raise_first_error(replies)
+        return [CancelOutcome(keys.text(r)) for r in replies[0]]
 
     def stats(self, model: str) -> dict[str, int]:
         return read_stats(self.redis, model)
@@ -422,7 +527,7 @@ class JobStore:
             replies = self._execute(pipe, pending)
             if not any(isinstance(r, NoScriptError) for r in replies):
                 return replies
-            for script in (self._claim, self._finish, self._create):
+            for script in (self._claim, self._finish, self._create, self._cancel):
                 self.redis.script_load(script.script)
         return replies
 
@@ -474,17 +579,22 @@ CREATE_CHUNK = 1000
 
 
 def read_stats(client: redis.Redis, model: str) -> dict[str, int]:
-    """``model``'s counters: jobs done, failed, duplicate results."""
+    """``model``'s counters: jobs done, failed, cancelled, expired; results computed again
+    (duplicate) or for a cancelled job (discarded)."""
     raw = client.hgetall(keys.stats_key(model))
     return {keys.text(k): int(v) for k, v in raw.items()}
 
 
-def _create_args(jobs: Sequence[Job], catalog: record.Catalog) -> list[str | int | bytes]:
-    """Per job: the number of field values, then those values."""
+def _create_args(
+    jobs: Sequence[Job], queued_ttl_s: int, catalog: record.Catalog
+) -> list[str | int | bytes]:
+    """Per job: its TTL while queued (at least ``queued_ttl_s``, at least its own final TTL),
+    the number of field values, then those values."""
     args: list[str | int | bytes] = []
     for job in jobs:
         fields = record.to_fields(job, catalog)
-        args += [2 * len(fields), *itertools.chain.from_iterable(fields.items())]
+        args += [max(queued_ttl_s, job.ttl_s), 2 * len(fields)]
+        args += itertools.chain.from_iterable(fields.items())
     return args
 
 
@@ -508,7 +618,7 @@ def _settled(reply: bytes | Exception | None) -> bool:
     return not isinstance(reply, bytes) or reply in _FINAL_CODES
 
 
-_FINAL_CODES = {record.STATUS_CODES[DONE].encode(), record.STATUS_CODES[FAILED].encode()}
+_FINAL_CODES = {record.STATUS_CODES[status].encode() for status in FINAL}
 
 
 def _claimed(

@@ -49,8 +49,10 @@ URI_PATTERN = (
     "^(?:"
     + "|".join(
         (
-            r"[^A-Za-z\s\x00][^\x00]*",  # starts with neither a letter nor a space
-            r"\s[^\x00]*[^\s\x00][^\x00]*",  # starts with a space, but is not blank
+            # Spaces as Python's str.strip sees them: \x1c-\x1f too, which \s leaves out
+            # in the gateway's (Rust) regex engine.
+            r"[^A-Za-z\s\x1c-\x1f\x00][^\x00]*",  # starts with neither a letter nor a space
+            r"[\s\x1c-\x1f][^\x00]*[^\s\x1c-\x1f\x00][^\x00]*",  # a space first, not blank
             # starts with a word that is not followed by "://" (so not a scheme)
             r"[A-Za-z][A-Za-z0-9+.-]*(?:$|[^A-Za-z0-9+.:\x00-]|:$|:[^/\x00]|:/$|:/[^/\x00])[^\x00]*",
             r"(?:[sS]3|[hH][tT][tT][pP][sS]?|[fF][iI][lL][eE])://[^\x00]*",  # an allowed scheme
@@ -95,13 +97,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+DeadlineS = Annotated[
+    float,
+    Field(
+        gt=0,
+        le=defaults.MAX_DEADLINE_S,
+        description="Seconds from now (the gateway's receipt): a job not started by then ends "
+        "expired, never fetched or run.",
+    ),
+]
+TtlS = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=defaults.MAX_TTL_S,
+        description="Seconds the record is kept once the job is final (default "
+        f"{defaults.JOB_TTL_S}).",
+    ),
+]
+
+
+class _Timing(_Strict):
+    deadline_s: DeadlineS | None = None
+    ttl_s: TtlS | None = None
+
+
 class JobIn(_Strict):
     uri: Uri
     id: JobId | None = Field(None, description="Your own job ID; generated when left out.")
     callback_url: CallbackUrl | None = None
 
 
-class SubmitOne(JobIn):
+class SubmitOne(JobIn, _Timing):
     """One job."""
 
     model: ModelName = defaults.MODEL
@@ -109,7 +136,7 @@ class SubmitOne(JobIn):
     priority: PriorityName = Field("normal", description="high jobs are served first, low last")
 
 
-class SubmitMany(_Strict):
+class SubmitMany(_Timing):
     """Many jobs for one model; the reply lists their records in the same order."""
 
     jobs: list[JobIn] = Field(min_length=1, max_length=MAX_JOBS_PER_REQUEST)
@@ -199,6 +226,8 @@ RULES = {
     "letter or digit",
     "top_k": f"must be an integer from 1 to {defaults.MAX_TOP_K}",
     "jobs": f"must list 1 to {MAX_JOBS_PER_REQUEST} jobs",
+    "deadline_s": f"must be a number of seconds above 0 and at most {defaults.MAX_DEADLINE_S}",
+    "ttl_s": f"must be an integer from 1 to {defaults.MAX_TTL_S} seconds",
 }
 # pydantic's error types that quote a field's constraint (a pattern, a length, a bound).
 _CONSTRAINT_ERRORS = {
@@ -206,6 +235,7 @@ _CONSTRAINT_ERRORS = {
     "string_too_short",
     "string_too_long",
     "greater_than_equal",
+    "greater_than",
     "less_than_equal",
     "too_short",
     "too_long",

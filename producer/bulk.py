@@ -12,14 +12,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from contract.errors import InvalidRequest, NotFound
-from contract.job import DONE, FAILED, QUEUED, RUNNING, Job
+from contract.errors import AlreadyFinal, InvalidRequest, MalformedRecord, NotFound
+from contract.job import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING, Job
+from contract.store import CancelOutcome
 
 # Exit statuses of `submit` and `result` (2 is click's usage error; 3 and 4 are Redis's, in
 # contract.redis_errors). 1 also means a request was refused before anything was queued.
 EXIT_DONE = 0
 EXIT_FAILED = 1
 EXIT_UNFINISHED = 5
+EXIT_ENDED_UNRUN = 6  # some job cancelled or expired; none failed, missing or unfinished
 EXIT_INTERRUPTED = 130
 # The status counted for an ID with no record (never submitted, or expired).
 MISSING = "missing"
@@ -56,6 +58,22 @@ def record(job_id: str, job: Job | None) -> dict[str, Any]:
         return job.to_dict()
     message = f"no job {job_id!r} (never submitted, or its record expired)"
     return {"id": job_id, "status": None, "error": {"type": NotFound.type, "message": message}}
+
+
+def cancel_line(job_id: str, outcome: CancelOutcome, job: Job | None) -> dict[str, Any]:
+    """The JSON line ``cancel`` prints for a job: what it found, the status now, and why it
+    was left alone (``already_final``, ``not_found``), if it was."""
+    status = None if job is None else str(job.status)
+    error = None
+    if outcome is CancelOutcome.ALREADY_FINAL:
+        error = {"type": AlreadyFinal.type, "message": f"job {job_id} is already {status}"}
+    elif outcome is CancelOutcome.CORRUPT:
+        message = f"job record {job_id!r} is not a job; left as it is"
+        error = {"type": MalformedRecord.type, "message": message}
+    elif outcome is CancelOutcome.MISSING:
+        message = f"no job {job_id!r} (never submitted, or its record expired)"
+        error = {"type": NotFound.type, "message": message}
+    return {"id": job_id, "outcome": str(outcome), "status": status, "error": error}
 
 
 def in_input_order(
@@ -99,12 +117,17 @@ class Summary:
             return EXIT_UNFINISHED
         if self.statuses[FAILED] + self.statuses[MISSING]:
             return EXIT_FAILED
+        if self.statuses[CANCELLED] + self.statuses[EXPIRED]:
+            return EXIT_ENDED_UNRUN
         return EXIT_DONE
 
     @property
+    def finished(self) -> int:
+        return sum(self.statuses[s] for s in (DONE, FAILED, CANCELLED, EXPIRED))
+
+    @property
     def rate(self) -> float:
-        finished = self.statuses[DONE] + self.statuses[FAILED]
-        counted = finished or self.submitted
+        counted = self.finished or self.submitted
         return counted / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, object]:
@@ -113,7 +136,9 @@ class Summary:
             "done": self.statuses[DONE],
             "failed": self.statuses[FAILED],
             "failed_by_type": dict(self.errors),
-            "pending": self.submitted - self.statuses[DONE] - self.statuses[FAILED],
+            "cancelled": self.statuses[CANCELLED],
+            "expired": self.statuses[EXPIRED],
+            "pending": self.submitted - self.finished,
             "seconds": round(self.seconds, 3),
             "img_per_s": round(self.rate, 2),
         }
@@ -122,7 +147,8 @@ class Summary:
         d = self.to_dict()
         by_type = ", ".join(f"{t} {n}" for t, n in sorted(self.errors.items()))
         failed = f"failed {d['failed']}" + (f" ({by_type})" if by_type else "")
+        ended = "".join(f", {s} {d[s]}" for s in ("cancelled", "expired") if d[s])
         return (
-            f"submitted {d['submitted']}, done {d['done']}, {failed}, pending {d['pending']} "
-            f"in {self.seconds:.1f} s: {self.rate:.1f} img/s"
+            f"submitted {d['submitted']}, done {d['done']}, {failed}{ended}, "
+            f"pending {d['pending']} in {self.seconds:.1f} s: {self.rate:.1f} img/s"
         )

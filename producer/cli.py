@@ -118,9 +118,10 @@ def main() -> None:
     """Submit images for classification and read their results.
 
     Exit status: 0 on success; 1 when a request is refused (an unsupported model, an invalid
-    URI, an ID taken by another request) or a job failed; 2 for a usage error; 3 when Redis is
-    unreachable; 4 when Redis refuses the password; 5 when jobs were unfinished at the end of
-    --wait; 130 on Ctrl-C (submit prints every queued job first).
+    URI, an ID taken by another request, a job to cancel already final or unknown) or a job
+    failed; 2 for a usage error; 3 when Redis is unreachable; 4 when Redis refuses the password;
+    5 when jobs were unfinished at the end of --wait; 6 when jobs were cancelled or expired
+    (and none failed or was unfinished); 130 on Ctrl-C (submit prints every queued job first).
     """
 
 
@@ -143,6 +144,17 @@ def main() -> None:
     default=Priority.NORMAL.value,
     show_default=True,
     help="Each model's workers serve high jobs first, low jobs last.",
+)
+@click.option(
+    "--deadline-s",
+    type=click.FloatRange(min=0, min_open=True, max=defaults.MAX_DEADLINE_S),
+    help="A job not started this many seconds after submit ends 'expired', never fetched or run.",
+)
+@click.option(
+    "--ttl-s",
+    type=click.IntRange(min=1, max=defaults.MAX_TTL_S),
+    help=f"Keep each record this many seconds once the job is final [default: "
+    f"{defaults.JOB_TTL_S}].",
 )
 @click.option(
     "--wait",
@@ -190,6 +202,8 @@ def submit(
     top_k: int,
     callback_url: str | None,
     priority: str,
+    deadline_s: float | None,
+    ttl_s: int | None,
     wait: float | None,
     ordered: bool,
     from_file: IO[str] | None,
@@ -215,6 +229,7 @@ def submit(
       0  every job queued (without --wait) or done (with --wait)
       1  some job failed, or a request was refused (nothing more is queued)
       5  some job was still queued or running when --wait ran out
+      6  some job was cancelled or expired (with --wait; none failed or unfinished)
       130  interrupted by Ctrl-C
       2, 3, 4  usage error, Redis unreachable, Redis refused the password
     """
@@ -225,7 +240,8 @@ def submit(
     with _first_sigint_stops() as interrupted:
         try:
             requests = _uris(uris, from_file, s3_prefix)
-            queue = _Queue(model, top_k, callback_url, priority)
+            deadline = None if deadline_s is None else time.time() + deadline_s
+            queue = _Queue(model, top_k, callback_url, priority, deadline, ttl_s)
             _queue(client, requests, queue, printer, wait is None, progress, interrupted)
             if wait is not None:
                 _print_finals(client, printer, wait, ordered, progress, interrupted)
@@ -287,6 +303,8 @@ class _Queue:
     top_k: int
     callback_url: str | None
     priority: str
+    deadline: float | None = None
+    ttl_s: int | None = None
 
 
 def _queue(
@@ -306,6 +324,8 @@ def _queue(
         top_k=queue.top_k,
         callback_url=queue.callback_url,
         priority=queue.priority,
+        deadline=queue.deadline,
+        ttl_s=queue.ttl_s,
     )
     for jobs in batches:
         printer.queued(jobs, show)
@@ -375,6 +395,7 @@ def result(redis_url: str, wait: float, job_ids: tuple[str, ...]) -> None:
       0  every job done
       1  some job failed or was not found
       5  some job still queued or running (at the end of --wait)
+      6  some job cancelled or expired (none failed, not found or unfinished)
       2, 3, 4  usage error, Redis unreachable, Redis refused the password
     """
     report = bulk.Summary()
@@ -386,6 +407,49 @@ def result(redis_url: str, wait: float, job_ids: tuple[str, ...]) -> None:
     finally:
         client.close()
     click.get_current_context().exit(report.exit_status(waited=True))
+
+
+@main.command()
+@redis_option
+@click.option(
+    "--file",
+    "from_file",
+    type=click.File("r"),
+    help="Read job IDs from this file ('-' for standard input): one ID per line, or the JSON "
+    "lines that submit prints.",
+)
+@click.argument("job_ids", nargs=-1)
+def cancel(redis_url: str, from_file: IO[str] | None, job_ids: tuple[str, ...]) -> None:
+    """Cancel jobs: a queued job never runs, a running job's result is discarded; each ends
+    'cancelled'. JOB_IDS may be '-' to read them from standard input.
+
+    Prints one JSON line per ID: {"id", "outcome", "status", "error"}, where outcome is
+    cancelled (it was queued), cancelled_running, final (left as it was: error
+    already_final), missing (error not_found) or corrupt (error malformed_message).
+
+    \b
+    Exit status:
+      0  every job cancelled
+      1  some job was final already, or not found (the others are cancelled)
+      2, 3, 4  usage error, Redis unreachable, Redis refused the password
+    """
+    if job_ids == ("-",):
+        job_ids, from_file = (), sys.stdin
+    if not (job_ids or from_file):
+        raise click.UsageError("give JOB_IDS, --file or '-'")
+    client = Client.from_url(redis_url, _store_urls())
+    refused = 0
+    try:
+        for chunk in export.chunks(_ids(job_ids, from_file)):
+            outcomes = client.cancel_many(chunk)
+            for job_id, outcome, job in zip(chunk, outcomes, client.get_many(chunk), strict=True):
+                click.echo(json.dumps(bulk.cancel_line(job_id, outcome, job)))
+                refused += not outcome.cancelled
+    except ServiceError as e:
+        _fail(e, log_json=False)
+    finally:
+        client.close()
+    click.get_current_context().exit(bulk.EXIT_FAILED if refused else bulk.EXIT_DONE)
 
 
 @main.command("export")

@@ -14,8 +14,19 @@ from celery import Celery
 
 from contract import defaults, keys, registry
 from contract.connection import connect
-from contract.errors import IdConflict, JobFailed, ServiceError, Unavailable, UnsupportedModel
+from contract.errors import (
+    AlreadyFinal,
+    IdConflict,
+    JobFailed,
+    MalformedRecord,
+    NotFound,
+    ServiceError,
+    Unavailable,
+    UnsupportedModel,
+)
 from contract.job import (
+    CANCELLED,
+    EXPIRED,
     QUEUED,
     URI_SCHEME,
     ErrorInfo,
@@ -26,14 +37,17 @@ from contract.job import (
     parse_model_ref,
     timestamp,
     validate_callback_url,
+    validate_deadline,
     validate_job_id,
     validate_priority,
     validate_top_k,
+    validate_ttl_s,
     validate_uri,
 )
 from contract.messaging import TASK_NAME, make_celery
 from contract.registry import ModelInfo
 from contract.shards import ShardedStore, connect_all, shard_of
+from contract.store import CancelOutcome
 from producer.finished import Announcements
 
 # Jobs written to Redis per pipeline when submitting in bulk.
@@ -54,6 +68,7 @@ class Client:
     A bare local path (no scheme) is made absolute against this process's working directory
     before it is queued, as the worker's directory means nothing to the caller; the gateway,
     whose directory means nothing to its callers either, passes ``absolute_paths=False``.
+    ``ttl_s`` is how long a job's record is kept once final, unless a submission sets its own.
     """
 
     def __init__(
@@ -68,7 +83,8 @@ class Client:
     ) -> None:
         self.redis = connection
         self.celery = celery
-        self.store = ShardedStore(store_clients or [connection], ttl_s)
+        self.store = ShardedStore(store_clients or [connection])
+        self.ttl_s = validate_ttl_s(ttl_s)
         self.chunk_size = chunk_size
         self.absolute_paths = absolute_paths
 
@@ -95,10 +111,15 @@ class Client:
         job_id: str | None = None,
         callback_url: str | None = None,
         priority: str = Priority.NORMAL,
+        deadline: float | None = None,
+        ttl_s: int | None = None,
     ) -> Job:
         """Enqueue one job; with ``callback_url``, its final record is also POSTed there."""
         request = SubmitRequest(uri, job_id, callback_url)
-        return self.submit_many([request], model=model, top_k=top_k, priority=priority)[0]
+        jobs = self.submit_many(
+            [request], model=model, top_k=top_k, priority=priority, deadline=deadline, ttl_s=ttl_s
+        )
+        return jobs[0]
 
     def submit_many(
         self,
@@ -108,6 +129,8 @@ class Client:
         top_k: int = defaults.TOP_K,
         callback_url: str | None = None,
         priority: str = Priority.NORMAL,
+        deadline: float | None = None,
+        ttl_s: int | None = None,
     ) -> list[Job]:
         """Enqueue every request; returns the records in input order.
 
@@ -115,9 +138,17 @@ class Client:
         An ID that already exists is not queued again: its current record is returned instead
         when the request is the same (uri, model, top_k); else ``IdConflict`` is raised.
         ``callback_url`` is the webhook of every request that names none of its own.
+        ``deadline`` (Unix seconds): a job not started by then ends ``expired``, never run.
+        ``ttl_s``: seconds each record is kept once final (default: the client's ``ttl_s``).
         """
         jobs = self.iter_submit(
-            requests, model=model, top_k=top_k, callback_url=callback_url, priority=priority
+            requests,
+            model=model,
+            top_k=top_k,
+            callback_url=callback_url,
+            priority=priority,
+            deadline=deadline,
+            ttl_s=ttl_s,
         )
         return list(jobs)
 
@@ -129,10 +160,18 @@ class Client:
         top_k: int = defaults.TOP_K,
         callback_url: str | None = None,
         priority: str = Priority.NORMAL,
+        deadline: float | None = None,
+        ttl_s: int | None = None,
     ) -> Iterator[Job]:
         """Like ``submit_many`` but streams, so a backlog of millions never sits in memory."""
         batches = self.iter_submit_batches(
-            requests, model=model, top_k=top_k, callback_url=callback_url, priority=priority
+            requests,
+            model=model,
+            top_k=top_k,
+            callback_url=callback_url,
+            priority=priority,
+            deadline=deadline,
+            ttl_s=ttl_s,
         )
         for batch in batches:
             yield from batch
@@ -145,6 +184,8 @@ class Client:
         top_k: int = defaults.TOP_K,
         callback_url: str | None = None,
         priority: str = Priority.NORMAL,
+        deadline: float | None = None,
+        ttl_s: int | None = None,
     ) -> Iterator[list[Job]]:
         """Like ``iter_submit``, one list per write batch: each list is queued as a whole, so a
         caller that stops between lists (on Ctrl-C) knows every job it queued."""
@@ -157,6 +198,8 @@ class Client:
             callback_url=None if callback_url is None else validate_callback_url(callback_url),
             version=info.version,
             priority=validate_priority(priority),
+            deadline=None if deadline is None else validate_deadline(deadline),
+            ttl_s=self.ttl_s if ttl_s is None else validate_ttl_s(ttl_s),
         )
         it = iter(requests)
         while batch := list(itertools.islice(it, _WRITE_BATCH)):
@@ -266,6 +309,29 @@ class Client:
             self.store.finish_many([j.failed(error, time.time()) for j in jobs[sent:]])
             raise Unavailable(f"could not enqueue {len(jobs) - sent} jobs: {e}") from e
 
+    def cancel(self, job_id: str) -> Job:
+        """Cancel one job and return its record, now ``cancelled``: a queued job never runs, a
+        running one's result is discarded. Raises ``NotFound`` for an unknown (or expired) ID
+        and ``AlreadyFinal``, changing nothing, for a job that is final already."""
+        outcome = self.cancel_many([job_id])[0]
+        job = self.store.get(job_id)
+        if outcome is CancelOutcome.MISSING or job is None:
+            raise NotFound(f"no job {job_id!r} (never submitted, or its record expired)")
+        if outcome is CancelOutcome.CORRUPT:
+            raise MalformedRecord(f"job record {job_id!r} is not a job; left as it is")
+        if outcome is CancelOutcome.ALREADY_FINAL:
+            raise AlreadyFinal(f"job {job_id} is already {job.status}; nothing was changed")
+        return job
+
+    def cancel_many(self, job_ids: Sequence[str]) -> list[CancelOutcome]:
+        """Cancel every queued or running job of ``job_ids``, in input order, without raising
+        for the others: each answer says what was found (and done)."""
+        ids = [validate_job_id(job_id) for job_id in job_ids]
+        outcomes: list[CancelOutcome] = []
+        for start in range(0, len(ids), _WRITE_BATCH):
+            outcomes += self.store.cancel_many(ids[start : start + _WRITE_BATCH], time.time())
+        return outcomes
+
     def get(self, job_id: str) -> Job | None:
         return self.store.get(job_id)
 
@@ -372,15 +438,25 @@ class Client:
         return still
 
     def result(self, job_id: str, timeout: float) -> list[Prediction]:
-        """A job's predictions, waiting up to ``timeout``; raises ``JobFailed`` if it failed."""
+        """A job's predictions, waiting up to ``timeout``; raises ``JobFailed`` if it failed, was
+        cancelled or expired."""
         job = self.wait(job_id, timeout)
         if job is None:
             raise ServiceError(f"no job {job_id!r} (never submitted, or its record expired)")
         if job.error is not None:
             raise JobFailed(job.id, job.error.type, job.error.message)
+        if job.status in _ENDED_UNRUN:
+            raise JobFailed(job.id, str(job.status), _ENDED_UNRUN[job.status])
         if job.predictions is None:
             raise TimeoutError(f"job {job_id} is still {job.status} after {timeout} s")
         return list(job.predictions)
+
+
+# Why a job that ended without running has no predictions.
+_ENDED_UNRUN = {
+    CANCELLED: "the job was cancelled",
+    EXPIRED: "the job's deadline passed before it started",
+}
 
 
 def _final(job: Job | None) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
@@ -27,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from contract import defaults, registry
 from contract.errors import (
     AccessDenied,
+    AlreadyFinal,
     IdConflict,
     InternalError,
     InvalidRequest,
@@ -67,6 +70,7 @@ _HTTP_STATUS = {
     AccessDenied.type: 401,
     TooLarge.type: 413,
     IdConflict.type: 409,
+    AlreadyFinal.type: 409,
     "unavailable": 503,
 }
 
@@ -166,6 +170,19 @@ def _error_response(error: ServiceError, status_code: int | None = None) -> JSON
     return JSONResponse({"error": error.to_dict()}, status_code=code, headers=headers)
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route of the request's path takes (GET and DELETE on a job):
+    Starlette's own ``Allow`` names only the first such route's."""
+    path = request.url.path
+    methods = {
+        m
+        for route in request.app.routes
+        if isinstance(route, APIRoute) and route.path_regex.match(path)
+        for m in route.methods or ()
+    }
+    return ", ".join(sorted(methods))
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     async def service_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
@@ -178,11 +195,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         malformed = any(e["type"] == "json_invalid" for e in problems)
         return _error_response(InvalidRequest(message), 400 if malformed else 422)
 
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         kind = NotFound if exc.status_code == 404 else InvalidRequest
         reply = _error_response(kind(str(exc.detail)), exc.status_code)
-        reply.headers.update(exc.headers or {})  # Allow on a 405
+        reply.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            reply.headers["Allow"] = _allowed_methods(request)
         return reply
 
     async def redis_down(_: Request, exc: Exception) -> JSONResponse:
@@ -236,6 +255,7 @@ def _hub(request: Request) -> FinishedHub:
 
 
 ClientDep = Annotated[Client, Depends(_client)]
+JobIdPath = Annotated[str, Path(max_length=defaults.MAX_JOB_ID_LEN, pattern=JOB_ID_PATTERN)]
 HubDep = Annotated[FinishedHub, Depends(_hub)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
 
@@ -258,6 +278,7 @@ def submit(body: Submission, client: ClientDep) -> dict[str, Any]:
     An ``id`` that exists already answers its record when the request (uri, model, top_k) is
     the same, and 409 ``conflict`` when it is not; then nothing of the request is queued.
     """
+    deadline = None if body.deadline_s is None else time.time() + body.deadline_s
     if isinstance(body, SubmitOne):
         job = client.submit(
             body.uri,
@@ -266,6 +287,8 @@ def submit(body: Submission, client: ClientDep) -> dict[str, Any]:
             job_id=body.id,
             callback_url=body.callback_url,
             priority=body.priority,
+            deadline=deadline,
+            ttl_s=body.ttl_s,
         )
         return job.to_dict()
     requests = [SubmitRequest(j.uri, j.id, j.callback_url) for j in body.jobs]
@@ -275,13 +298,23 @@ def submit(body: Submission, client: ClientDep) -> dict[str, Any]:
         top_k=body.top_k,
         callback_url=body.callback_url,
         priority=body.priority,
+        deadline=deadline,
+        ttl_s=body.ttl_s,
     )
     return {"jobs": [j.to_dict() for j in jobs]}
 
 
+@router.delete("/jobs/{job_id}", response_model=JobOut, responses=error_responses(404, 409))
+def cancel_job(job_id: JobIdPath, client: ClientDep) -> dict[str, Any]:
+    """Cancel a job; answers its record, now ``cancelled``. A queued job never runs; a running
+    job's result is discarded when it comes. A job that is final already (done, failed,
+    cancelled, expired) answers 409 ``already_final`` and is left as it is; an unknown ID 404."""
+    return client.cancel(job_id).to_dict()
+
+
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=error_responses(404))
 async def get_job(
-    job_id: Annotated[str, Path(max_length=defaults.MAX_JOB_ID_LEN, pattern=JOB_ID_PATTERN)],
+    job_id: JobIdPath,
     client: ClientDep,
     hub: HubDep,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="Seconds to wait.")] = 0.0,

@@ -167,6 +167,24 @@ def test_long_poll_returns_the_record_once_the_job_finishes(stack: Stack) -> Non
     assert replies[0].json()["error"] == {"type": "internal", "message": "finished by the test"}
 
 
+def test_a_long_poll_answers_once_the_job_is_cancelled(stack: Stack) -> None:
+    posted = stack.http.post("/v1/jobs", json={"uri": "never-run.jpg", "model": IDLE}).json()
+    client = redis.Redis.from_url(stack.redis_url)
+    client.config_resetstat()
+    replies: list[httpx.Response] = []
+    url = f"/v1/jobs/{posted['id']}"
+    poll = threading.Thread(target=lambda: replies.append(stack.http.get(url, params={"wait": 60})))
+    poll.start()
+    _wait_for_reads(client, 1)  # the poll has seen the job queued
+    cancelled = stack.http.delete(url)
+    poll.join(timeout=60)
+    client.close()
+
+    assert replies and replies[0].status_code == 200
+    assert replies[0].json() == cancelled.json()
+    assert replies[0].json()["status"] == "cancelled"
+
+
 def _reads(client: redis.Redis) -> int:
     # A record is read with one HGETALL (contract.store.JobStore.get_many).
     return int(client.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0))
@@ -315,6 +333,8 @@ def test_one_bad_uri_refuses_the_whole_batch(stack: Stack) -> None:
         ({"uri": "a.jpg", "model": "bad model"}, "model: must be 1 to 100 characters"),
         ({"uri": "a.jpg", "top_k": 0}, "top_k: must be an integer from 1 to 1000"),
         ({"jobs": []}, "jobs: must list 1 to 10000 jobs"),
+        ({"uri": "a.jpg", "ttl_s": 0}, "ttl_s: must be an integer from 1 to 2592000 seconds"),
+        ({"uri": "a.jpg", "deadline_s": 0}, "deadline_s: must be a number of seconds above 0"),
     ],
 )
 def test_validation_errors_name_the_field_and_the_rule_in_words(
@@ -375,11 +395,58 @@ def test_bodies_over_the_limit_are_413_with_or_without_a_length(stack: Stack) ->
         assert reply.json()["error"]["type"] == "too_large"
 
 
+def test_delete_cancels_a_queued_job_then_answers_409_and_404(stack: Stack) -> None:
+    body = {"uri": "c.jpg", "id": "to-cancel", "model": IDLE, "ttl_s": 120, "deadline_s": 600}
+    before = time.time()
+    queued = stack.http.post("/v1/jobs", json=body).json()
+
+    cancelled = stack.http.delete("/v1/jobs/to-cancel")
+    again = stack.http.delete("/v1/jobs/to-cancel")
+    unknown = stack.http.delete("/v1/jobs/never-was")
+
+    assert queued["ttl_s"] == 120 and before + 600 <= queued["deadline"] <= time.time() + 600
+    assert cancelled.status_code == 200
+    assert cancelled.json() == {**queued, "status": "cancelled", "finished": ANY_NUMBER}
+    assert stack.http.get("/v1/jobs/to-cancel").json() == cancelled.json()
+    assert again.status_code == 409
+    assert again.json()["error"]["type"] == "already_final"
+    assert "already cancelled" in again.json()["error"]["message"]
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "not_found"
+    assert 0 < redis.Redis.from_url(stack.redis_url).ttl(keys.job_key("to-cancel")) <= 120
+
+
+def test_delete_of_a_done_job_is_409_and_leaves_it_done(stack: Stack) -> None:
+    body = {"uri": str(stack.images[0]), "id": "done-then-cancel", "model": MODEL}
+    stack.http.post("/v1/jobs", json=body)
+    done = stack.http.get("/v1/jobs/done-then-cancel", params={"wait": 30}).json()
+
+    refused = stack.http.delete("/v1/jobs/done-then-cancel")
+
+    assert done["status"] == "done"
+    assert refused.status_code == 409 and refused.json()["error"]["type"] == "already_final"
+    assert stack.http.get("/v1/jobs/done-then-cancel").json() == done
+
+
+class _AnyNumber:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, int | float)
+
+
+ANY_NUMBER = _AnyNumber()
+
+
 def test_openapi_schema_describes_the_endpoints(stack: Stack) -> None:
     schema = stack.http.get("/openapi.json").json()
 
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/models"} <= set(schema["paths"])
     assert "409" in schema["paths"]["/v1/jobs"]["post"]["responses"]
+    assert {"404", "409"} <= set(schema["paths"]["/v1/jobs/{job_id}"]["delete"]["responses"])
+    statuses = schema["components"]["schemas"]["JobStatus"]["enum"]
+    assert {"cancelled", "expired"} <= set(statuses)
+    assert schema["components"]["schemas"]["JobOut"]["properties"]["status"] == {
+        "$ref": "#/components/schemas/JobStatus",
+        "description": "queued -> running -> done | failed; or cancelled, or expired (deadline)",
+    }
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
 
 

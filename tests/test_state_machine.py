@@ -16,10 +16,14 @@ from contract.store import ClaimState, JobStore
 MAX_ATTEMPTS = 2
 # Attempts a stored record may carry: never started, started once, started too often.
 ATTEMPTS = (0, 1, MAX_ATTEMPTS)
+# Deadlines a stored record may carry: none, or one that passed before the claims at 3.0.
+DEADLINES = (None, 2.5)
 
 
-def _record(status: JobStatus, attempts: int) -> Job:
-    job = Job(id="j", uri="a.jpg", model="m", top_k=1, submitted=1.0, attempts=attempts)
+def _record(status: JobStatus, attempts: int, deadline: float | None = None) -> Job:
+    job = Job(
+        id="j", uri="a.jpg", model="m", top_k=1, submitted=1.0, attempts=attempts, deadline=deadline
+    )
     if status is JobStatus.DONE:
         return job.done([Prediction("cat", 0, 1.0)], "W", False, 2.0)
     if status is JobStatus.FAILED:
@@ -45,16 +49,17 @@ OPERATIONS = {
     "claim any": lambda store: _claim(store, fresh_only=False),
     "finish done": lambda store: _finish(store, JobStatus.DONE),
     "finish failed": lambda store: _finish(store, JobStatus.FAILED),
+    "cancel": lambda store: store.cancel_many(["j"], 3.0),
 }
 
 
 def _observe(
-    client: redis.Redis, status: JobStatus, attempts: int, operation: str
+    client: redis.Redis, status: JobStatus, attempts: int, deadline: float | None, operation: str
 ) -> JobStatus | None:
     """The status ``operation`` moved a stored record to, or None when it left it as it was."""
     client.flushdb()
     store = JobStore(client, ttl_s=60)
-    store.create_many([_record(status, attempts)])
+    store.create_many([_record(status, attempts, deadline)])
     before = client.hgetall(keys.job_key("j"))
     OPERATIONS[operation](store)
     if client.hgetall(keys.job_key("j")) == before:
@@ -68,10 +73,11 @@ def test_the_lua_scripts_make_exactly_the_transitions_of_the_table(
     redis_client: redis.Redis,
 ) -> None:
     observed = set()
-    for status, attempts, operation in itertools.product(JobStatus, ATTEMPTS, OPERATIONS):
-        after = _observe(redis_client, status, attempts, operation)
+    cases = itertools.product(JobStatus, ATTEMPTS, DEADLINES, OPERATIONS)
+    for status, attempts, deadline, operation in cases:
+        after = _observe(redis_client, status, attempts, deadline, operation)
         if after is not None:
-            assert after in TRANSITIONS[status], (status, attempts, operation, after)
+            assert after in TRANSITIONS[status], (status, attempts, deadline, operation, after)
             observed.add((status, after))
     table = {(before, after) for before, afters in TRANSITIONS.items() for after in afters}
     assert observed == table

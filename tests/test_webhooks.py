@@ -260,6 +260,29 @@ def test_a_failing_receiver_gets_the_webhook_again_until_it_takes_it(
     assert read_dead(redis_client) == []
 
 
+def test_cancelled_and_expired_jobs_get_their_webhook_too(
+    redis_client: redis.Redis, connects: list[Any]
+) -> None:
+    store = JobStore(redis_client)
+    with Receiver() as receiver:
+        now = time.time()
+        jobs = [
+            Job(id="gone", uri="/x.jpg", model=MODEL, top_k=1, callback_url=receiver.url),
+            Job(id="late", uri="/y.jpg", model=MODEL, top_k=1, callback_url=receiver.url,
+                submitted=now - 2, deadline=now - 1),
+        ]  # fmt: skip
+        store.create_many(jobs)
+        store.cancel_many(["gone"], now)
+        store.claim_many(["late"], MODEL, now, "w", fresh_only=True)
+        notifier = _notifier(redis_client, LOOPBACK)
+        _run_until(notifier, lambda: len(receiver.delivered()) == 2)
+    delivered = receiver.delivered()
+    assert sorted(delivered) == ["gone:cancelled", "late:expired"]
+    assert all(p.verified for p in receiver.posts)
+    assert json.loads(delivered["gone:cancelled"]) == store.get("gone").to_dict()  # type: ignore[union-attr]
+    assert json.loads(delivered["late:expired"])["status"] == "expired"
+
+
 def test_a_webhook_failing_past_its_max_age_is_given_up_and_recorded(
     redis_client: redis.Redis, connects: list[Any]
 ) -> None:

@@ -24,7 +24,7 @@ from contract.errors import (
 )
 from contract.job import ErrorInfo, Job, validate_top_k
 from contract.shards import ShardedStore
-from contract.store import CLAIMED, CORRUPT, MISSING, POISONED, SUSPECT, Claim
+from contract.store import CLAIMED, CORRUPT, EXPIRED_CLAIM, MISSING, POISONED, SUSPECT, Claim
 from worker.deadletter import DeadLetters, is_job_ids
 from worker.decode import (
     JPEG_MAGIC,
@@ -144,6 +144,9 @@ class Service:
             log.error(
                 "job %s failed as a poison pill after %d attempts", claim.job_id, claim.job.attempts
             )
+            self.metrics.finished([claim.job])
+        elif claim.state == EXPIRED_CLAIM and claim.job is not None:
+            log.info("job %s expired: its deadline passed before it started", claim.job_id)
             self.metrics.finished([claim.job])
 
     def _dead_letter_unusable(self, claims: Sequence[Claim]) -> None:
