@@ -80,6 +80,11 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--shards", type=int, default=1, help="host path: measure again over N Redis shards"
     )
+    w.add_argument(
+        "--device-stand-in",
+        action="store_true",
+        help="host path: measure the GPU path too, with a device stand-in that costs nothing",
+    )
     s = p.add_argument_group("sizes (defaults depend on the device and --quick)")
     s.add_argument("--pool", type=_pool, help="distinct images per set, e.g. imagenet=512,12mp=32")
     for name in ("seed_seconds", "ceiling_seconds", "e2e_seconds", "latency_seconds"):
@@ -152,6 +157,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         scale_out=scale_out,
         workers=args.workers,
         shards=args.shards,
+        stand_in=args.device_stand_in,
         image_dir=args.image_dir,
         log_dir=args.log_dir,
         flush_denormal=args.flush_denormal,

@@ -199,6 +199,8 @@ class BenchConfig:
     workers: int = 1
     # Host path: also measured with the job records over this many Redis instances.
     shards: int = 1
+    # Host path: also measure the GPU path with a device stand-in (bench/standin.py).
+    stand_in: bool = False
     image_dir: Path | None = None
     log_dir: Path | None = None
     # Flush denormal floats to zero in the in-process stages, as workers do at setup: random

@@ -9,8 +9,13 @@ the producer; Redis bytes a finished record holds; and Redis ``commandstats``.
 ``--shards N`` measures again with the job records spread over N private Redis instances
 (``contract.shards``; the first also the broker), reporting Redis CPU per job for each server.
 
-``python -m bench.hostpath [--quick] [--hostpath-jobs N] [--scale-out 1,2] [--shards 2]`` runs
-this stage alone; it is ``python -m bench --stages hostpath``.
+``--device-stand-in`` measures the GPU path too: workers whose device is a stand-in that costs
+nothing (``bench.standin``), so that JPEGs stay encoded on the host (header check only) and
+each batch's bytes are handed over in one call; with the GPU defaults for batch size and
+concurrency. Its worker CPU per job is the host's share of serving a GPU.
+
+``python -m bench.hostpath [--quick] [--hostpath-jobs N] [--scale-out 1,2] [--shards 2]
+[--device-stand-in]`` runs this stage alone; it is ``python -m bench --stages hostpath``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from contract import defaults, keys
 from contract.job import DONE
 from contract.shards import shard_of
 from producer.client import Client
+from worker.settings import GPU_BATCH_SIZE, GPU_CONCURRENCY
 
 # The queue name the null model is served under.
 NULL_MODEL = "null"
@@ -45,9 +51,21 @@ NULL_PREPROCESS = ("--resize", "16", "--crop", "16")
 # Finished records whose MEMORY USAGE is read and averaged.
 KEY_SAMPLE = 100
 # Commands the benchmark itself sends to read these figures; left out of commandstats.
-PROBE_COMMANDS = {"info", "memory|usage", "memory"}
+PROBE_COMMANDS = {"info", "memory|usage", "memory", "strlen"}
 # Seconds a worker may take to load the null model.
 READY_TIMEOUT_S = 120
+# The paths measured: the CPU path, and the GPU path on a device stand-in (bench.standin).
+CPU_PATH = "cpu"
+GPU_STAND_IN = "gpu-stand-in"
+# How each path's workers start: the module run, and flags after the common ones (the stand-in
+# runs on the CPU, so it is given the GPU defaults a GPU worker would pick for itself).
+PATH_WORKERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    CPU_PATH: ("worker", ()),
+    GPU_STAND_IN: (
+        "bench.standin_worker",
+        ("--batch-size", str(GPU_BATCH_SIZE), "--concurrency", str(GPU_CONCURRENCY)),
+    ),
+}
 
 
 class NullModel(torch.nn.Module):
@@ -84,7 +102,7 @@ class HostPathResult:
     # Redis ``used_memory`` growth over the run, per finished job (queue messages are gone);
     # client buffers move it by tens of KB, so it means something over thousands of jobs.
     redis_bytes_per_job: float
-    # MEMORY USAGE of a sample of finished records, averaged, and their JSON length.
+    # MEMORY USAGE of a sample of finished records, averaged, and their stored length.
     record_bytes: float
     record_json_bytes: float
     # Per command (and script): calls and microseconds of Redis CPU per job, all servers.
@@ -92,6 +110,8 @@ class HostPathResult:
     # Redis instances holding the job records, and the CPU ms per job of each (broker first).
     shards: int = 1
     redis_cpu_ms_per_server: tuple[float, ...] = ()
+    # CPU_PATH, or GPU_STAND_IN: the GPU path with a device that costs nothing.
+    path: str = CPU_PATH
 
     @property
     def jobs_s(self) -> float:
@@ -140,14 +160,13 @@ def _per_job(
 
 
 def record_sizes(client: redis.Redis, ids: Sequence[str]) -> tuple[float, float]:
-    """Mean MEMORY USAGE and mean length of the field names and values of the records of ``ids``."""
+    """Mean MEMORY USAGE and mean length of the stored values of the records of ``ids``."""
     pipe = client.pipeline(transaction=False)
     for job_id in ids:
         pipe.memory_usage(keys.job_key(job_id), samples=0)
-        pipe.hgetall(keys.job_key(job_id))
+        pipe.strlen(keys.job_key(job_id))
     sizes = pipe.execute()
-    usage = sizes[0::2]
-    lengths = [sum(len(k) + len(v) for k, v in fields.items()) for fields in sizes[1::2]]
+    usage, lengths = sizes[0::2], sizes[1::2]
     return sum(usage) / len(usage), sum(lengths) / len(lengths)
 
 
@@ -155,8 +174,16 @@ class HostPath:
     """Private Redis instances (the first the broker, all of them job-record shards), the null
     model's workers and a client: measure, grow, measure again."""
 
-    def __init__(self, workdir: Path, uris: Sequence[str], log_dir: Path, shards: int = 1) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        uris: Sequence[str],
+        log_dir: Path,
+        shards: int = 1,
+        path: str = CPU_PATH,
+    ) -> None:
         self.uris = list(uris)
+        self.path = path
         self.servers = [RedisServer(_subdir(workdir, f"redis{i}")).start() for i in range(shards)]
         self.redis = self.servers[0]
         self.admins = [redis.Redis.from_url(s.url) for s in self.servers]
@@ -167,7 +194,10 @@ class HostPath:
         root = Path(uris[0]).parent
         args = ["--model-file", str(model_file), *NULL_PREPROCESS, "--allowed-root", str(root)]
         args += ["--log-level", "WARNING", *(a for url in urls for a in ("--store-url", url))]
-        self.pool = WorkerPool(self.redis.url, NULL_MODEL, args, log_dir, {}, ["auto"])
+        module, extra = PATH_WORKERS[path]
+        self.pool = WorkerPool(
+            self.redis.url, NULL_MODEL, [*args, *extra], log_dir, {}, ["auto"], module
+        )
 
     def __enter__(self) -> HostPath:
         return self
@@ -215,6 +245,7 @@ class HostPath:
             commandstats=stats,
             shards=len(self.admins),
             redis_cpu_ms_per_server=tuple(1000 * c / n for c in redis_cpu),
+            path=self.path,
         )
 
     def _redis_cpu(self) -> list[float]:
@@ -237,13 +268,18 @@ def run_hostpath(
     repeat: int,
     log: Callable[[str], None],
     shards: int = 1,
+    stand_in: bool = False,
 ) -> list[dict[str, Any]]:
     """Best of ``repeat`` (by jobs/s) for each worker count, after a warm-up run; with one
-    Redis, then again with ``shards`` of them when that is more."""
+    Redis, then again with ``shards`` of them when that is more; then, with ``stand_in``, the
+    GPU path on a device stand-in (one Redis)."""
     uris = [str(p) for p in image_pool(image_root, SMALL, jobs)]
+    runs = [(count, CPU_PATH) for count in sorted({1, shards})]
+    runs += [(1, GPU_STAND_IN)] if stand_in else []
     out = []
-    for count in sorted({1, shards}):
-        with HostPath(_subdir(workdir, f"shards{count}"), uris, log_dir, count) as bench:
+    for count, path in runs:
+        where = _subdir(workdir, f"{path}-shards{count}")
+        with HostPath(where, uris, log_dir, count, path) as bench:
             out += _measure_each(bench, jobs, worker_counts, repeat, log)
     return out
 
@@ -264,7 +300,8 @@ def _measure_each(
         out.append(_summary(best, tries))
         per_server = ", ".join(f"{ms:.4f}" for ms in best.redis_cpu_ms_per_server)
         log(
-            f"host path, {count} worker(s), {best.shards} Redis: {best.jobs_s:,.0f} jobs/s; "
+            f"host path ({best.path}), {count} worker(s), {best.shards} Redis: "
+            f"{best.jobs_s:,.0f} jobs/s; "
             f"CPU ms/job worker {best.worker_cpu_ms:.3f}, Redis {best.redis_cpu_ms:.3f} "
             f"({per_server}), producer {best.producer_cpu_ms:.3f}; "
             f"{best.redis_bytes_per_job:,.0f} Redis bytes/job"

@@ -146,7 +146,9 @@ def _hostpath(rows: list[dict[str, Any]] | None) -> list[str]:
 
 def _workers_and_shards(row: dict[str, Any]) -> str:
     shards = row.get("shards", 1)
-    return str(row["workers"]) if shards == 1 else f"{row['workers']} ({shards} Redis)"
+    text = str(row["workers"]) if shards == 1 else f"{row['workers']} ({shards} Redis)"
+    path = row.get("path", "cpu")
+    return text if path == "cpu" else f"{text} ({path})"
 
 
 def _redis_cpu(row: dict[str, Any]) -> str:

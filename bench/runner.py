@@ -154,6 +154,7 @@ class Bench:
             s.repeat,
             self.log,
             self.cfg.shards,
+            self.cfg.stand_in,
         )
         self.save()
 

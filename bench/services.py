@@ -30,8 +30,10 @@ class WorkerPool:
         log_dir: Path,
         env: dict[str, str],
         devices: Sequence[str],
+        module: str = "worker",
     ) -> None:
         self.redis_url = redis_url
+        self.module = module
         self.model = model
         self.args = list(args)
         self.log_dir = log_dir
@@ -76,6 +78,7 @@ class WorkerPool:
             self.env,
             worker_id,
             metrics_port=free_port(),
+            module=self.module,
         )
 
     def pids(self) -> dict[str, int]:

@@ -7,7 +7,7 @@ from contract.job import PRIORITIES, Priority
 
 
 def job_key(job_id: str) -> str:
-    """The record of one job: a hash, see contract.record."""
+    """The record of one job: a packed string, see contract.record."""
     return f"{KEY_PREFIX}:job:{job_id}"
 
 

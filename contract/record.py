@@ -1,16 +1,40 @@
-"""How a ``Job`` is stored in Redis: a small hash of one-letter fields, cheap to keep and claim.
+"""How a ``Job`` is stored in Redis: one packed string, cheap to keep, write, claim and read.
 
-A finished top-5 record of the JSON form took 856 bytes of Redis memory; this form takes about a
-third. What many records share is stored once and referred to by a short ID (``Catalog``): who
-answered (the worker, its weights, random or not), and the labels of those weights, which are
-looked up by class index when a record is read. Times are integer microseconds: ``submitted``
-since the epoch, ``started`` and ``finished`` after ``submitted``. Predictions are packed binary:
-the class index and its float32 probability (what the model computed) per class. The record's
-key holds its ID. The store's Lua scripts read and write single fields by these names.
+A finished top-5 record took 856 bytes of Redis memory as JSON and 280-312 as a hash; this form
+takes 248 (MEMORY USAGE, a 68-character path, a version). The value is a fixed-width header the
+store's Lua scripts read and rewrite in place (GET, SETRANGE), then tagged fields:
+
+====== ===== ===========================================================================
+offset bytes header field
+====== ===== ===========================================================================
+0      1     format: ``FORMAT``; anything else is not a record of this release
+1      1     status code (``STATUS_CODES``)
+2      2     attempts, unsigned
+4      7     started: microseconds since the epoch, unsigned (``NO_TIME`` when not yet)
+11     4     who answered (or claimed): a ``Catalog`` ID (``NO_WHO`` when nobody yet)
+15     7     finished, as started
+22     7     submitted, as started
+29     2     top_k, unsigned
+31     1     priority code (``PRIORITY_CODES``)
+32     1     flags: which optional fixed-width fields follow the header, in this order:
+             ``HAS_DEADLINE`` a deadline (7 bytes, as started), ``HAS_TTL`` seconds the record
+             is kept once final (4 bytes, unsigned; without it ``defaults.JOB_TTL_S``)
+====== ===== ===========================================================================
+
+Integers are little-endian. Each tagged field is its tag (one byte), its length (LEB128) and
+its bytes: the URI, the model, and where they apply the version, the callback URL, packed
+predictions and the error. A field a record lacks does not apply; a later field with the same
+tag replaces an earlier one (a script fails a job by appending its error).
+
+What many records share is stored once and referred to by a short ID (``Catalog``): who
+answered (the worker, its weights, random or not), and the labels of those weights, looked up
+by class index when a record is read. Predictions are the class index and the float32
+probability the model computed. The record's key holds its ID.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
@@ -33,39 +57,58 @@ from contract.job import (
     Priority,
 )
 
-URI = "u"
-MODEL = "m"
-TOP_K = "k"
-STATUS = "s"
-SUBMITTED = "t"  # microseconds since the epoch
-STARTED = "b"  # microseconds after SUBMITTED
-FINISHED = "f"  # microseconds after SUBMITTED
-ATTEMPTS = "a"
-WHO = "w"  # a Catalog ID: [worker, weights, random_weights]
-PREDICTIONS = "p"  # packed, see pack_predictions
-ERROR = "e"  # "<type>:<message>"
-CALLBACK_URL = "c"  # only when the job has one
-VERSION = "v"  # the model version it was queued for, when known
-PRIORITY = "o"  # only when not normal
-BATCH = "g"  # the batch's ID, only when the job is in one
-DEADLINE = "d"  # microseconds after SUBMITTED, only when the job has one
-TTL = "l"  # seconds kept once final, only when not defaults.JOB_TTL_S
-# Longest value kept in one field: Redis's default hash-max-listpack-value. One longer value
-# turns the whole hash into a hashtable, three times the size, so a longer value (a long URI, an
-# error message, many predictions) is kept in pieces: "u", "u1", "u2", ...
-PIECE = 64
-# Fields a record cannot be run without (its ID is the key).
-REQUIRED = (URI, MODEL, TOP_K, STATUS)
+FORMAT = b"\x01"
+# Header offsets (0-based) and widths the store's scripts use.
+STATUS_AT = 1
+ATTEMPTS_AT = 2
+STARTED_AT = 4
+WHO_AT = 11
+FINISHED_AT = 15
+TIME_BYTES = 7
+HEADER_BYTES = 33
+NO_TIME = (1 << 56) - 1
+NO_WHO = 0xFFFFFFFF  # Catalog IDs are 31-bit
 
-STATUS_CODES: Mapping[JobStatus, str] = {
-    QUEUED: "q",
-    RUNNING: "r",
-    DONE: "d",
-    FAILED: "f",
-    CANCELLED: "c",
-    EXPIRED: "x",
+_HEAD = struct.Struct("<ccH7sI7s7sHcB")
+assert _HEAD.size == HEADER_BYTES
+# The claim script rewrites status, attempts, started and who with one SETRANGE, and a poison
+# pill's status through finished with another: they lie in that order, each after the last.
+assert (ATTEMPTS_AT, STARTED_AT, WHO_AT, FINISHED_AT) == (
+    STATUS_AT + 1,
+    ATTEMPTS_AT + 2,
+    STARTED_AT + TIME_BYTES,
+    WHO_AT + 4,
+)
+
+FLAGS_AT = 32
+HAS_DEADLINE, HAS_TTL = 1, 2
+TTL_BYTES = 4
+assert FLAGS_AT == HEADER_BYTES - 1
+
+STATUS_CODES: Mapping[JobStatus, bytes] = {
+    QUEUED: b"q",
+    RUNNING: b"r",
+    DONE: b"d",
+    FAILED: b"f",
+    CANCELLED: b"c",
+    EXPIRED: b"x",
 }
 _STATUS_OF = {code: status for status, code in STATUS_CODES.items()}
+PRIORITY_CODES: Mapping[Priority, bytes] = {
+    Priority.HIGH: b"h",
+    Priority.NORMAL: b"n",
+    Priority.LOW: b"l",
+}
+_PRIORITY_OF = {code: priority for priority, code in PRIORITY_CODES.items()}
+
+# Tags of the fields after the header.
+URI = ord("u")
+MODEL = ord("m")
+VERSION = ord("v")  # the model version it was queued for, when known
+CALLBACK_URL = ord("c")  # only when the job has one
+BATCH = ord("g")  # the batch's ID, only when the job is in one
+PREDICTIONS = ord("p")  # packed, see pack_predictions
+ERROR = ord("e")  # "<type>:<message>"
 
 # The first byte of packed predictions says the width of each class index.
 _NARROW, _WIDE = b"h", b"i"
@@ -76,24 +119,28 @@ def micros(seconds: float) -> int:
     return round(seconds * 1_000_000)
 
 
+@functools.lru_cache(maxsize=4096)
 def name_id(text: str) -> int:
     """The catalog ID of ``text``: a 31-bit hash, so that every process derives the same one
     without asking Redis, and a Redis that lost its catalog gets the same IDs written again."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "big") >> 1
 
 
+@functools.lru_cache(maxsize=1024)
 def who_text(worker: str | None, weights: str | None, random_weights: bool | None) -> str:
     """Who answered a job: the worker and what it ran; one per worker process and model."""
     return json.dumps([worker, weights, random_weights], separators=(",", ":"))
 
 
+@functools.lru_cache(maxsize=1024)
 def answerer_id(weights: str | None, random_weights: bool | None) -> int:
-    """What answered (its labels are kept under this ID): the same for every worker."""
+    """What answered (its labels are kept under this ID): the same for every worker. Cached:
+    every record read and written asks."""
     return name_id(json.dumps([weights, random_weights], separators=(",", ":")))
 
 
 def claimed_by(worker: str) -> str:
-    """The ``WHO`` text of a job ``worker`` is running: it has not answered yet."""
+    """The ``who`` text of a job ``worker`` is running: it has not answered yet."""
     return who_text(worker, None, None)
 
 
@@ -112,96 +159,145 @@ def unpack_predictions(packed: bytes) -> list[tuple[int, float]]:
     return [(i, float(f"{p:.7g}")) for i, p in entry.iter_unpack(packed[1:])]
 
 
-def to_fields(job: Job, catalog: Catalog) -> dict[str, str | int | bytes]:
-    """The hash fields of ``job``; absent fields are null (or zero attempts)."""
-    base = 0 if job.submitted is None else micros(job.submitted)
-    fields: dict[str, str | int | bytes] = {
-        URI: job.uri,
-        MODEL: job.model,
-        TOP_K: job.top_k,
-        ATTEMPTS: job.attempts,
-    }
-    if job.submitted is not None:
-        fields[SUBMITTED] = base
-    if job.callback_url is not None:
-        fields[CALLBACK_URL] = job.callback_url
-    if job.version is not None:
-        fields[VERSION] = job.version
-    if job.priority != Priority.NORMAL:
-        fields[PRIORITY] = Priority(job.priority).value
-    if job.batch is not None:
-        fields[BATCH] = job.batch
-    if job.deadline is not None:
-        fields[DEADLINE] = micros(job.deadline) - base
-    if job.ttl_s != defaults.JOB_TTL_S:
-        fields[TTL] = job.ttl_s
-    fields.update(result_fields(job, base, catalog))
-    return in_pieces(fields)
+def field(tag: int, value: bytes) -> bytes:
+    """One tagged field: the tag, the length (LEB128), the value."""
+    n = len(value)
+    if n < 0x80:
+        return bytes((tag, n)) + value
+    size = bytearray((tag,))
+    while n >= 0x80:
+        size.append(0x80 | (n & 0x7F))
+        n >>= 7
+    size.append(n)
+    return bytes(size) + value
 
 
-def result_fields(job: Job, base: int, catalog: Catalog) -> dict[str, str | int | bytes]:
-    """The fields finishing ``job`` writes: its status, which attempt (when, by whom) answered,
-    what answered, and its predictions or error."""
-    fields: dict[str, str | int | bytes] = {STATUS: STATUS_CODES[JobStatus(job.status)]}
-    if job.started is not None:
-        fields[STARTED] = micros(job.started) - base
+def encode(job: Job, catalog: Catalog) -> bytes:
+    """The stored form of ``job``; names and labels it refers to are noted in ``catalog``."""
+    who = NO_WHO
     if job.worker is not None or job.weights is not None or job.random_weights is not None:
-        fields[WHO] = catalog.who(job)
-    if job.finished is not None:
-        fields[FINISHED] = micros(job.finished) - base
+        who = catalog.who(job)
+    flags, optional = _optional(job)
+    head = _HEAD.pack(
+        FORMAT,
+        STATUS_CODES[job.status],
+        job.attempts,
+        _time(job.started),
+        who,
+        _time(job.finished),
+        _time(job.submitted),
+        job.top_k,
+        PRIORITY_CODES[job.priority],
+        flags,
+    )
+    parts = [head, *optional, field(URI, _bytes(job.uri)), field(MODEL, _bytes(job.model))]
+    if job.version is not None:
+        parts.append(field(VERSION, _bytes(job.version)))
+    if job.callback_url is not None:
+        parts.append(field(CALLBACK_URL, _bytes(job.callback_url)))
+    if job.batch is not None:
+        parts.append(field(BATCH, _bytes(job.batch)))
     if job.predictions is not None:
-        fields[PREDICTIONS] = pack_predictions(job.predictions)
+        parts.append(field(PREDICTIONS, pack_predictions(job.predictions)))
     if job.error is not None:
-        fields[ERROR] = f"{job.error.type}:{job.error.message}"
-    return in_pieces(fields)
+        parts.append(field(ERROR, _bytes(f"{job.error.type}:{job.error.message}")))
+    return b"".join(parts)
 
 
-def in_pieces(fields: Mapping[str, str | int | bytes]) -> dict[str, str | int | bytes]:
-    """``fields`` with each value longer than ``PIECE`` bytes split over numbered fields."""
-    out: dict[str, str | int | bytes] = {}
-    for name, value in fields.items():
-        raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
-        if isinstance(raw, int) or len(raw) <= PIECE:
-            out[name] = value
-            continue
-        for n, at in enumerate(range(0, len(raw), PIECE)):
-            out[f"{name}{n or ''}"] = raw[at : at + PIECE]
-    return out
+def _optional(job: Job) -> tuple[int, list[bytes]]:
+    """The header's flags and the optional fixed-width fields after it."""
+    flags, fields = 0, []
+    if job.deadline is not None:
+        flags |= HAS_DEADLINE
+        fields.append(_time(job.deadline))
+    if job.ttl_s != defaults.JOB_TTL_S:
+        flags |= HAS_TTL
+        fields.append(job.ttl_s.to_bytes(TTL_BYTES, "little"))
+    return flags, fields
+
+
+def _bytes(text: str) -> bytes:
+    # surrogateescape: a name that was not UTF-8 is kept as the bytes it was.
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _time(seconds: float | None) -> bytes:
+    return (NO_TIME if seconds is None else micros(seconds)).to_bytes(TIME_BYTES, "little")
 
 
 @dataclass(frozen=True)
 class Stored:
-    """One record as read: its fields, long values joined again from their pieces."""
+    """One record as read: its header's values and its tagged fields."""
 
     job_id: str
-    fields: Mapping[str, bytes]
+    head: tuple[bytes, bytes, int, bytes, int, bytes, bytes, int, bytes, int]
+    fields: Mapping[int, bytes]
+    deadline: bytes | None = None
+    ttl_s: int = defaults.JOB_TTL_S
 
-    def get(self, name: str) -> bytes | None:
-        return self.fields.get(name)
+    def get(self, tag: int) -> bytes | None:
+        return self.fields.get(tag)
 
     def who(self) -> int | None:
-        return _int(self.get(WHO))
+        who = self.head[4]
+        return None if who == NO_WHO else who
+
+    def status_code(self) -> bytes:
+        return self.head[1]
 
 
-def stored(job_id: str, fields: Mapping[bytes, bytes] | Mapping[str, bytes]) -> Stored:
-    """``fields`` as HGETALL answers them, with pieces joined."""
-    named = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
-    whole = {}
-    for name, value in named.items():
-        if name[1:]:  # a piece after the first: every field's own name is one letter
-            continue
-        pieces = [value]
-        while (more := named.get(f"{name}{len(pieces)}")) is not None:
-            pieces.append(more)
-        whole[name] = value if len(pieces) == 1 else b"".join(pieces)
-    return Stored(job_id, whole)
+def stored(job_id: str, raw: bytes) -> Stored:
+    """``raw``, a record's value, split into its header and fields."""
+    if raw[:1] != FORMAT or len(raw) < HEADER_BYTES:
+        raise MalformedRecord(_not_a_record(job_id, raw))
+    try:
+        head = _HEAD.unpack_from(raw)
+        at, deadline, ttl_s = HEADER_BYTES, None, defaults.JOB_TTL_S
+        if head[9] & HAS_DEADLINE:
+            deadline, at = raw[at : at + TIME_BYTES], at + TIME_BYTES
+        if head[9] & HAS_TTL:
+            ttl_s, at = int.from_bytes(raw[at : at + TTL_BYTES], "little"), at + TTL_BYTES
+        return Stored(job_id, head, _fields(raw, at), deadline, ttl_s)
+    except (IndexError, struct.error) as e:
+        raise MalformedRecord(f"job record {job_id!r} is cut short: {e}") from e
 
 
-def from_fields(record: Stored, catalog: Catalog) -> Job:
+def _not_a_record(job_id: str, raw: bytes) -> str:
+    return (
+        f"job record {job_id!r} is not in this release's format (it starts {raw[:12]!r}): "
+        "records written before the packed format (issue 10) cannot be read; let them expire"
+    )
+
+
+def _fields(raw: bytes, at: int) -> dict[int, bytes]:
+    fields = {}
+    end = len(raw)
+    while at < end:
+        tag, n = raw[at], raw[at + 1]
+        at += 2
+        if n & 0x80:
+            n, at = _long_size(raw, at - 1)
+        if at + n > end:
+            raise IndexError(f"field {chr(tag)!r} runs past the end")
+        fields[tag] = raw[at : at + n]
+        at += n
+    return fields
+
+
+def _long_size(raw: bytes, at: int) -> tuple[int, int]:
+    """A LEB128 length starting at ``at``: its value, and where the value after it starts."""
+    n = shift = 0
+    while True:
+        byte = raw[at]
+        n |= (byte & 0x7F) << shift
+        at += 1
+        if not byte & 0x80:
+            return n, at
+        shift += 7
+
+
+def decode(record: Stored, catalog: Catalog) -> Job:
     """The ``Job`` a stored record holds; names and labels come from ``catalog``."""
-    missing = [name for name in REQUIRED if record.get(name) is None]
-    if missing:
-        raise MalformedRecord(f"job record {record.job_id!r} has no field {missing[0]!r}")
     try:
         return _job(record, catalog)
     except (ValueError, KeyError, TypeError) as e:
@@ -211,33 +307,39 @@ def from_fields(record: Stored, catalog: Catalog) -> Job:
 
 
 def _job(record: Stored, catalog: Catalog) -> Job:
+    _, status, attempts, started, _, finished, submitted, top_k, priority, _ = record.head
     get = record.get
     model = _text(get(MODEL))
-    submitted = _int(get(SUBMITTED))
-    base = submitted or 0
     worker, weights, random_weights = catalog.who_of(record.who())
     return Job(
         id=record.job_id,
-        uri=_text(get(URI)),
+        uri=_text(_required(record, URI)),
         model=model,
-        top_k=int(get(TOP_K)),  # type: ignore[arg-type]
+        top_k=top_k,
         callback_url=_optional_text(get(CALLBACK_URL)),
-        version=_optional_text(get(VERSION)),
-        priority=Priority(_text(get(PRIORITY)) or Priority.NORMAL),
         batch=_optional_text(get(BATCH)),
-        deadline=_seconds(_int(get(DEADLINE)), base),
-        ttl_s=_int(get(TTL)) or defaults.JOB_TTL_S,
-        status=_STATUS_OF[_text(get(STATUS))],
-        submitted=_seconds(submitted, 0),
-        started=_seconds(_int(get(STARTED)), base),
-        finished=_seconds(_int(get(FINISHED)), base),
-        attempts=_int(get(ATTEMPTS)) or 0,
+        version=_optional_text(get(VERSION)),
+        priority=_PRIORITY_OF[priority],
+        deadline=None if record.deadline is None else _seconds(record.deadline),
+        ttl_s=record.ttl_s,
+        status=_STATUS_OF[status],
+        submitted=_seconds(submitted),
+        started=_seconds(started),
+        finished=_seconds(finished),
+        attempts=attempts,
         worker=worker,
         weights=weights,
         random_weights=random_weights,
         predictions=_predictions(get(PREDICTIONS), model, weights, random_weights, catalog),
         error=_error(get(ERROR)),
     )
+
+
+def _required(record: Stored, tag: int) -> bytes:
+    value = record.get(tag)
+    if value is None:
+        raise KeyError(f"no field {chr(tag)!r}")
+    return value
 
 
 def _predictions(
@@ -269,12 +371,9 @@ def _optional_text(raw: bytes | None) -> str | None:
     return None if raw is None else _text(raw)
 
 
-def _int(raw: bytes | None) -> int | None:
-    return None if raw is None else int(raw)
-
-
-def _seconds(micros_: int | None, base: int) -> float | None:
-    return None if micros_ is None else (base + micros_) / 1_000_000
+def _seconds(raw: bytes) -> float | None:
+    micros_ = int.from_bytes(raw, "little")
+    return None if micros_ == NO_TIME else micros_ / 1_000_000
 
 
 class Catalog:
@@ -292,6 +391,7 @@ class Catalog:
         self._unwritten_names: dict[int, str] = {}
         self._unwritten_labels: dict[tuple[str, int], dict[int, str]] = {}
         self._written: set[tuple[str, int, int] | int] = set()
+        self._who: dict[int, tuple[str | None, str | None, bool | None]] = {}
 
     def name(self, text: str) -> int:
         ident = name_id(text)
@@ -352,11 +452,13 @@ class Catalog:
             self._labels.setdefault(key, {}).update(by_index)
 
     def who_of(self, ident: int | None) -> tuple[str | None, str | None, bool | None]:
-        """(worker, weights, random_weights) of a ``WHO`` ID; all None when unknown."""
+        """(worker, weights, random_weights) of a ``who`` ID; all None when unknown."""
         if ident is None or ident not in self._texts:
             return None, None, None
-        worker, weights, random_weights = json.loads(self._texts[ident])
-        return worker, weights, random_weights
+        if (who := self._who.get(ident)) is None:
+            worker, weights, random_weights = json.loads(self._texts[ident])
+            who = self._who[ident] = (worker, weights, random_weights)
+        return who
 
     def labels(self, model: str, answerer: int) -> Mapping[int, str]:
         return self._labels.get((model, answerer), {})

@@ -24,7 +24,7 @@ from contract.batch import Batch, BatchSpec, decode_cursor, encode_cursor
 from contract.batch import from_hashes as batch_from_hashes
 from contract.connection import connect
 from contract.job import Job
-from contract.store import JobStore
+from contract.store import JobStore, Unsettled
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -111,6 +111,9 @@ class ShardedStore:
 
     def settled(self, job_ids: Sequence[str]) -> list[bool]:
         return self._routed(job_ids, str, JobStore.settled)
+
+    def get_final_many(self, job_ids: Sequence[str]) -> list[Job | Unsettled | None]:
+        return self._routed(job_ids, str, JobStore.get_final_many)
 
     # Mark jobs running and count an attempt, one round trip per shard: JobStore's arguments.
     claim_many = _per_shard(JobStore.claim_many)

@@ -1,20 +1,20 @@
 """Job records in Redis: create, read, claim and finish, each a single round trip for many jobs.
 
-State changes run as Lua scripts, one call per batch, so that a redelivered message can never
-move a finished job backwards or write its result twice. The scripts read and write single
-fields of the record's hash (``contract.record``), never the whole record.
+A record is one packed string (``contract.record``): created with ``SET NX EX``, read with
+``MGET``. Claims and results run as Lua scripts, one call per batch, so that a redelivered
+message can never move a finished job backwards or write its result twice: a claim rewrites the
+record's fixed-width header in place, a result replaces the record unless it is final already.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from string import Template
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.client import Pipeline
@@ -23,8 +23,8 @@ from redis.exceptions import NoScriptError
 
 from contract import defaults, keys, record
 from contract.batch import BATCH_FINISHED, BatchSpec
-from contract.errors import InvalidRequest, MalformedRecord, PoisonJob
-from contract.job import CANCELLED, DONE, EXPIRED, FAILED, FINAL, QUEUED, RUNNING, Job
+from contract.errors import MalformedRecord, PoisonJob
+from contract.job import CANCELLED, EXPIRED, FAILED, FINAL, QUEUED, RUNNING, Job, JobStatus
 
 
 class ClaimState(str, Enum):
@@ -49,6 +49,16 @@ POISONED = ClaimState.POISONED
 EXPIRED_CLAIM = ClaimState.EXPIRED
 MISSING = ClaimState.MISSING
 CORRUPT = ClaimState.CORRUPT
+# The claim script's answer: one letter per job.
+_CLAIM_STATES = {
+    "c": CLAIMED,
+    "s": SUSPECT,
+    "f": ALREADY_FINAL,
+    "p": POISONED,
+    "e": EXPIRED_CLAIM,
+    "m": MISSING,
+    "x": CORRUPT,
+}
 
 
 class CancelOutcome(str, Enum):
@@ -69,50 +79,100 @@ class CancelOutcome(str, Enum):
 
 
 def _lua(script: str) -> str:
-    """``script`` with the record's status codes and error types filled in.
+    """``script`` with the record's layout (``contract.record``) and error types filled in.
 
-    ``$queued`` ... ``$expired`` are status codes, ``$final`` a Lua set of the final ones,
-    ``$poison`` and ``$invalid`` error types, ``$required`` the fields a job cannot run without
-    (with the names messages give them), ``$piece`` the longest value one field holds,
-    ``$id_from`` where the ID starts in a key, ``$ttl`` a final record's TTL when it has none,
-    ``$batch_prefix`` a batch's key without its ID, ``$batch_finished`` its finish event's status.
+    ``$format`` is the format byte, ``$head`` the header's length, ``$running`` and ``$failed``
+    status codes, ``$names`` a table of every status code's name, ``$final`` one of the final
+    codes, ``$runnable`` one of the codes a claim may start, ``$error`` the error field's tag,
+    ``$model`` the model field's tag, ``$cancelled``, ``$expired`` status codes, ``$ttl`` a final
+    record's TTL when it names none, ``$poison`` an error type, ``$id_from`` where the ID starts
+    in a key, ``$batch`` the batch field's tag, ``$batch_prefix`` a batch's key without its ID,
+    ``$batch_finished`` a batch's finish event's status; ``$status_at``,
+    ``$attempts_at``, ``$finished_at`` and ``$time_bytes`` the header's layout.
     """
     code = record.STATUS_CODES
+
+    def table(statuses: Sequence[JobStatus]) -> str:
+        return "{" + ", ".join(f"{_code(s)} = '{s}'" for s in statuses) + "}"
+
     return Template(script).substitute(
-        required=", ".join(f"{{'{f}', '{_FIELD_NAMES[f]}'}}" for f in record.REQUIRED),
-        queued=f"'{code[QUEUED]}'",
-        running=f"'{code[RUNNING]}'",
-        done=f"'{code[DONE]}'",
-        failed=f"'{code[FAILED]}'",
-        cancelled=f"'{code[CANCELLED]}'",
-        expired=f"'{code[EXPIRED]}'",
-        final="{" + ", ".join(f"['{code[s]}'] = true" for s in sorted(FINAL)) + "}",
+        format=f"string.char({record.FORMAT[0]})",
+        head=record.HEADER_BYTES,
+        running=f"'{code[RUNNING].decode()}'",
+        failed=f"'{code[FAILED].decode()}'",
+        cancelled=f"'{code[CANCELLED].decode()}'",
+        expired=f"'{code[EXPIRED].decode()}'",
         ttl=defaults.JOB_TTL_S,
-        poison=f"'{PoisonJob.type}'",
-        invalid=f"'{InvalidRequest.type}'",
-        piece=record.PIECE,
-        id_from=len(keys.job_key("")) + 1,
-        batch_prefix=keys.batch_key(""),
+        names=table(list(code)),
+        final=table([s for s in code if s in FINAL]),
+        runnable=table([QUEUED, RUNNING]),
+        error=f"string.char({record.ERROR})",
+        model=f"string.char({record.MODEL})",
+        batch=f"string.char({record.BATCH})",
+        batch_prefix=f"'{keys.batch_key('')}'",
         batch_finished=f"'{BATCH_FINISHED}'",
+        poison=f"'{PoisonJob.type}'",
+        id_from=len(keys.job_key("")) + 1,
+        status_at=record.STATUS_AT,
+        attempts_at=record.ATTEMPTS_AT,
+        finished_at=record.FINISHED_AT,
+        time_bytes=record.TIME_BYTES,
     )
 
 
-# The Job field each required record field holds, as error messages name it.
-_FIELD_NAMES = {
-    record.URI: "uri",
-    record.MODEL: "model",
-    record.TOP_K: "top_k",
-    record.STATUS: "status",
-}
+def _code(status: JobStatus) -> str:
+    return f"['{record.STATUS_CODES[status].decode()}']"
 
-# ``batch_final`` counts jobs of ``batch`` that just became final: ``names`` status -> count,
-# ``ids`` their IDs (appended to the batch's results list). The batch is finished once as many
-# of its jobs are final as were submitted, which adds its own event and drops its job list
-# (only jobs not final yet are ever cancelled). Its keys live as long as its records: at least
-# as long as the queued ones, and once it is finished ``ttl`` (its longest final TTL) from then.
-_BATCH = """
-local function batch_final(batch, names, ids, now, events, maxlen)
-  local bkey = '$batch_prefix' .. batch
+
+# A record is a string: a fixed-width header, then tagged fields (contract.record). The
+# header's offsets are 0-based as SETRANGE takes them (``STATUS_AT``, ``ATTEMPTS_AT``: strings,
+# as Lua formats a number it hands Redis with snprintf), 1-based as Lua reads them (``STATUS``,
+# ``ATTEMPTS``, ``FINISHED``: numbers, as arithmetic on a string parses it each time). The hot
+# paths call few Lua functions of their own: each call costs Redis hundreds of instructions.
+# ``is_record`` tells a record of this format from anything else a key may hold.
+_RECORD = """
+local FORMAT, HEAD, NAMES, FINAL, RUNNABLE = $format, $head, $names, $final, $runnable
+local STATUS_AT, ATTEMPTS_AT = '$status_at', '$attempts_at'
+local STATUS, ATTEMPTS, FINISHED = $status_at + 1, $attempts_at + 1, $finished_at + 1
+local function is_record(v)
+  return string.sub(v, 1, 1) == FORMAT and #v >= HEAD
+end
+local function attempts(v)
+  local a, b = string.byte(v, ATTEMPTS, ATTEMPTS + 1)
+  return a + 256 * b
+end
+-- Little-endian unsigned integers: ``n`` in ``width`` bytes, in two.
+local function le(n, width)
+  local out = {}
+  for i = 1, width do
+    out[i] = n % 256
+    n = math.floor(n / 256)
+  end
+  return string.char(unpack(out))
+end
+local function le16(n)
+  return string.char(n % 256, math.floor(n / 256))
+end
+-- A tagged field: its tag, its length (LEB128), its value.
+local function field(tag, value)
+  local n, size = #value, ''
+  while n >= 128 do
+    size = size .. string.char(128 + n % 128)
+    n = math.floor(n / 128)
+  end
+  return tag .. size .. string.char(n) .. value
+end
+-- A job's completion event; the stream is trimmed once a call (``trim``), not at each entry.
+local function event(events, id, status, batch)
+  redis.call('XADD', events, '*', 'id', id, 'status', status, 'batch', batch)
+end
+-- Counts jobs of ``batch`` that just became final: ``names`` status -> count, ``ids`` their IDs
+-- (appended to the batch's results list). The batch is finished once as many of its jobs are
+-- final as were submitted, which adds its own event and drops its job list (only jobs not
+-- final yet are ever cancelled). Its keys live as long as its records: at least as long as the
+-- queued ones, and once it is finished its ``ttl`` (its longest final TTL) from then.
+local function batch_final(batch, names, ids, now, events)
+  local bkey = $batch_prefix .. batch
   for name, count in pairs(names) do redis.call('HINCRBY', bkey, name, count) end
   local final = redis.call('HINCRBY', bkey, 'final', #ids)
   redis.call('RPUSH', bkey .. ':results', unpack(ids))
@@ -120,11 +180,10 @@ local function batch_final(batch, names, ids, now, events, maxlen)
   local ttl = tonumber(v[2])
   if tonumber(v[1]) and final >= tonumber(v[1])
       and redis.call('HSETNX', bkey, 'finished', string.format('%d', now)) == 1 then
-    redis.call('DEL', bkey .. ':jobs')  -- nothing left to cancel
-    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'id', '', 'status', $batch_finished,
-      'batch', batch)
+    redis.call('DEL', bkey .. ':jobs')
+    event(events, '', $batch_finished, batch)
   elseif ttl then
-    ttl = math.max(ttl, redis.call('TTL', bkey))  -- as long as its queued records, at least
+    ttl = math.max(ttl, redis.call('TTL', bkey))
   end
   if ttl then
     for _, k in ipairs({bkey, bkey .. ':jobs', bkey .. ':results'}) do
@@ -132,205 +191,173 @@ local function batch_final(batch, names, ids, now, events, maxlen)
     end
   end
 end
-"""
-
-# A record read with HGETALL is its flat field/value list ``flat`` (what the claim answers)
-# and ``at``, field -> position of its value. ``put`` writes a value there and appends the
-# field and value to ``w`` (the HSET to make), a long value in pieces as contract.record does.
-_RECORD = """
-local REQUIRED = {$required}
-local FINAL = $final
-local function positions(flat)
-  local at = {}
-  for j = 1, #flat, 2 do at[flat[j]] = j + 1 end
-  return at
+local function trim(events, maxlen)
+  redis.call('XTRIM', events, 'MAXLEN', '~', maxlen)
 end
-local function put(flat, at, w, f, value)
-  if #value > $piece then
-    for n = 0, math.ceil(#value / $piece) - 1 do
-      local piece = string.sub(value, n * $piece + 1, (n + 1) * $piece)
-      put(flat, at, w, n == 0 and f or (f .. n), piece)
-    end
-    return
+-- The optional fixed-width fields the header's flags announce: a deadline (µs) or nil, the
+-- seconds a final record is kept, and where the tagged fields start.
+local function optional(v)
+  local flags, at, deadline, ttl = string.byte(v, HEAD), HEAD + 1, nil, $ttl
+  if flags % 2 == 1 then
+    deadline = 0
+    for j = $time_bytes - 1, 0, -1 do deadline = deadline * 256 + string.byte(v, at + j) end
+    at = at + $time_bytes
   end
-  local j = at[f]
-  if j then flat[j] = value else
-    flat[#flat + 1] = f; flat[#flat + 1] = value; at[f] = #flat
+  if math.floor(flags / 2) % 2 == 1 then
+    local a, b, c, d = string.byte(v, at, at + 3)
+    ttl, at = a + 256 * (b + 256 * (c + 256 * d)), at + 4
   end
-  w[#w + 1] = f; w[#w + 1] = value
+  return deadline, ttl, at
 end
-local function since(flat, at, now)
-  local t = at['t'] and tonumber(flat[at['t']]) or 0
-  return string.format('%d', now - t)
+-- Whether the record's deadline passed before ``now`` (µs).
+local function overdue(v, now)
+  local deadline = optional(v)
+  return deadline ~= nil and now > deadline
 end
-
--- Ends the job at ``key`` with ``status`` (a code; ``name`` for its event) and ``err``
--- ("<type>:<message>", or nil), keeps it for its TTL from now, and adds its event.
-local function finish(key, flat, at, status, name, err, now, events, maxlen)
-  local w = {}
-  put(flat, at, w, 's', status)
-  put(flat, at, w, 'f', since(flat, at, now))
-  if err then put(flat, at, w, 'e', err) end
-  redis.call('HSET', key, unpack(w))
-  local more = redis.call('HMGET', key, 'l', 'g')
-  redis.call('EXPIRE', key, tonumber(more[1]) or $ttl)
-  local id, batch = string.sub(key, $id_from), more[2] or ''
-  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'id', id, 'status', name,
-    'batch', batch)
-  if batch ~= '' then batch_final(batch, {[name] = 1}, {id}, now, events, maxlen) end
+-- The value of the tagged field ``tag`` ('' when the record has none).
+local function tagged(v, tag)
+  local _, _, at = optional(v)
+  while at <= #v do
+    local t, n, shift = string.sub(v, at, at), 0, 1
+    at = at + 1
+    repeat
+      local b = string.byte(v, at)
+      at, n, shift = at + 1, n + (b % 128) * shift, shift * 128
+    until b < 128
+    if t == tag then return string.sub(v, at, at + n - 1) end
+    at = at + n
+  end
+  return ''
+end
+-- Ends the job at ``key`` (its record ``v``) with status ``code`` at ``now`` (µs), appends
+-- ``err`` ("<type>:<message>") if given, keeps it for its TTL from now, adds its event.
+local function end_as(key, v, code, err, now, events)
+  local kept = string.sub(v, ATTEMPTS, FINISHED - 1)  -- attempts, started, who
+  redis.call('SETRANGE', key, STATUS_AT, code .. kept .. le(now, $time_bytes))
+  if err then redis.call('APPEND', key, field($error, err)) end
+  local _, ttl = optional(v)
+  redis.call('EXPIRE', key, ttl)
+  local id, batch = string.sub(key, $id_from), tagged(v, $batch)
+  event(events, id, NAMES[code], batch)
+  if batch ~= '' then batch_final(batch, {[NAMES[code]] = 1}, {id}, now, events) end
   return id
-end
-
--- Fails the job at ``key`` with ``err`` ("<type>:<message>") and adds its event.
-local function fail(key, flat, at, err, now, events, maxlen)
-  return finish(key, flat, at, $failed, 'failed', err, now, events, maxlen)
-end
-
--- Whether the job's deadline (µs after submission) passed before ``now``.
-local function overdue(flat, at, now)
-  if not at['d'] then return false end
-  return now > (at['t'] and tonumber(flat[at['t']]) or 0) + (tonumber(flat[at['d']]) or 0)
-end
-
--- Why a record that is not final cannot run: the first required field it lacks, or nil.
-local function unrunnable(flat, at)
-  for _, f in ipairs(REQUIRED) do
-    if not at[f[1]] then return f[2] end
-  end
-  if not tonumber(flat[at['k']]) then return 'top_k' end
-  local status = flat[at['s']]
-  if status ~= $queued and status ~= $running then return 'status' end
-  return nil
 end
 """
 
 # KEYS: the jobs' keys, then the model's stats hash and the events stream. ARGV: now (µs),
 # worker (catalog ID), max_attempts, mode ("fresh" | "any"), channel, events' max length.
-# Answers per job its state; the caller reads the records in the same transaction, after it,
-# since passing a whole record through Lua costs more than all the rest of a claim. A record
-# without a required field is failed at once, naming the field (and given the empty value, so
-# that it reads as a failed job). "fresh" claims only never-started jobs
-# and answers "suspect" for the rest, so that a job which may have killed a worker is retried
-# on its own rather than beside its neighbours. A job whose deadline passed ends expired,
-# unrun, whether it was never started or is retried after its worker died.
+# Answers one letter per job, its state (``_CLAIM_STATES``); the caller reads the records in the
+# same transaction, after it: a record passed through Lua costs more than the rest of a claim.
+# Only the header is read and rewritten, in place. "fresh" claims only never-started jobs and
+# answers "suspect" for the rest, so that a job which may have killed a worker is retried on its
+# own rather than beside its neighbours. A job started too often is failed (its error appended).
 _CLAIM = _lua(
-    _BATCH
-    + _RECORD
+    _RECORD
     + """
 local n = #KEYS - 2
 local stats, events, maxlen = KEYS[n + 1], KEYS[n + 2], ARGV[6]
 local now, max_attempts, fresh = tonumber(ARGV[1]), tonumber(ARGV[3]), ARGV[4] == 'fresh'
+local started = le(now, $time_bytes) .. le(tonumber(ARGV[2]), 4)  -- started, who: every job's
 local out, failed, expired = {}, {}, {}
-local FIELDS = {'s', 'a', 't', 'u', 'm', 'k', 'd'}
+
+local function poison(key, head, attempts)
+  local err = $poison .. ':the job was started ' .. attempts ..
+    ' times and each time its worker died before finishing it; giving up'
+  failed[#failed + 1] = end_as(key, head, $failed, err, now, events)
+end
+
+local values = {}
+for from = 1, n, 1000 do  -- unpack takes a few thousand values at most
+  local part = redis.call('MGET', unpack(KEYS, from, math.min(n, from + 999)))
+  for j = 1, #part do values[from + j - 1] = part[j] end
+end
 for i = 1, n do
-  local key = KEYS[i]
-  local v = redis.pcall('HMGET', key, unpack(FIELDS))
-  local attempts = not v.err and (tonumber(v[2]) or 0)
-  if v.err then
-    if not string.find(tostring(v.err), 'WRONGTYPE') then return v end
-    out[i] = 'corrupt'
-  elseif not v[1] and redis.call('EXISTS', key) == 0 then
-    out[i] = 'missing'
-  elseif (v[1] == $queued or v[1] == $running) and v[4] and v[5] and tonumber(v[6])
-      and attempts < max_attempts and not (fresh and attempts > 0)
-      and (not v[7] or now <= (tonumber(v[3]) or 0) + (tonumber(v[7]) or 0)) then
-    -- The common case, without the tables below: a runnable job claimed.
-    redis.call('HSET', key, 's', $running, 'a', attempts + 1,
-      'b', string.format('%d', now - (tonumber(v[3]) or 0)), 'w', ARGV[2])
-    out[i] = 'claimed'
-  else
-    local flat = {}
-    for j, f in ipairs(FIELDS) do
-      if v[j] then flat[#flat + 1] = f; flat[#flat + 1] = v[j] end
-    end
-    local at = positions(flat)
-    local status = at['s'] and flat[at['s']]
-    local attempts = at['a'] and tonumber(flat[at['a']]) or 0
-    local missing = nil
-    if not FINAL[status] then missing = unrunnable(flat, at) end
-    if FINAL[status] then
-      out[i] = 'final'
-    elseif missing then
-      local w = {}
-      put(flat, at, w, 'u', at['u'] and flat[at['u']] or '')
-      put(flat, at, w, 'm', at['m'] and flat[at['m']] or '')
-      put(flat, at, w, 'k', tostring(at['k'] and tonumber(flat[at['k']]) or 0))
-      redis.call('HSET', key, unpack(w))
-      failed[#failed + 1] = fail(key, flat, at, $invalid .. ':the job record has no valid "' ..
-        missing .. '" field, so it cannot be run', now, events, maxlen)
-      out[i] = 'final'
-    elseif overdue(flat, at, now) then
-      expired[#expired + 1] = finish(key, flat, at, $expired, 'expired', nil, now, events, maxlen)
-      out[i] = 'expired'
-    elseif fresh and attempts > 0 then
-      out[i] = 'suspect'
-    elseif attempts >= max_attempts then
-      failed[#failed + 1] = fail(key, flat, at, $poison .. ':the job was started ' .. attempts ..
-        ' times and each time its worker died before finishing it; giving up', now, events, maxlen)
-      out[i] = 'poisoned'
+  local key, head = KEYS[i], values[i]
+  local state = 'x'
+  if not head then
+    if redis.call('EXISTS', key) == 0 then state = 'm' end
+  elseif is_record(head) then
+    local code, started_before = string.sub(head, STATUS, STATUS), attempts(head)
+    if FINAL[code] then
+      state = 'f'
+    elseif not RUNNABLE[code] then
+      state = 'x'
+    elseif overdue(head, now) then
+      expired[#expired + 1] = end_as(key, head, $expired, nil, now, events)
+      state = 'e'
+    elseif fresh and started_before > 0 then
+      state = 's'
+    elseif started_before >= max_attempts then
+      poison(key, head, started_before)
+      state = 'p'
     else
-      local w = {}
-      put(flat, at, w, 's', $running)
-      put(flat, at, w, 'a', tostring(attempts + 1))
-      put(flat, at, w, 'b', since(flat, at, now))
-      put(flat, at, w, 'w', ARGV[2])
-      redis.call('HSET', key, unpack(w))
-      out[i] = 'claimed'
+      redis.call('SETRANGE', key, STATUS_AT, $running .. le16(started_before + 1) .. started)
+      state = 'c'
     end
   end
+  out[i] = state
 end
 if #failed > 0 then redis.call('HINCRBY', stats, 'failed', #failed) end
 if #expired > 0 then redis.call('HINCRBY', stats, 'expired', #expired) end
 for _, id in ipairs(expired) do failed[#failed + 1] = id end
-if #failed > 0 then redis.call('PUBLISH', ARGV[5], cjson.encode(failed)) end
-return out
+if #failed > 0 then
+  trim(events, maxlen)
+  redis.call('PUBLISH', ARGV[5], cjson.encode(failed))
+end
+return table.concat(out)
 """
 )
 
 # KEYS: the jobs' keys, the events stream, then the stats hashes. ARGV: the events' max length,
-# the number of jobs, now (µs); then per job: its stats hash (1 = the first), its status (the
-# counter and event name), its attempts, its TTL once final, the number of field values to
-# write, those field values. Writes only over a job that is not final yet: a result is stored
-# once (and a cancelled job's is discarded). If a later delivery started the job again
-# meanwhile, the stored record keeps that higher attempt count. Answers per job 1 written, 0
-# final already (counted as a duplicate, or as discarded where the job was cancelled), -1 no
-# record. A job of a batch is counted in the batch (see batch_final) and its event names it.
+# the number of jobs, the finished-jobs channel; then per job: its stats hash (1 = the first),
+# its TTL once final, and its final record. Every job's ID is announced on the channel, written
+# or not. Writes only over a job that is not final yet: a result is stored once (and a cancelled
+# job's is discarded, counted as such). The write comes first (SET ...
+# GET, one command where a read and a write would be two) and is undone where the record was
+# final already, or not a record. If a later delivery started the job again meanwhile, the
+# stored record keeps that higher attempt count. Answers per job 1 written, 0 final already (a
+# duplicate), -1 no record. After the jobs: now (µs), then each job's batch ('' for none): a
+# job of a batch is counted in it (``batch_final``) and its event names it.
 _FINISH = _lua(
-    _BATCH
+    _RECORD
     + """
-local FINAL = $final
-local maxlen, n, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local events = KEYS[n + 1]
-local counts, out, at, batches = {}, {}, 4, {}
+local maxlen, n = ARGV[1], tonumber(ARGV[2])
+local events, now = KEYS[n + 1], tonumber(ARGV[3 * n + 4])
+local counts, out, ids, written, batches = {}, {}, {}, 0, {}
 for i = 1, n do
-  local key, stats = KEYS[i], KEYS[n + 1 + tonumber(ARGV[at])]
-  local status, attempts, ttl = ARGV[at + 1], tonumber(ARGV[at + 2]), ARGV[at + 3]
-  local count = tonumber(ARGV[at + 4])
-  local first = at + 5
-  at = first + count
-  local cur = redis.pcall('HMGET', key, 's', 'a', 'g')
+  local key, ttl, value = KEYS[i], ARGV[3 * i + 2], ARGV[3 * i + 3]
+  local stats = KEYS[n + 1 + tonumber(ARGV[3 * i + 1])]
+  ids[i] = string.sub(key, $id_from)
+  local old = redis.pcall('SET', key, value, 'XX', 'KEEPTTL', 'GET')
   local counter = nil
-  if cur.err then
-    if not string.find(tostring(cur.err), 'WRONGTYPE') then return cur end
+  if type(old) == 'table' then
+    if not string.find(tostring(old.err), 'WRONGTYPE') then return old end
     out[i] = -1
-  elseif not cur[1] and redis.call('EXISTS', key) == 0 then
+  elseif not old then
     out[i] = -1
-  elseif FINAL[cur[1]] then
-    out[i], counter = 0, cur[1] == $cancelled and 'discarded' or 'duplicate'
+  elseif not is_record(old) then
+    redis.call('SET', key, old, 'KEEPTTL')
+    out[i] = -1
+  elseif FINAL[string.sub(old, STATUS, STATUS)] then
+    redis.call('SET', key, old, 'KEEPTTL')
+    out[i] = 0
+    counter = string.sub(old, STATUS, STATUS) == $cancelled and 'discarded' or 'duplicate'
   else
-    redis.call('HSET', key, unpack(ARGV, first, at - 1))
+    local was = attempts(old)
+    if was > attempts(value) then
+      redis.call('SETRANGE', key, ATTEMPTS_AT, le16(was))
+    end
     redis.call('EXPIRE', key, ttl)
-    if attempts > (tonumber(cur[2]) or 0) then redis.call('HSET', key, 'a', attempts) end
-    local id, batch = string.sub(key, $id_from), cur[3] or ''
-    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'id', id, 'status', status,
-      'batch', batch)
+    counter = NAMES[string.sub(value, STATUS, STATUS)]
+    local batch = ARGV[3 * n + 4 + i]
+    event(events, ids[i], counter, batch)
     if batch ~= '' then
       local b = batches[batch] or {names = {}, ids = {}}
       batches[batch] = b
-      b.names[status] = (b.names[status] or 0) + 1
-      b.ids[#b.ids + 1] = id
+      b.names[counter] = (b.names[counter] or 0) + 1
+      b.ids[#b.ids + 1] = ids[i]
     end
-    out[i], counter = 1, status
+    out[i], written = 1, written + 1
   end
   if counter then
     counts[stats] = counts[stats] or {}
@@ -340,48 +367,13 @@ end
 for stats, by_name in pairs(counts) do
   for name, count in pairs(by_name) do redis.call('HINCRBY', stats, name, count) end
 end
-for batch, b in pairs(batches) do batch_final(batch, b.names, b.ids, now, events, maxlen) end
+for batch, b in pairs(batches) do batch_final(batch, b.names, b.ids, now, events) end
+if written > 0 then trim(events, maxlen) end
+redis.call('PUBLISH', ARGV[3], cjson.encode(ids))
 return out
 """
 )
 
-# KEYS: the jobs' keys. ARGV: the batch's ID ('' for none), now (µs), the batch's TTL once
-# final, the number of the batch's own field values (callback_url, output), those values; then
-# per job: its TTL in seconds, the number of field values, those field values. Creates only
-# records that do not exist; answers 1 created, 0 existed. The created jobs join the batch:
-# its job list and total; its keys live at least as long as the longest-lived new record.
-_CREATE = _lua("""
-local batch, now, final_ttl = ARGV[1], ARGV[2], ARGV[3]
-local meta = tonumber(ARGV[4])
-local out, at, created, ttl = {}, 5 + meta, {}, 0
-for i, key in ipairs(KEYS) do
-  local job_ttl, count = ARGV[at], tonumber(ARGV[at + 1])
-  if redis.call('EXISTS', key) == 0 then
-    redis.call('HSET', key, unpack(ARGV, at + 2, at + 1 + count))
-    redis.call('EXPIRE', key, job_ttl)
-    out[i] = 1
-    created[#created + 1] = string.sub(key, $id_from)
-    ttl = math.max(ttl, tonumber(job_ttl))
-  else
-    out[i] = 0
-  end
-  at = at + 2 + count
-end
-if batch ~= '' and #created > 0 then
-  local bkey = '$batch_prefix' .. batch
-  redis.call('RPUSH', bkey .. ':jobs', unpack(created))
-  redis.call('HINCRBY', bkey, 'total', #created)
-  redis.call('HSETNX', bkey, 'created', now)
-  for j = 5, 4 + meta, 2 do redis.call('HSETNX', bkey, ARGV[j], ARGV[j + 1]) end
-  redis.call('HDEL', bkey, 'finished')
-  redis.call('HSET', bkey, 'ttl', final_ttl)
-  ttl = math.max(ttl, redis.call('TTL', bkey))
-  for _, k in ipairs({bkey, bkey .. ':jobs', bkey .. ':results'}) do
-    redis.call('EXPIRE', k, ttl)
-  end
-end
-return out
-""")
 
 # KEYS: the jobs' keys, then the events stream. ARGV: now (µs), the events' max length, the
 # stats keys' prefix (the model name follows), the finished-jobs channel. Ends each queued or
@@ -389,44 +381,34 @@ return out
 # Counts it in its model's stats and its batch, adds its event, keeps it for its TTL from now,
 # and announces the cancelled IDs. Answers per job a CancelOutcome.
 _CANCEL = _lua(
-    _BATCH
+    _RECORD
     + """
-local FINAL = $final
 local n = #KEYS - 1
 local events, now, maxlen, prefix = KEYS[n + 1], tonumber(ARGV[1]), ARGV[2], ARGV[3]
-local out, ended, batches = {}, {}, {}
+local out, ended = {}, {}
 for i = 1, n do
   local key = KEYS[i]
-  local v = redis.pcall('HMGET', key, 's', 't', 'l', 'm', 'm1', 'g')
-  if v.err then
+  local v = redis.pcall('GET', key)
+  if type(v) == 'table' then
     if not string.find(tostring(v.err), 'WRONGTYPE') then return v end
     out[i] = 'corrupt'
-  elseif not v[1] then
-    out[i] = redis.call('EXISTS', key) == 0 and 'missing' or 'corrupt'
-  elseif FINAL[v[1]] then
-    out[i] = 'final'
-  elseif v[1] ~= $queued and v[1] ~= $running then
+  elseif not v then
+    out[i] = 'missing'
+  elseif not is_record(v) or not (FINAL[string.sub(v, STATUS, STATUS)]
+      or RUNNABLE[string.sub(v, STATUS, STATUS)]) then
     out[i] = 'corrupt'
+  elseif FINAL[string.sub(v, STATUS, STATUS)] then
+    out[i] = 'final'
   else
-    redis.call('HSET', key, 's', $cancelled,
-      'f', string.format('%d', now - (tonumber(v[2]) or 0)))
-    redis.call('EXPIRE', key, tonumber(v[3]) or $ttl)
-    local id = string.sub(key, $id_from)
-    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*',
-      'id', id, 'status', 'cancelled', 'batch', v[6] or '')
-    redis.call('HINCRBY', prefix .. (v[4] or '') .. (v[5] or ''), 'cancelled', 1)
-    if v[6] then
-      batches[v[6]] = batches[v[6]] or {}
-      table.insert(batches[v[6]], id)
-    end
-    ended[#ended + 1] = id
-    out[i] = v[1] == $queued and 'cancelled' or 'cancelled_running'
+    ended[#ended + 1] = end_as(key, v, $cancelled, nil, now, events)
+    redis.call('HINCRBY', prefix .. tagged(v, $model), 'cancelled', 1)
+    out[i] = string.sub(v, STATUS, STATUS) == $running and 'cancelled_running' or 'cancelled'
   end
 end
-for batch, ids in pairs(batches) do
-  batch_final(batch, {cancelled = #ids}, ids, now, events, maxlen)
+if #ended > 0 then
+  trim(events, maxlen)
+  redis.call('PUBLISH', ARGV[4], cjson.encode(ended))
 end
-if #ended > 0 then redis.call('PUBLISH', ARGV[4], cjson.encode(ended)) end
 return out
 """
 )
@@ -451,66 +433,86 @@ class JobStore:
     def __init__(self, client: redis.Redis, ttl_s: int = defaults.QUEUED_TTL_S) -> None:
         """``ttl_s``: how long a new record lives at least while queued or running; each job's
         own ``ttl_s`` takes over once it is final."""
+        if ttl_s < 1:
+            raise ValueError(f"a job record's TTL must be at least 1 second, not {ttl_s}")
         self.redis = client
         self.ttl_s = ttl_s
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
-        self._create = client.register_script(_CREATE)
         self._cancel = client.register_script(_CANCEL)
         self._catalog = record.Catalog()
         self._catalog_since = time.monotonic()
 
     def create_many(self, jobs: Sequence[Job], batch: BatchSpec | None = None) -> list[bool]:
-        """Store new records; a job whose ID already exists is left as it is (False). Jobs that
-        name a batch join it (its job list and total); ``batch`` gives the batch's own fields,
-        kept from its first submission."""
+        """Store new records; a job whose ID already exists is left as it is (False). All or
+        none are written: the SETs go in one transaction (a Redis out of memory refuses it).
+
+        Jobs that name a batch join it in the same transaction (its job list and total), and
+        ``batch`` gives the batch's own fields, kept from its first submission. A job whose ID
+        existed is taken out of the batch again right after (the rare resubmission)."""
         if not jobs:
             return []
         self._maybe_rewrite_catalog()
-        now = record.micros(time.time())
-        calls = [
-            (
-                [keys.job_key(j.id) for j in chunk],
-                [
-                    *_batch_args(chunk, batch, now),
-                    *_create_args(chunk, self.ttl_s, self._catalog),
-                ],
-            )
-            for chunk in _chunks(jobs, CREATE_CHUNK)
-        ]
+        values = [(keys.job_key(j.id), record.encode(j, self._catalog)) for j in jobs]
+        joining = _batch_groups(jobs)
 
         def fill(pipe: Pipeline) -> None:
-            for names, args in calls:
-                _call(pipe, self._create, names, args)
+            for (key, value), job in zip(values, jobs, strict=True):
+                pipe.set(key, value, nx=True, ex=max(self.ttl_s, job.ttl_s))
+            for batch_id, members in joining.items():
+                _join_batch(pipe, batch_id, members, batch, self.ttl_s)
 
-        replies = self._round_trip(fill)
+        replies = self._round_trip(fill, transaction=True)
         _raise_first_error(replies)
-        return [bool(created) for created in itertools.chain.from_iterable(replies)]
+        created = [bool(c) for c in replies[: len(jobs)]]
+        self._leave_batches([j for j, c in zip(jobs, created, strict=True) if not c and j.batch])
+        return created
+
+    def _leave_batches(self, jobs: Sequence[Job]) -> None:
+        """Take jobs whose IDs existed already out of the batches they were counted in."""
+        if not jobs:
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        for batch_id, members in _batch_groups(jobs).items():
+            pipe.hincrby(keys.batch_key(batch_id), "total", -len(members))
+            for job in members:
+                pipe.lrem(keys.batch_jobs_key(batch_id), -1, job.id)
+        pipe.execute()
 
     def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
-        if not job_ids:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hgetall(keys.job_key(job_id))
-        stored = [
-            _stored(i, r) for i, r in zip(job_ids, pipe.execute(raise_on_error=False), strict=True)
-        ]
-        self._learn([r for r in stored if r is not None])
-        return [None if r is None else record.from_fields(r, self._catalog) for r in stored]
+        """The records of ``job_ids``, None where there is none; ``MalformedRecord`` where a
+        key holds something else (a record of an older release's format among them)."""
+        found = self._read(job_ids)
+        self._learn([r for r in found if r is not None])
+        return [None if r is None else record.decode(r, self._catalog) for r in found]
 
     def get(self, job_id: str) -> Job | None:
         return self.get_many([job_id])[0]
 
+    def get_final_many(self, job_ids: Sequence[str]) -> list[Job | Unsettled | None]:
+        """Like ``get_many`` where a job is final or has no record; ``UNSETTLED`` for the rest,
+        whose records are not decoded."""
+        found = self._read(job_ids)
+        final = [r for r in found if r is not None and r.status_code() in _FINAL_CODES]
+        self._learn(final)
+        return [
+            None
+            if r is None
+            else record.decode(r, self._catalog)
+            if r.status_code() in _FINAL_CODES
+            else UNSETTLED
+            for r in found
+        ]
+
     def settled(self, job_ids: Sequence[str]) -> list[bool]:
-        """Whether each job may be final: its status code says so, or it has none to read (no
-        record, or not a hash). Reads one field, so that a waiter reads a record in full once."""
+        """Whether each job may be final: its status code says so, or it has no record to read
+        (none, or not a string)."""
         if not job_ids:
             return []
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hget(keys.job_key(job_id), record.STATUS)
-        return [_settled(r) for r in pipe.execute(raise_on_error=False)]
+        values = _mget(self.redis, job_ids)
+        return [
+            v is None or v[record.STATUS_AT : record.STATUS_AT + 1] in _FINAL_CODES for v in values
+        ]
 
     def claim_many(
         self,
@@ -539,17 +541,14 @@ class JobStore:
 
         def fill(pipe: Pipeline) -> None:
             _call(pipe, self._claim, names, args)
-            for name in names[: len(job_ids)]:
-                pipe.hgetall(name)
+            pipe.mget(names[: len(job_ids)])
 
-        states, *records = self._round_trip(fill, transaction=True)
-        _raise_first_error([states])
-        found = [_claimed(*z) for z in zip(job_ids, states, records, strict=True)]
-        self._learn([r for _, r in found if r is not None])
-        return [
-            self._claim_of(job_id, state, r)
-            for job_id, (state, r) in zip(job_ids, found, strict=True)
-        ]
+        states, values = self._round_trip(fill, transaction=True)
+        _raise_first_error([states, values])
+        claimed = [_CLAIM_STATES[s] for s in keys.text(states)]
+        found = [_claimed(*z) for z in zip(job_ids, claimed, values, strict=True)]
+        self._learn([r for r in found if isinstance(r, record.Stored)])
+        return [self._claim_of(*z) for z in zip(job_ids, claimed, found, strict=True)]
 
     def finish_many(self, jobs: Sequence[Job]) -> list[bool]:
         """Store final records and announce them, in one round trip; True where written."""
@@ -557,23 +556,19 @@ class JobStore:
             return []
         self._maybe_rewrite_catalog()
         stats = list(dict.fromkeys(keys.stats_key(j.model) for j in jobs))
-        now = record.micros(time.time())
-        args: list[str | int | bytes] = [defaults.EVENTS_MAX_LEN, len(jobs), now]
+        args: list[str | int | bytes] = [
+            defaults.EVENTS_MAX_LEN,
+            len(jobs),
+            keys.finished_channel(),
+        ]
         for job in jobs:
-            base = 0 if job.submitted is None else record.micros(job.submitted)
-            fields = record.result_fields(job, base, self._catalog)
-            args += [stats.index(keys.stats_key(job.model)) + 1, str(job.status), job.attempts]
-            args.append(job.ttl_s)
-            args += [2 * len(fields), *itertools.chain.from_iterable(fields.items())]
+            stats_at = stats.index(keys.stats_key(job.model)) + 1
+            args += [stats_at, job.ttl_s, record.encode(job, self._catalog)]
+        args += [record.micros(time.time()), *(j.batch or "" for j in jobs)]
         names = [*(keys.job_key(j.id) for j in jobs), keys.events_stream(), *stats]
-
-        def fill(pipe: Pipeline) -> None:
-            _call(pipe, self._finish, names, args)
-            pipe.publish(keys.finished_channel(), json.dumps([j.id for j in jobs]))
-
-        replies = self._round_trip(fill)
-        _raise_first_error(replies)
-        return [r == 1 for r in replies[-2]]
+        (written,) = self._round_trip(lambda pipe: _call(pipe, self._finish, names, args))
+        _raise_first_error([written])
+        return [r == 1 for r in written]
 
     def cancel_many(self, job_ids: Sequence[str], now: float) -> list[CancelOutcome]:
         """End every queued or running job of ``job_ids`` cancelled, in one round trip; final,
@@ -605,6 +600,20 @@ class JobStore:
         name = keys.batch_results_key if final else keys.batch_jobs_key
         return [keys.text(i) for i in self.redis.lrange(name(batch_id), start, start + count - 1)]
 
+    def _read(self, job_ids: Sequence[str]) -> list[record.Stored | None]:
+        """The records of ``job_ids`` by MGET, split into header and fields; None where there
+        is none. A key MGET finds no string under is looked at again: a hash is a record of
+        the format before this one, anything else not a record; both raise MalformedRecord."""
+        if not job_ids:
+            return []
+        values = _mget(self.redis, job_ids)
+        absent = [i for i, v in zip(job_ids, values, strict=True) if v is None]
+        if absent:
+            _refuse_other_types(self.redis, absent)
+        return [
+            None if v is None else record.stored(i, v) for i, v in zip(job_ids, values, strict=True)
+        ]
+
     def _pipeline(self, transaction: bool = False) -> tuple[Pipeline, _Pending]:
         """A pipeline that first writes the names and labels the records refer to, if new."""
         pipe = self.redis.pipeline(transaction=transaction)
@@ -627,7 +636,7 @@ class JobStore:
             replies = self._execute(pipe, pending)
             if not any(isinstance(r, NoScriptError) for r in replies):
                 return replies
-            for script in (self._claim, self._finish, self._create, self._cancel):
+            for script in (self._claim, self._finish, self._cancel):
                 self.redis.script_load(script.script)
         return replies
 
@@ -663,19 +672,28 @@ class JobStore:
                 },
             )
 
-    def _claim_of(self, job_id: str, state: str, stored: record.Stored | None) -> Claim:
-        if stored is None:
-            return Claim(job_id, ClaimState(state), None)
+    def _claim_of(
+        self, job_id: str, state: ClaimState, stored: record.Stored | MalformedRecord | None
+    ) -> Claim:
+        if not isinstance(stored, record.Stored):
+            return Claim(job_id, CORRUPT if stored else state, None)
         try:
-            return Claim(job_id, ClaimState(state), record.from_fields(stored, self._catalog))
+            return Claim(job_id, state, record.decode(stored, self._catalog))
         except MalformedRecord:
             return Claim(job_id, CORRUPT, None)
 
 
+class Unsettled(Enum):
+    """``get_final_many``'s answer for a job that is not final yet."""
+
+    UNSETTLED = "unsettled"
+
+
+UNSETTLED = Unsettled.UNSETTLED
+
 # Names and labels handed to a pipeline, marked written once it ran.
 _Pending = tuple[dict[int, str], dict[tuple[str, int], dict[int, str]]]
-# Jobs created by one script call: Redis runs nothing else while a script runs.
-CREATE_CHUNK = 1000
+_FINAL_CODES = frozenset(record.STATUS_CODES[s] for s in FINAL)
 
 
 def read_stats(client: redis.Redis, model: str) -> dict[str, int]:
@@ -685,68 +703,37 @@ def read_stats(client: redis.Redis, model: str) -> dict[str, int]:
     return {keys.text(k): int(v) for k, v in raw.items()}
 
 
-def _batch_args(jobs: Sequence[Job], spec: BatchSpec | None, now: int) -> list[str | int]:
-    """The create script's batch arguments: ID, now, the TTL its keys keep after a finish (the
-    longest of its jobs'), its own fields (counted, then values)."""
-    batch_id = jobs[0].batch
-    fields = spec.fields() if spec is not None and spec.id == batch_id else []
-    return [batch_id or "", now, max(j.ttl_s for j in jobs), len(fields), *fields]
+def _mget(client: redis.Redis, job_ids: Sequence[str]) -> list[bytes | None]:
+    """The values under ``job_ids``' keys, None where a key holds no string."""
+    return cast(list[bytes | None], client.mget([keys.job_key(i) for i in job_ids]))
 
 
-def _create_args(
-    jobs: Sequence[Job], queued_ttl_s: int, catalog: record.Catalog
-) -> list[str | int | bytes]:
-    """Per job: its TTL while queued (at least ``queued_ttl_s``, at least its own final TTL),
-    the number of field values, then those values."""
-    args: list[str | int | bytes] = []
-    for job in jobs:
-        fields = record.to_fields(job, catalog)
-        args += [max(queued_ttl_s, job.ttl_s), 2 * len(fields)]
-        args += itertools.chain.from_iterable(fields.items())
-    return args
-
-
-def _chunks(jobs: Sequence[Job], size: int) -> list[Sequence[Job]]:
-    """Runs of at most ``size`` jobs of one batch each."""
-    chunks: list[Sequence[Job]] = []
-    start = 0
-    for end in range(1, len(jobs) + 1):
-        if end == len(jobs) or end - start == size or jobs[end].batch != jobs[start].batch:
-            chunks.append(jobs[start:end])
-            start = end
-    return chunks
-
-
-def _stored(job_id: str, reply: dict[bytes, bytes] | Exception) -> record.Stored | None:
-    """A record read with HGETALL; None when there is none. Only WRONGTYPE says something about
-    the record; any other error (a lost connection, say) says the read did not happen."""
-    if isinstance(reply, Exception):
-        if str(reply).startswith("WRONGTYPE"):
-            raise MalformedRecord(f"job record {job_id!r} is not a hash") from reply
-        raise reply
-    return record.stored(job_id, reply) if reply else None
-
-
-def _settled(reply: bytes | Exception | None) -> bool:
-    if isinstance(reply, Exception) and not str(reply).startswith("WRONGTYPE"):
-        raise reply
-    return not isinstance(reply, bytes) or reply in _FINAL_CODES
-
-
-_FINAL_CODES = {record.STATUS_CODES[status].encode() for status in FINAL}
+def _refuse_other_types(client: redis.Redis, job_ids: Sequence[str]) -> None:
+    """MalformedRecord for the first of ``job_ids`` whose key holds something but a string."""
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.type(keys.job_key(job_id))
+    for job_id, kind in zip(job_ids, pipe.execute(), strict=True):
+        kind = keys.text(kind)
+        if kind == "hash":
+            raise MalformedRecord(
+                f"job record {job_id!r} is a hash, the format before packed records (issue 10): "
+                "this release cannot read it; let it expire, or read it with the older release"
+            )
+        if kind != "none":
+            raise MalformedRecord(f"job record {job_id!r} is a {kind}, not a job record")
 
 
 def _claimed(
-    job_id: str, state: bytes | str, fields: dict[bytes, bytes] | Exception
-) -> tuple[str, record.Stored | None]:
-    """The claim script's answer for a job and its record, read right after in the same
-    transaction (an error there where the record is not a hash)."""
-    text = keys.text(state)
-    if text in (MISSING, CORRUPT):
-        return text, None
-    _raise_first_error([fields])
-    assert isinstance(fields, dict)
-    return text, record.stored(job_id, fields)
+    job_id: str, state: ClaimState, value: bytes | None
+) -> record.Stored | MalformedRecord | None:
+    """A claimed job's record, read right after the claim, split; the error where it is none."""
+    if value is None or state in (MISSING, CORRUPT):
+        return None
+    try:
+        return record.stored(job_id, value)
+    except MalformedRecord as e:
+        return e
 
 
 def _call(pipe: Pipeline, script: Script, names: Sequence[str], args: Sequence[Any]) -> None:
@@ -757,3 +744,32 @@ def _raise_first_error(replies: Sequence[Any]) -> None:
     for reply in replies:
         if isinstance(reply, Exception):
             raise reply
+
+
+def _batch_groups(jobs: Sequence[Job]) -> dict[str, list[Job]]:
+    """The jobs that name a batch, by batch."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        if job.batch is not None:
+            groups.setdefault(job.batch, []).append(job)
+    return groups
+
+
+def _join_batch(
+    pipe: Pipeline, batch_id: str, jobs: Sequence[Job], spec: BatchSpec | None, queued_ttl_s: int
+) -> None:
+    """Add ``jobs`` to their batch: its job list, total, first-seen fields and TTLs (as long as
+    its longest-lived new record; its longest final TTL once it is finished)."""
+    name = keys.batch_key(batch_id)
+    pipe.rpush(keys.batch_jobs_key(batch_id), *(j.id for j in jobs))
+    pipe.hincrby(name, "total", len(jobs))
+    pipe.hsetnx(name, "created", record.micros(time.time()))
+    fields = spec.fields() if spec is not None and spec.id == batch_id else []
+    for field, value in zip(fields[::2], fields[1::2], strict=True):
+        pipe.hsetnx(name, field, value)
+    pipe.hdel(name, "finished")
+    pipe.hset(name, "ttl", max(j.ttl_s for j in jobs))
+    ttl = max(max(queued_ttl_s, j.ttl_s) for j in jobs)
+    for key in (name, keys.batch_jobs_key(batch_id), keys.batch_results_key(batch_id)):
+        pipe.expire(key, ttl, gt=True)  # never shortened
+        pipe.expire(key, ttl, nx=True)  # set where there was none

@@ -130,8 +130,11 @@ class WorkerProcess:
         worker_id: str | None = None,
         *,
         metrics_port: int | None = None,
+        module: str = "worker",
     ) -> None:
         self.redis_url = redis_url
+        # The module run with ``python -m``: the worker, or a bench wrapper of it.
+        self.module = module
         self.model = model
         self.metrics_port = metrics_port
         self.worker_id = worker_id or f"local-{os.urandom(3).hex()}"
@@ -153,7 +156,7 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "worker", *self.args],
+                [sys.executable, "-m", self.module, *self.args],
                 cwd=self.workdir,
                 env=env,
                 stdout=log,

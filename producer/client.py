@@ -51,7 +51,7 @@ from contract.job import (
 from contract.messaging import TASK_NAME, make_celery
 from contract.registry import ModelInfo
 from contract.shards import ShardedStore, connect_all, shard_of
-from contract.store import CancelOutcome
+from contract.store import UNSETTLED, CancelOutcome
 from producer.finished import Announcements
 
 # Jobs written to Redis per pipeline when submitting in bulk.
@@ -380,30 +380,34 @@ class Client:
     def wait_many(self, job_ids: Sequence[str], timeout: float) -> list[Job | None]:
         """The records once each is final or ``timeout`` seconds have passed, in input order.
 
-        Blocks on the workers' finished-jobs channel rather than polling; re-reads the records
-        after each quiet second so that an announcement missed across a reconnect costs little.
-        Such sweeps read only the status, so a record is read in full once it is final (or once
-        at the timeout).
+        Blocks on the workers' finished-jobs channel rather than polling. An announced job is
+        final, so it is not read until every job is: the records are read once, at the end,
+        unless a sweep (before waiting, and after each quiet second, in case an announcement
+        was missed across a reconnect) found them final first.
         """
         latest: dict[str, Job | None] = {}
-        pending = list(dict.fromkeys(job_ids))
+        pending = dict.fromkeys(job_ids)
+        announced: list[str] = []  # final, not read yet
         deadline = time.monotonic() + timeout
-        with Announcements(self._shards_of(pending)) as announcements:
+        with Announcements(self._shards_of(list(pending))) as announcements:
             pending = self._sweep(pending, latest)
             read_at = time.monotonic()
-            while pending and (left := deadline - time.monotonic()) > 0:
+            while (pending or announced) and (left := deadline - time.monotonic()) > 0:
+                if not pending:
+                    # Every job was announced: read them; any not final (none should be) waits on.
+                    pending, announced = dict.fromkeys(self._refresh(announced, latest)), []
+                    continue
                 ids = announcements.get(timeout=min(defaults.WAIT_RECHECK_S, left))
                 if ids is None:
                     # Not only after a quiet second: the subscription's confirmation is None too.
                     if time.monotonic() - read_at >= defaults.WAIT_RECHECK_S:
                         pending, read_at = self._sweep(pending, latest), time.monotonic()
                     continue
-                announced = set(ids)
-                hits = [i for i in pending if i in announced]
-                if hits:
-                    finished = set(hits).difference(self._refresh(hits, latest))
-                    pending = [i for i in pending if i not in finished]
-        self._refresh(pending, latest)
+                for job_id in ids:
+                    if job_id in pending:
+                        del pending[job_id]
+                        announced.append(job_id)
+        self._refresh([*pending, *announced], latest)
         return [latest.get(i) for i in job_ids]
 
     def as_finished(
@@ -436,7 +440,7 @@ class Client:
         ``last``); return those still pending."""
         latest: dict[str, Job | None] = {}
         if only is None and not last:
-            self._sweep(pending, latest)
+            self._sweep(dict.fromkeys(pending), latest)
         else:
             self._refresh([i for i in pending if only is None or i in only], latest)
         still = []
@@ -452,15 +456,19 @@ class Client:
         count = len(self.store.clients)
         return [self.store.clients[i] for i in sorted({shard_of(j, count) for j in job_ids})]
 
-    def _sweep(self, job_ids: list[str], latest: dict[str, Job | None]) -> list[str]:
-        """``_refresh`` for the jobs whose status says they may be final; returns the rest too."""
-        settled: list[str] = []
-        for start in range(0, len(job_ids), _WRITE_BATCH):
-            chunk = job_ids[start : start + _WRITE_BATCH]
-            settled += [i for i, s in zip(chunk, self.store.settled(chunk), strict=True) if s]
-        still = set(self._refresh(settled, latest))
-        done = set(settled) - still
-        return [i for i in job_ids if i not in done]
+    def _sweep(self, job_ids: dict[str, None], latest: dict[str, Job | None]) -> dict[str, None]:
+        """Reads ``job_ids`` into ``latest`` where final (None where there is no record), only
+        their status for the rest; returns the rest."""
+        still: dict[str, None] = {}
+        ids = list(job_ids)
+        for start in range(0, len(ids), _WRITE_BATCH):
+            chunk = ids[start : start + _WRITE_BATCH]
+            for job_id, job in zip(chunk, self.store.get_final_many(chunk), strict=True):
+                if job is UNSETTLED:
+                    still[job_id] = None
+                else:
+                    latest[job_id] = job
+        return still
 
     def _refresh(self, job_ids: list[str], latest: dict[str, Job | None]) -> list[str]:
         """Re-read ``job_ids`` into ``latest``; returns those not final yet (missing IDs are)."""

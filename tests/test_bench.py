@@ -91,16 +91,19 @@ def test_quick_host_path_reports_every_per_job_cost(tmp_path: Path) -> None:
     out = tmp_path / "hostpath.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "bench.hostpath", "--quick", "--out", str(out), "--shards", "2"]
-    cmd += ["--log-dir", str(tmp_path / "logs"), "--image-dir", str(tmp_path / "images")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    cmd += ["--device-stand-in", "--log-dir", str(tmp_path / "logs")]
+    cmd += ["--image-dir", str(tmp_path / "images")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-6000:]
     report = json.loads(out.read_text())
     _check_hostpath(report["hostpath"])
-    assert [(r["shards"], len(r["redis_cpu_ms_per_server"])) for r in report["hostpath"]] == [
-        (1, 1),
-        (2, 2),
+    rows = report["hostpath"]
+    assert [(r["shards"], len(r["redis_cpu_ms_per_server"]), r["path"]) for r in rows] == [
+        (1, 1, "cpu"),
+        (2, 2, "cpu"),
+        (1, 1, "gpu-stand-in"),
     ]
-    assert "| 1 (2 Redis) |" in proc.stdout
+    assert "| 1 (2 Redis) |" in proc.stdout and "| 1 (gpu-stand-in) |" in proc.stdout
     assert report["runs"] == [] and report["submit"] is None
     assert "| host path: workers |" in proc.stdout
 
@@ -122,3 +125,19 @@ def test_results_go_to_the_working_directory_by_default(
     cfg = build_config(parser().parse_args(["--quick", "--label", "here"]))
 
     assert cfg.out == tmp_path / "bench-results" / "here.json"
+
+
+def test_store_cost_measures_each_step_of_a_job(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "bench.store_cost", "--jobs", "128", "--repeat", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    report = json.loads(proc.stdout)
+    steps = ("create", "claim", "finish", "read")
+    assert list(report["us_per_job"]) == list(steps)
+    for step in steps:
+        value = report["us_per_job"][step]
+        assert isinstance(value, float) and math.isfinite(value) and value >= 0, report
+    assert "set" in report["commands_per_job"]["create"]
+    assert "evalsha" in report["commands_per_job"]["finish"]
+    assert 0 < report["memory_usage_finished_record"] <= 300

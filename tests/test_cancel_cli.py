@@ -81,7 +81,7 @@ def test_cancel_of_a_final_or_unknown_job_is_refused_with_exit_1_and_changes_not
 ) -> None:
     job = client.submit("/data/x.jpg", model=IDLE, job_id="once")
     client.cancel(job.id)
-    before = redis_client.hgetall(keys.job_key("once"))
+    before = redis_client.get(keys.job_key("once"))
     ids = tmp_path / "ids.txt"
     ids.write_text("once\nnever-was\n")
 
@@ -93,7 +93,7 @@ def test_cancel_of_a_final_or_unknown_job_is_refused_with_exit_1_and_changes_not
     assert final["error"]["type"] == "already_final"  # type: ignore[index]
     assert missing["outcome"] == "missing" and missing["status"] is None
     assert missing["error"]["type"] == "not_found"  # type: ignore[index]
-    assert redis_client.hgetall(keys.job_key("once")) == before
+    assert redis_client.get(keys.job_key("once")) == before
     assert client.store.stats(IDLE) == {"cancelled": 1}
 
 

@@ -11,7 +11,6 @@ import pytest
 from contract import keys, record
 from contract.errors import InvalidRequest, MalformedRecord
 from contract.job import (
-    FAILED,
     ErrorInfo,
     Job,
     Prediction,
@@ -133,6 +132,13 @@ def test_a_job_whose_worker_died_too_often_fails_as_poison(store: JobStore) -> N
     assert claim.state == POISONED
     record = store.get("j1")
     assert (record.status, record.error.type, record.attempts) == ("failed", "poison", 2)
+    assert (record.uri, record.started, record.worker, record.finished) == (
+        "img.jpg",
+        1.0,
+        "w",
+        3.0,
+    )
+    assert claim.job == record
     assert store.stats("m")["failed"] == 1
 
 
@@ -179,42 +185,42 @@ def test_a_job_key_holding_something_else_is_reported_corrupt_not_raised(store: 
     assert [c.state for c in claims] == [CORRUPT, CLAIMED, CORRUPT, CORRUPT]
 
 
-@pytest.mark.parametrize(
-    ("field", "name"),
-    [
-        (record.URI, "uri"),
-        (record.MODEL, "model"),
-        (record.TOP_K, "top_k"),
-        (record.STATUS, "status"),
-    ],
-)
-def test_a_record_missing_a_field_fails_naming_it_instead_of_staying_running(
-    store: JobStore, field: str, name: str
-) -> None:
-    fields = record.to_fields(_job("partial"), record.Catalog())
-    del fields[field]
-    store.redis.hset(keys.job_key("partial"), mapping=fields)
+def test_a_record_of_the_hash_format_is_refused_naming_the_format(store: JobStore) -> None:
+    """Records written before the packed format (issue 10) are hashes: never run, never read
+    as missing."""
+    store.redis.hset(keys.job_key("old"), mapping={"u": "a.jpg", "m": "m", "k": 3, "s": "q"})
 
-    (claim,) = store.claim_many(["partial"], "m", 2.0, "w", fresh_only=False)
+    (claim,) = store.claim_many(["old"], "m", 2.0, "w", fresh_only=False)
 
-    job = store.get("partial")
-    assert claim.state == ALREADY_FINAL and job.id == "partial"
-    assert (job.status, job.error.type) == ("failed", "invalid_request")
-    assert f'"{name}"' in job.error.message
-    assert store.stats("m") == {"failed": 1}
+    assert claim.state == CORRUPT
+    with pytest.raises(MalformedRecord, match="hash, the format before packed records"):
+        store.get("old")
 
 
-@pytest.mark.parametrize(("field", "value"), [(record.STATUS, "z"), (record.TOP_K, "five")])
-def test_a_record_with_an_unreadable_field_fails_too(
-    store: JobStore, field: str, value: str
-) -> None:
+def test_a_record_with_an_unknown_status_code_is_corrupt_and_left_alone(store: JobStore) -> None:
     store.create_many([_job("odd")])
-    store.redis.hset(keys.job_key("odd"), field, value)
+    key = keys.job_key("odd")
+    store.redis.setrange(key, record.STATUS_AT, b"?")
+    before = store.redis.get(key)
 
     (claim,) = store.claim_many(["odd"], "m", 2.0, "w", fresh_only=False)
 
-    assert claim.state == ALREADY_FINAL
-    assert store.get("odd").status == FAILED
+    assert claim.state == CORRUPT and store.redis.get(key) == before
+    with pytest.raises(MalformedRecord):
+        store.get("odd")
+
+
+@pytest.mark.parametrize("cut", [1, record.HEADER_BYTES - 1, record.HEADER_BYTES + 3])
+def test_a_record_cut_short_is_corrupt_for_claims_and_readers(store: JobStore, cut: int) -> None:
+    store.create_many([_job("short")])
+    key = keys.job_key("short")
+    store.redis.set(key, store.redis.get(key)[:cut])
+
+    (claim,) = store.claim_many(["short"], "m", 2.0, "w", fresh_only=False)
+
+    assert claim.state == CORRUPT
+    with pytest.raises(MalformedRecord):
+        store.get("short")
 
 
 def test_the_gateways_job_model_is_the_job_dataclass() -> None:

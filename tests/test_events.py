@@ -8,8 +8,8 @@ import time
 import pytest
 import redis
 
-from contract import defaults, keys, record
-from contract.job import DONE, QUEUED, ErrorInfo, Job, Prediction
+from contract import defaults, keys
+from contract.job import DONE, ErrorInfo, Job, Prediction
 from contract.store import JobStore
 
 MODEL = "m"
@@ -53,13 +53,7 @@ def test_a_job_failed_by_its_claim_is_an_event_too(redis_client: redis.Redis) ->
     assert _events(redis_client) == []
     (poisoned,) = store.claim_many([job.id], MODEL, time.time(), "w2", fresh_only=False)
     assert poisoned.state == "poisoned"
-    no_uri = {record.STATUS: record.STATUS_CODES[QUEUED], record.MODEL: MODEL, record.TOP_K: 5}
-    redis_client.hset(keys.job_key("no-uri"), mapping=no_uri)
-    store.claim_many(["no-uri"], MODEL, time.time(), "w2", fresh_only=False)
-    assert _events(redis_client) == [
-        {"id": job.id, "status": "failed", "batch": ""},
-        {"id": "no-uri", "status": "failed", "batch": ""},
-    ]
+    assert _events(redis_client) == [{"id": job.id, "status": "failed", "batch": ""}]
 
 
 def test_the_stream_is_capped(redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -187,8 +188,8 @@ def test_a_long_poll_answers_once_the_job_is_cancelled(stack: Stack) -> None:
 
 
 def _reads(client: redis.Redis) -> int:
-    # A record is read with one HGETALL (contract.store.JobStore.get_many).
-    return int(client.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0))
+    # Records are read with one MGET (contract.store.JobStore.get_many).
+    return int(client.info("commandstats").get("cmdstat_mget", {}).get("calls", 0))
 
 
 def _wait_for_reads(client: redis.Redis, count: int, timeout: float = 30) -> None:
@@ -306,9 +307,9 @@ def test_a_uri_that_is_not_utf8_is_refused(stack: Stack) -> None:
 
 def test_an_unexpected_failure_is_a_500_in_the_error_shape(stack: Stack) -> None:
     """A record stored before URIs were checked for UTF-8 cannot be written out as JSON."""
-    fields = record.to_fields(Job("old-latin1", "x.jpg", IDLE, 1), record.Catalog())
-    fields[record.URI] = b"caf\xe9.jpg"  # a Latin-1 file name's bytes
-    redis.Redis.from_url(stack.redis_url).hset(keys.job_key("old-latin1"), mapping=fields)
+    job = Job("old-latin1", os.fsdecode(b"caf\xe9.jpg"), IDLE, 1)  # a Latin-1 file name's bytes
+    value = record.encode(job, record.Catalog())
+    redis.Redis.from_url(stack.redis_url).set(keys.job_key("old-latin1"), value)
 
     reply = stack.http.get("/v1/jobs/old-latin1")
 

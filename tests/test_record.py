@@ -4,14 +4,18 @@ batched scripts keep the store's guarantees on a real redis-server."""
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import redis
 
 from contract import defaults, keys, record
-from contract.job import ErrorInfo, Job, Prediction
+from contract.job import ErrorInfo, Job, Prediction, Priority
 from contract.store import CLAIMED, POISONED, JobStore
+from tests.support import RedisServer
+from worker.resilience import is_transient
 
 URI = "/data/images/2026-11-29/batch-0042/IMG_000123.jpg"  # 50 characters
 
@@ -48,11 +52,27 @@ def test_another_process_reads_the_record_whole_labels_and_names_included(
     assert [p.label for p in read.predictions] == [p.label for p in done.predictions]
 
 
-def test_a_finished_top5_record_takes_at_most_300_bytes(redis_client: redis.Redis) -> None:
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        # The host path's: a 68-character path, a version, and a priority that is not normal.
+        {"uri": f"/tmp/imgcls-hostpath/images/{'i' * 36}.jpg", "version": "86fbd1a5c6"},
+    ],
+)
+def test_a_finished_top5_record_takes_at_most_300_bytes(
+    redis_client: redis.Redis, extra: dict[str, str]
+) -> None:
     redis_client.flushdb()
-    _finish_one(JobStore(redis_client), "b" * 32)
+    store = JobStore(redis_client)
+    job = replace(_job("b" * 32), priority=Priority.HIGH, **extra)
+    store.create_many([job])
+    (claim,) = store.claim_many([job.id], "resnet50", 1.8e9, "gpu-7-4121", fresh_only=True)
+    assert claim.job is not None and claim.job.uri == job.uri
+    done = _top5(claim.job, 1.8e9 + 1)
+    assert store.finish_many([done]) == [True] and store.get(job.id) == done
 
-    assert redis_client.memory_usage(keys.job_key("b" * 32), samples=0) <= 300
+    assert redis_client.memory_usage(keys.job_key(job.id), samples=0) <= 300
 
 
 def test_probabilities_keep_the_float32_the_model_computed() -> None:
@@ -90,21 +110,75 @@ def test_each_final_job_is_one_event_on_the_stream(redis_client: redis.Redis) ->
     assert store.stats("resnet50") == {"done": 1, "failed": 2, "duplicate": 1}
 
 
-def test_a_claim_refused_for_memory_raises_instead_of_reading_corrupt(
-    redis_client: redis.Redis,
+# Every write of the store, on records "j1" (claimed once, by worker "w") and "j2" (queued).
+WRITES = {
+    "create": lambda store: store.create_many([_job("j3")]),
+    "claim": lambda store: store.claim_many(["j1", "j2"], "resnet50", 1.8e9, "w", fresh_only=False),
+    "finish": lambda store: store.finish_many([_top5(_job("j1"), 1.8e9), _top5(_job("j2"), 1.8e9)]),
+}
+
+
+def _two_jobs(client: redis.Redis) -> JobStore:
+    """A store whose names and scripts are in Redis already, and the records of ``WRITES``."""
+    client.flushdb()
+    store = JobStore(client)
+    store.create_many([_job("j0"), _job("j1"), _job("j2")])
+    store.claim_many(["j1"], "resnet50", 1.8e9, "w", fresh_only=True)
+    store.finish_many([_top5(_job("j0"), 1.8e9)])
+    return store
+
+
+def _records(client: redis.Redis) -> dict[bytes, bytes | None]:
+    names = [keys.job_key(i) for i in ("j1", "j2", "j3")]
+    return dict(zip(names, client.mget(names), strict=True))
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_a_write_refused_for_memory_raises_and_changes_nothing(
+    redis_client: redis.Redis, write: str
 ) -> None:
-    redis_client.flushdb()
-    store = JobStore(redis_client)
-    store.create_many([_job("j1"), _job("j2")])
-    store.claim_many(["j1"], "resnet50", 1.8e9, "w", fresh_only=True)  # names written
+    """Out of memory is a transient Redis error (the worker retries it), never a corrupt or
+    missing record."""
+    store = _two_jobs(redis_client)
+    before = _records(redis_client)
     used = int(redis_client.info("memory")["used_memory"])
     redis_client.config_set("maxmemory", used - 1024)
     try:
-        with pytest.raises(redis.ResponseError, match="maxmemory"):
-            store.claim_many(["j1", "j2"], "resnet50", 1.8e9, "w", fresh_only=False)
+        with pytest.raises(redis.exceptions.OutOfMemoryError) as raised:
+            WRITES[write](store)
     finally:
         redis_client.config_set("maxmemory", 0)
+    assert is_transient(raised.value)
+    assert _records(redis_client) == before
     assert [j.attempts for j in store.get_many(["j1", "j2"])] == [1, 0]
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_a_write_to_a_read_only_replica_raises_readonly(
+    redis_client: redis.Redis, tmp_path: Path, write: str
+) -> None:
+    """A replica (a primary demoted by a failover) refuses every write with READONLY, which the
+    worker retries; reads still work."""
+    _two_jobs(redis_client)
+    redis_client.config_set("repl-diskless-sync-delay", 0)  # the replica syncs at once
+    port = redis_client.connection_pool.connection_kwargs["port"]
+    replica = RedisServer(tmp_path).start("--replicaof", "127.0.0.1", str(port))
+    client = redis.Redis(port=replica.port)
+    try:
+        while client.info("replication")["master_link_status"] != "up":
+            time.sleep(0.05)
+        while client.get(keys.job_key("j2")) is None:
+            time.sleep(0.05)
+        store = JobStore(client)
+        before = _records(client)
+        with pytest.raises(redis.exceptions.ReadOnlyError) as raised:
+            WRITES[write](store)
+        assert is_transient(raised.value)
+        assert _records(client) == before
+        assert [j.attempts for j in store.get_many(["j1", "j2"])] == [1, 0]
+    finally:
+        client.close()
+        replica.stop()
 
 
 def test_names_and_labels_lost_by_redis_are_written_again(
@@ -134,7 +208,7 @@ def test_a_reader_that_knows_the_names_fetches_only_the_labels(redis_client: red
     assert reader.get("second") == second
 
 
-def test_waiting_reads_each_record_in_full_once_when_its_end_is_announced(
+def test_waiting_reads_announced_records_once_all_together_at_the_end(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from producer.client import Client
@@ -142,21 +216,26 @@ def test_waiting_reads_each_record_in_full_once_when_its_end_is_announced(
     monkeypatch.setattr(defaults, "WAIT_RECHECK_S", 60.0)  # no quiet-second re-read here
     client = Client.from_url(redis_url)
     client.redis.flushdb()
-    client.store.create_many([_job("w1")])
-    reads: list[str] = []
+    client.store.create_many([_job("w1"), _job("w2")])
+    reads: list[list[str]] = []
     get_many = client.store.get_many
-    client.store.get_many = lambda ids: reads.extend(ids) or get_many(ids)  # type: ignore[method-assign]
+    client.store.get_many = lambda ids: reads.append(list(ids)) or get_many(ids)  # type: ignore[method-assign]
     worker = JobStore(client.redis)
-    ending = threading.Timer(0.2, lambda: worker.finish_many([_top5(_job("w1"), 1.8e9)]))
-    ending.start()
+    endings = [
+        threading.Timer(delay, lambda i=i: worker.finish_many([_top5(_job(i), 1.8e9)]))
+        for delay, i in ((0.2, "w1"), (0.4, "w2"))
+    ]
+    for ending in endings:
+        ending.start()
     try:
-        (job,) = client.wait_many(["w1"], timeout=60)
+        jobs = client.wait_many(["w1", "w2"], timeout=60)
     finally:
-        ending.join()
+        for ending in endings:
+            ending.join()
         client.close()
 
-    assert job is not None and job.status == "done"
-    assert reads == ["w1"]  # once announced; before that only its status
+    assert [j.status for j in jobs if j is not None] == ["done", "done"]
+    assert reads == [["w1", "w2"]]  # once each, after both were announced; before, none in full
 
 
 def test_a_redis_that_forgot_the_scripts_still_creates_claims_and_finishes(

@@ -60,9 +60,9 @@ def _observe(
     client.flushdb()
     store = JobStore(client, ttl_s=60)
     store.create_many([_record(status, attempts, deadline)])
-    before = client.hgetall(keys.job_key("j"))
+    before = client.get(keys.job_key("j"))
     OPERATIONS[operation](store)
-    if client.hgetall(keys.job_key("j")) == before:
+    if client.get(keys.job_key("j")) == before:
         return None
     after = store.get("j")
     assert after is not None

@@ -7,7 +7,7 @@ from dataclasses import replace
 import click
 from click.testing import CliRunner
 
-from worker.cli import _settings, main
+from worker.cli import _settings, cpu_thread_env, main
 from worker.settings import Settings
 
 
@@ -31,3 +31,8 @@ def test_an_environment_variable_sets_its_flag(monkeypatch) -> None:
     monkeypatch.setenv("IMGCLS_CROP", "32")
     ctx = main.make_context("worker", ["--model", "m", "--device", "cpu"])
     assert _settings(ctx.params).preprocess.crop == 32
+
+
+def test_openmp_threads_sleep_between_batches_unless_the_operator_chose() -> None:
+    assert cpu_thread_env({}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert cpu_thread_env({"OMP_WAIT_POLICY": "ACTIVE"}) == {}

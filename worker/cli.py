@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -326,6 +327,7 @@ def main(**opts: object) -> None:
     loaded; 3 when Redis is unreachable at start-up; 4 when Redis refuses the password;
     70 when the device broke.
     """
+    os.environ.update(cpu_thread_env(os.environ))  # before torch is imported
     settings = _settings(opts)
     # Celery logs every message at INFO; at thousands of images a second that drowns the rest.
     quiet = ("celery.worker.strategy", "celery.app.trace")
@@ -353,6 +355,14 @@ def main(**opts: object) -> None:
         if health is not None:
             health.close()  # last: /readyz says "shutting down" until the drain is over
     sys.exit(code)
+
+
+def cpu_thread_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """What to add to the environment before torch loads OpenMP: threads that sleep between
+    parallel regions instead of spinning, unless the operator chose otherwise."""
+    if "OMP_WAIT_POLICY" in environ:
+        return {}
+    return {"OMP_WAIT_POLICY": worker_defaults.OMP_WAIT_POLICY}
 
 
 def _check_redis(url: str) -> None:

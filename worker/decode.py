@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from contract.errors import NotAnImage, TooLarge
+from worker.jpeg import plain_jpeg_header
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -94,9 +95,22 @@ def decode_rgb(data: bytes, policy: DecodePolicy) -> Image.Image:
 
 
 def is_gpu_decodable(data: bytes, policy: DecodePolicy) -> bool:
-    """A baseline/progressive RGB or greyscale JPEG that nvJPEG can take; checks limits too."""
+    """A baseline/progressive RGB or greyscale JPEG that nvJPEG can take; checks limits too.
+
+    A plain JPEG header within the pixel limits is read by a marker scan (``worker.jpeg``);
+    every other file, and every refusal, goes through PIL as before."""
+    header = plain_jpeg_header(data)
+    if header is not None and _within_pixel_limits(header[0] * header[1], policy):
+        check_resized(header[0], header[1], policy)
+        return True
     image = open_checked(data, policy)
     return data.startswith(JPEG_MAGIC) and image.format == "JPEG" and image.mode in ("RGB", "L")
+
+
+def _within_pixel_limits(pixels: int, policy: DecodePolicy) -> bool:
+    """Below both the policy's limit and PIL's bomb warning: PIL would open it without a word."""
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    return pixels <= policy.max_pixels and (pil_limit is None or pixels <= pil_limit)
 
 
 def encoded_tensor(data: bytes) -> torch.Tensor:

@@ -56,6 +56,10 @@ PROCESSES = "auto"
 # 4: on an H200 with CUDA graphs, 4 processes did 2.9-3.6x one process's rate, and in eager mode
 # 8 did no better than 4 (README "Throughput", bench/results/h200-run3-*).
 PROCESSES_PER_GPU = 4
+# How torch's OpenMP threads wait between parallel regions, unless the operator sets
+# OMP_WAIT_POLICY: libgomp's default spins a core for a while after each region, which between
+# small batches burnt more CPU than the whole job path (README "Per-job cost"); passive sleeps.
+OMP_WAIT_POLICY = "PASSIVE"
 
 
 @dataclass(frozen=True)
