@@ -99,6 +99,8 @@ def test_a_resubmitted_id_is_not_counted_twice(client: Client) -> None:
     again = client.submit_many(requests, model=MODEL, batch="twice")
     assert [j.batch for j in again] == ["twice", "twice"]
     assert client.batch("twice").total == 2  # type: ignore[union-attr]
+    listed = [i for page in client.store.batch_job_ids("twice") for i in page]
+    assert listed == ["same-a", "same-b"]  # taken out again: listed once
 
 
 def test_results_come_from_a_cursor_in_finish_order_each_once(client: Client) -> None:
