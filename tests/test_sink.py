@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from sink.service import Sink, SinkSettings
 from tests.faults_support import MODEL, SETTLE_S, model_args_fixture, wait_until  # noqa: F401
 from tests.support import ROOT, write_images
 from tests.support_gateway import register_idle_model
+from tests.support_services import SinkProcess
 
 IDLE = "sinknet"
 
@@ -49,31 +49,6 @@ def finish(client: Client, job_ids: list[str]) -> None:
         else:
             final = job.done([Prediction("a", 0, 1.0)], "w", False, now)
         client.store.finish_many([final])
-
-
-class SinkProcess:
-    """``python -m sink run`` as its own process, as an operator starts it."""
-
-    def __init__(self, redis_url: str, *args: str, env: dict[str, str] | None = None) -> None:
-        self.args = ["--redis-url", redis_url, "--consumer", "test-sink", *args]
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> SinkProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sink", "run", *self.args], env=self.env
-        )
-        return self
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(SETTLE_S)
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(SETTLE_S)
 
 
 def _count_every_job(client: Client, where: Any, ids: list[str]) -> list[dict[str, Any]]:
