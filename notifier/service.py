@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
 
 import redis
 
@@ -24,6 +23,7 @@ from contract import defaults, keys
 from contract.batch import BATCH_FINISHED
 from contract.batch import from_hashes as batch_from_hashes
 from contract.errors import MalformedRecord
+from contract.events import Entry, EventGroup
 from contract.job import Job
 from contract.store import JobStore
 from notifier.delivery import Outcome, Poster
@@ -92,15 +92,12 @@ class Notifier:
         self._clock = clock
         self._rng = rng or random.Random()
         self._backlog = True  # events this consumer read before a restart, not acknowledged
-        self._last_claim = 0.0
+        self.events = EventGroup(
+            client, settings.group, settings.consumer, settings.claim_idle_s, clock
+        )
 
     def setup(self) -> None:
-        """Create the consumer group (reading the stream from its start) unless it exists."""
-        try:
-            self.redis.xgroup_create(keys.events_stream(), self.settings.group, "0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        self.events.setup()
 
     def run(self, stop: threading.Event) -> None:
         self.setup()
@@ -127,42 +124,16 @@ class Notifier:
 
         Events this consumer read before (and a restart cut short) come first, then new ones.
         """
-        self._claim_abandoned()
-        entries = self._read("0", None) if self._backlog else []
+        if self.events.claim_abandoned(EVENTS_PER_READ):
+            self._backlog = True  # they are now this consumer's pending events
+        entries = self.events.read("0", EVENTS_PER_READ, None) if self._backlog else []
         self._backlog = bool(entries)
         if not entries:
-            entries = self._read(">", block_ms)
+            entries = self.events.read(">", EVENTS_PER_READ, block_ms)
         self._schedule(entries)
         return len(entries)
 
-    def _read(self, start: str, block_ms: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        reply: Any = self.redis.xreadgroup(
-            self.settings.group,
-            self.settings.consumer,
-            {keys.events_stream(): start},
-            count=EVENTS_PER_READ,
-            block=block_ms,
-        )
-        return list(reply[0][1]) if reply else []
-
-    def _claim_abandoned(self) -> None:
-        """Take over events another consumer read but never acknowledged (it died)."""
-        now = self._clock()
-        if now - self._last_claim < self.settings.claim_idle_s:
-            return
-        self._last_claim = now
-        claimed: Any = self.redis.xautoclaim(
-            keys.events_stream(),
-            self.settings.group,
-            self.settings.consumer,
-            min_idle_time=int(self.settings.claim_idle_s * 1000),
-            count=EVENTS_PER_READ,
-            justid=True,
-        )
-        if claimed:  # their IDs (justid)
-            self._backlog = True  # they are now this consumer's pending entries
-
-    def _schedule(self, entries: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    def _schedule(self, entries: Sequence[Entry]) -> None:
         """Schedule the webhooks the entries call for and acknowledge them, in one transaction."""
         if not entries:
             return

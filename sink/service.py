@@ -22,6 +22,7 @@ import redis
 
 from contract import defaults, keys
 from contract.errors import MalformedRecord
+from contract.events import Entry, EventGroup
 from contract.job import Job
 from contract.store import JobStore
 from sink.outputs import OutputRefused, Policy, Target, part_name, target
@@ -34,8 +35,6 @@ MAX_BLOCK_MS = 1000
 RETRY_S = 2.0
 # Seconds a batch's output is remembered before it is read from Redis again.
 OUTPUT_CACHE_S = 5.0
-
-Entry = tuple[bytes, dict[bytes, bytes]]
 
 
 @dataclass(frozen=True)
@@ -68,15 +67,12 @@ class Sink:
         self._clock = clock
         self._outputs: dict[str, tuple[float, str | None]] = {}
         self._backlog_at = 0.0  # when to read this consumer's unacknowledged events again
-        self._last_claim = -settings.claim_idle_s
+        self.events = EventGroup(
+            client, settings.group, settings.consumer, settings.claim_idle_s, clock
+        )
 
     def setup(self) -> None:
-        """Create the consumer group (reading the stream from its start) unless it exists."""
-        try:
-            self.redis.xgroup_create(keys.events_stream(), self.settings.group, "0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        self.events.setup()
 
     def run(self, stop: threading.Event) -> None:
         self.setup()
@@ -92,44 +88,19 @@ class Sink:
     def step(self, block_ms: int | None = None) -> int:
         """Read events (this consumer's unacknowledged ones first), write their parts and
         acknowledge them; returns how many events were read."""
-        self._claim_abandoned()
+        count = self.settings.part_records
+        if self.events.claim_abandoned(count):
+            self._backlog_at = 0.0  # they are now this consumer's pending events
         entries: list[Entry] = []
         if self._clock() >= self._backlog_at:
-            entries = self._read("0", None)
+            entries = self.events.read("0", count, None)
             if not entries:
                 self._backlog_at = float("inf")  # until a write fails or events are claimed
         if not entries:
-            entries = self._read(">", block_ms)
+            entries = self.events.read(">", count, block_ms)
         if entries and not self.write(entries):
             self._backlog_at = self._clock() + RETRY_S
         return len(entries)
-
-    def _read(self, start: str, block_ms: int | None) -> list[Entry]:
-        reply: Any = self.redis.xreadgroup(
-            self.settings.group,
-            self.settings.consumer,
-            {keys.events_stream(): start},
-            count=self.settings.part_records,
-            block=block_ms,
-        )
-        return list(reply[0][1]) if reply else []
-
-    def _claim_abandoned(self) -> None:
-        """Take over events another sink read but never acknowledged (it died)."""
-        now = self._clock()
-        if now - self._last_claim < self.settings.claim_idle_s:
-            return
-        self._last_claim = now
-        claimed: Any = self.redis.xautoclaim(
-            keys.events_stream(),
-            self.settings.group,
-            self.settings.consumer,
-            min_idle_time=int(self.settings.claim_idle_s * 1000),
-            count=self.settings.part_records,
-            justid=True,
-        )
-        if claimed and claimed[1]:
-            self._backlog_at = 0.0  # they are now this consumer's pending entries
 
     def write(self, entries: Sequence[Entry]) -> bool:
         """Write the parts ``entries`` call for and acknowledge what was written or needs no

@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from contract import defaults, keys
+from contract.events import EventGroup
 from contract.job import DONE, ErrorInfo, Job, Prediction
 from contract.store import JobStore
 
@@ -64,3 +65,18 @@ def test_the_stream_is_capped(redis_client: redis.Redis, monkeypatch: pytest.Mon
     # MAXLEN ~ trims whole radix-tree nodes (100 entries by default), never below the cap.
     assert 10 <= redis_client.xlen(keys.events_stream()) <= 10 + 100
     assert _events(redis_client)[-1] == {"id": jobs[-1].id, "status": DONE.value, "batch": ""}
+
+
+def test_one_event_a_dead_consumer_left_pending_is_taken_over(redis_client: redis.Redis) -> None:
+    """A single abandoned event (redis-py answers XAUTOCLAIM's IDs as a plain list)."""
+    dead = EventGroup(redis_client, "readers", "dead", claim_idle_s=0)
+    dead.setup()
+    redis_client.xadd(keys.events_stream(), {"id": "j1", "status": "done", "batch": ""})
+    assert len(dead.read(">", 10, None)) == 1  # read, never acknowledged
+    heir = EventGroup(redis_client, "readers", "heir", claim_idle_s=0)
+    assert heir.claim_abandoned(10)
+    assert [fields[b"id"] for _, fields in heir.read("0", 10, None)] == [b"j1"]
+    assert (
+        redis_client.xpending_range(keys.events_stream(), "readers", "-", "+", 10)[0]["consumer"]
+        == b"heir"
+    )

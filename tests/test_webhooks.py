@@ -243,7 +243,7 @@ def test_events_read_by_a_sender_that_died_are_scheduled_by_the_next(
     _finish(redis_client, "http://hooks.example/")
     dying = _notifier(redis_client, consumer="same")
     dying.setup()
-    assert len(dying._read(">", None)) == 1  # read, then killed before scheduling it
+    assert len(dying.events.read(">", 10, None)) == 1  # read, then killed before scheduling it
     # "another" takes it over once it has been idle claim_idle_s (here at once)
     successor = _notifier(redis_client, consumer=consumer, claim_idle_s=0)
     assert successor.take_events() == 1

@@ -1,0 +1,71 @@
+"""The events stream (``keys.events_stream()``) read by a consumer group: each reader (the webhook
+sender, the results sink, a service of yours) has its group, and the consumers of a group share
+its events, each acknowledging what it handled.
+
+``EventGroup`` is what those readers share: the group made if missing, new events or this
+consumer's unacknowledged ones, and taking over what a dead consumer left pending.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from contract import keys
+
+# An event as XREADGROUP gives it: its stream ID and its fields.
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+class EventGroup:
+    """One consumer of one consumer group on the events stream."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        group: str,
+        consumer: str,
+        claim_idle_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.redis = client
+        self.group = group
+        self.consumer = consumer
+        self.claim_idle_s = claim_idle_s
+        self._clock = clock
+        self._last_claim = -float("inf")
+
+    def setup(self) -> None:
+        """Create the group (reading the stream from its start) unless it exists."""
+        try:
+            self.redis.xgroup_create(keys.events_stream(), self.group, "0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def read(self, start: str, count: int, block_ms: int | None) -> list[Entry]:
+        """New events (``start`` ">") or this consumer's unacknowledged ones ("0")."""
+        reply: Any = self.redis.xreadgroup(
+            self.group, self.consumer, {keys.events_stream(): start}, count=count, block=block_ms
+        )
+        return list(reply[0][1]) if reply else []
+
+    def claim_abandoned(self, count: int) -> bool:
+        """Take over events another consumer read but never acknowledged (it died), at most
+        every ``claim_idle_s``; True when some became this consumer's pending events."""
+        now = self._clock()
+        if now - self._last_claim < self.claim_idle_s:
+            return False
+        self._last_claim = now
+        claimed: Any = self.redis.xautoclaim(
+            keys.events_stream(),
+            self.group,
+            self.consumer,
+            min_idle_time=int(self.claim_idle_s * 1000),
+            count=count,
+            justid=True,
+        )
+        return bool(claimed)  # with justid, redis-py answers the list of IDs taken
