@@ -89,48 +89,16 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-class Sender:
-    """``python -m notifier run`` as its own process, as an operator starts it."""
+class SideProcess:
+    """``python -m <package> run ARGS`` as its own process, as an operator starts it."""
 
-    def __init__(self, redis_url: str) -> None:
-        self.redis_url = redis_url
+    def __init__(self, package: str, args: list[str], env: dict[str, str]) -> None:
+        self.command = [sys.executable, "-m", package, "run", *args]
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        env = {**os.environ, "IMGCLS_WEBHOOK_SECRET": SPEC_SECRET, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "notifier", "run", "--redis-url", self.redis_url,
-                "--allow-network", "127.0.0.0/8", "--retry-base-s", "0.2", "--retry-max-s", "1",
-                "--timeout-s", "5", "--consumer", "test-sender",
-            ],
-            env=env,
-            cwd=ROOT,
-        )  # fmt: skip
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(SETTLE_S)
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(SETTLE_S)
-
-
-class SinkProcess:
-    """``python -m sink run`` as its own process, as an operator starts it."""
-
-    def __init__(self, redis_url: str, *args: str, env: dict[str, str] | None = None) -> None:
-        self.args = ["--redis-url", redis_url, "--consumer", "test-sink", *args]
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> SinkProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sink", "run", *self.args], env=self.env
-        )
+    def start(self) -> SideProcess:
+        self.proc = subprocess.Popen(self.command, env=self.env, cwd=ROOT)
         return self
 
     def kill(self) -> None:
@@ -142,3 +110,22 @@ class SinkProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(SETTLE_S)
+
+
+class Sender(SideProcess):
+    """The webhook sender, signing with the specification's example secret, retrying fast."""
+
+    def __init__(self, redis_url: str) -> None:
+        args = [
+            "--redis-url", redis_url, "--allow-network", "127.0.0.0/8", "--retry-base-s", "0.2",
+            "--retry-max-s", "1", "--timeout-s", "5", "--consumer", "test-sender",
+        ]  # fmt: skip
+        super().__init__("notifier", args, {"IMGCLS_WEBHOOK_SECRET": SPEC_SECRET})
+
+
+class SinkProcess(SideProcess):
+    """The results sink."""
+
+    def __init__(self, redis_url: str, *args: str, env: dict[str, str] | None = None) -> None:
+        args_ = ["--redis-url", redis_url, "--consumer", "test-sink", *args]
+        super().__init__("sink", args_, env or {})
