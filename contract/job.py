@@ -292,28 +292,24 @@ def _check_utf8(text: str, what: str) -> None:
 
 
 def validate_job_id(job_id: str) -> str:
-    if not isinstance(job_id, str) or not job_id:
-        raise InvalidRequest("job ID must be a non-empty string")
-    _check_utf8(job_id, "job ID")
-    if len(job_id) > defaults.MAX_JOB_ID_LEN or not _JOB_ID.fullmatch(job_id):
-        raise InvalidRequest(
-            f"job ID {job_id[:40]!r} must be at most {defaults.MAX_JOB_ID_LEN} characters of "
-            "letters, digits, '.', '_', ':' and '-', starting with a letter or digit"
-        )
-    return job_id
+    return _validate_id(job_id, "job ID")
 
 
 def validate_batch_id(batch_id: str) -> str:
     """A batch ID follows the job ID's rule."""
-    if not isinstance(batch_id, str) or not batch_id:
-        raise InvalidRequest("batch ID must be a non-empty string")
-    _check_utf8(batch_id, "batch ID")
-    if len(batch_id) > defaults.MAX_JOB_ID_LEN or not _JOB_ID.fullmatch(batch_id):
+    return _validate_id(batch_id, "batch ID")
+
+
+def _validate_id(value: str, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"{what} must be a non-empty string")
+    _check_utf8(value, what)
+    if len(value) > defaults.MAX_JOB_ID_LEN or not _JOB_ID.fullmatch(value):
         raise InvalidRequest(
-            f"batch ID {batch_id[:40]!r} must be at most {defaults.MAX_JOB_ID_LEN} characters "
-            "of letters, digits, '.', '_', ':' and '-', starting with a letter or digit"
+            f"{what} {value[:40]!r} must be at most {defaults.MAX_JOB_ID_LEN} characters of "
+            "letters, digits, '.', '_', ':' and '-', starting with a letter or digit"
         )
-    return batch_id
+    return value
 
 
 def validate_output(output: str) -> str:
