@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from bench.images import IMAGENET, PHONE_12MP, image_pool
 from bench.mixed_images import MIXED
+from bench.report import save
 from worker.nvdecode import NvImageCodec
 
 Decode = Callable[[list[bytes]], Sequence[Any]]
@@ -164,11 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 
-    def save(report: dict[str, Any]) -> None:
-        if args.out:
-            args.out.write_text(json.dumps(report, indent=2) + "\n")
-
-    run(args, save)
+    run(args, partial(save, path=args.out) if args.out else lambda _: None)
     return 0
 
 

@@ -14,7 +14,6 @@ forward  ``Classifier.predict`` on ready inputs at the full batch size, with and
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from torchvision.models import get_model_weights
 from bench.gil_probe import with_busy_threads
 from bench.images import IMAGENET, ImageSet, image_pool
 from bench.mixed_images import MIXED, MixedImageSet
+from bench.report import save
 from worker import resize
 from worker.inference import Classifier, pick_dtype
 from worker.models import load_model
@@ -157,11 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_flush_denormal(True)
 
-    def save(report: dict[str, Any]) -> None:
-        if args.out:
-            args.out.write_text(json.dumps(report, indent=2) + "\n")
-
-    run(args, save)
+    run(args, partial(save, path=args.out) if args.out else lambda _: None)
     return 0
 
 
