@@ -8,13 +8,19 @@ consumer's unacknowledged ones, and taking over what a dead consumer left pendin
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
 
 from contract import keys
+from contract.errors import MalformedRecord
+from contract.job import Job
+from contract.store import JobStore
+
+log = logging.getLogger(__name__)
 
 # An event as XREADGROUP gives it: its stream ID and its fields.
 Entry = tuple[bytes, dict[bytes, bytes]]
@@ -69,3 +75,20 @@ class EventGroup:
             justid=True,
         )
         return bool(claimed)  # with justid, redis-py answers the list of IDs taken
+
+
+def event_jobs(store: JobStore, job_ids: Sequence[str], skipped: str) -> list[Job | None]:
+    """The records events name, in one read; a record that cannot be read counts as gone
+    (logged, saying what is ``skipped`` for it) and the others are still read."""
+    try:
+        return store.get_many(job_ids)
+    except MalformedRecord:
+        return [_event_job(store, i, skipped) for i in job_ids]
+
+
+def _event_job(store: JobStore, job_id: str, skipped: str) -> Job | None:
+    try:
+        return store.get(job_id)
+    except MalformedRecord as e:
+        log.warning("event for job %s: %s; %s", job_id, e, skipped)
+        return None

@@ -22,8 +22,7 @@ import redis
 from contract import defaults, keys
 from contract.batch import BATCH_FINISHED
 from contract.batch import from_hashes as batch_from_hashes
-from contract.errors import MalformedRecord
-from contract.events import Entry, EventGroup
+from contract.events import Entry, EventGroup, event_jobs
 from contract.job import Job
 from contract.store import JobStore
 from notifier.delivery import Outcome, Poster
@@ -140,7 +139,7 @@ class Notifier:
         events = [
             {keys.text(k): keys.text(v) for k, v in (fields or {}).items()} for _, fields in entries
         ]
-        jobs = self._jobs([e.get("id", "") for e in events])
+        jobs = event_jobs(self.store, [e.get("id", "") for e in events], "no webhook")
         now = self._clock()
         pipe = self.redis.pipeline(transaction=True)
         for event, job in zip(events, jobs, strict=True):
@@ -161,20 +160,6 @@ class Notifier:
         self._settle(deliveries, outcomes)
         return len(deliveries)
 
-    def _jobs(self, job_ids: list[str]) -> list[Job | None]:
-        """The records of ``job_ids``; one that cannot be read counts as gone (no webhook)."""
-        try:
-            return self.store.get_many(job_ids)
-        except MalformedRecord:
-            return [self._job(i) for i in job_ids]
-
-    def _job(self, job_id: str) -> Job | None:
-        try:
-            return self.store.get(job_id)
-        except MalformedRecord as e:
-            log.warning("event for job %s: %s; no webhook", job_id, e)
-            return None
-
     def _batch_delivery(self, event: dict[str, str], now: float) -> Delivery | None:
         """The webhook of a batch's finish event, to the batch's callback_url, if it has one."""
         batch = event.get("batch", "")
@@ -186,7 +171,9 @@ class Notifier:
     def _bodies(self, deliveries: Sequence[Delivery]) -> list[str | None]:
         """What each delivery POSTs: the job's final record, or the batch's state; None when
         it expired."""
-        jobs = iter(self._jobs([d.job_id for d in deliveries if d.batch is None]))
+        jobs = iter(
+            event_jobs(self.store, [d.job_id for d in deliveries if d.batch is None], "no webhook")
+        )
         bodies: list[str | None] = []
         for delivery in deliveries:
             if delivery.batch is None:

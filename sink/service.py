@@ -21,9 +21,7 @@ from typing import Any
 import redis
 
 from contract import defaults, keys
-from contract.errors import MalformedRecord
-from contract.events import Entry, EventGroup
-from contract.job import Job
+from contract.events import Entry, EventGroup, event_jobs
 from contract.store import JobStore
 from sink.outputs import OutputRefused, Policy, Target, part_name, target
 
@@ -134,7 +132,7 @@ class Sink:
         output = self._output(batch)
         assert output is not None
         ids = [keys.text(e[1].get(b"id", b"")) for e in entries]
-        jobs = [j for j in self._jobs(ids) if j is not None]
+        jobs = [j for j in event_jobs(self.store, ids, "not written") if j is not None]
         try:
             where: Target = target(output, self.settings.policy, self._s3)
             if jobs:
@@ -168,16 +166,3 @@ class Sink:
             self._outputs.clear()
         self._outputs[batch] = (now, output)
         return output
-
-    def _jobs(self, job_ids: list[str]) -> list[Job | None]:
-        try:
-            return self.store.get_many(job_ids)
-        except MalformedRecord:
-            return [self._job(i) for i in job_ids]
-
-    def _job(self, job_id: str) -> Job | None:
-        try:
-            return self.store.get(job_id)
-        except MalformedRecord as e:
-            log.warning("event for job %s: %s; not written", job_id, e)
-            return None
