@@ -72,6 +72,15 @@ _store_url_option = click.option(
     "--redis-url].",
 )
 
+# Where commands that take job IDs read them from, beside their arguments.
+_ids_file_option = click.option(
+    "--file",
+    "from_file",
+    type=click.File("r"),
+    help="Read job IDs from this file ('-' for standard input): one ID per line, or the JSON "
+    "lines that submit prints.",
+)
+
 
 def redis_option(f: F) -> F:
     """``--redis-url`` and ``--store-url``: where the queues and the job records are."""
@@ -505,13 +514,7 @@ def batch_results(redis_url: str, cursor: str | None, follow: float, batch_id: s
 
 @main.command()
 @redis_option
-@click.option(
-    "--file",
-    "from_file",
-    type=click.File("r"),
-    help="Read job IDs from this file ('-' for standard input): one ID per line, or the JSON "
-    "lines that submit prints.",
-)
+@_ids_file_option
 @click.argument("job_ids", nargs=-1)
 def cancel(redis_url: str, from_file: IO[str] | None, job_ids: tuple[str, ...]) -> None:
     """Cancel jobs: a queued job never runs, a running job's result is discarded; each ends
@@ -548,13 +551,7 @@ def cancel(redis_url: str, from_file: IO[str] | None, job_ids: tuple[str, ...]) 
 
 @main.command("export")
 @redis_option
-@click.option(
-    "--file",
-    "from_file",
-    type=click.File("r"),
-    help="Read job IDs from this file ('-' for standard input): one ID per line, or the JSON "
-    "lines that submit prints.",
-)
+@_ids_file_option
 @click.option(
     "--all", "every", is_flag=True, help="Export every job record in Redis (SCAN; no IDs)."
 )
