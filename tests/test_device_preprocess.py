@@ -7,8 +7,10 @@ import io
 
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.io import decode_jpeg
+from torchvision.transforms._presets import ImageClassification
 
 from tests.support import make_jpeg
 from worker import resize
@@ -140,6 +142,21 @@ def test_the_cpu_path_normalising_per_batch_matches_the_transforms_to_the_bit(
     reference = torch.stack([loaded.transforms(i) for i in [images[0], *images]])
     assert not errors
     assert torch.equal(x, reference)
+
+
+@pytest.mark.parametrize(
+    ("resize", "crop", "size"),
+    [(16, 16, (64, 48)), (16, 32, (64, 48)), (48, 40, (64, 48)), (256, 224, (1000, 20))],
+    ids=["equal", "crop-larger-pads", "same-size", "thin"],
+)
+def test_the_host_crop_matches_torchvisions_resize_and_center_crop_to_the_bit(
+    resize: int, crop: int, size: tuple[int, int]
+) -> None:
+    transforms = ImageClassification(crop_size=crop, resize_size=resize)
+    image = decode_rgb(make_jpeg(*size, seed=resize), POLICY)
+    resized = TF.resize(image, transforms.resize_size, transforms.interpolation, antialias=True)
+    reference = TF.pil_to_tensor(TF.center_crop(resized, transforms.crop_size))
+    assert torch.equal(crop_on_host(image, transforms).permute(2, 0, 1), reference)
 
 
 def test_nvimgcodec_refuses_a_device_without_cuda_at_setup() -> None:

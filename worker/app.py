@@ -55,13 +55,16 @@ class Runtime:
     metrics: Metrics
     dead_letters: DeadLetters
     info: ModelInfo
+    host_pool: ThreadPoolExecutor | None = None
 
     def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Stop feeders before what they feed, all within ``timeout_s``: the I/O pool that
-        submits to the pipeline, then the pipeline, then the Redis client both write with."""
+        submits to the pipeline (and the host threads), then the pipeline, then the Redis
+        client both write with."""
         deadline = time.monotonic() + timeout_s
-        if not _shutdown_pool(self.io_pool, timeout_s):
-            log.warning("I/O threads still busy after %.0f s; not waiting for them", timeout_s)
+        for pool in (self.io_pool, self.host_pool):
+            if pool is not None and not _shutdown_pool(pool, max(0.0, deadline - time.monotonic())):
+                log.warning("loading threads still busy after %.0f s; not waiting", timeout_s)
         if not self.pipeline.close(max(0.0, deadline - time.monotonic())):
             log.warning("pipeline threads still busy after %.0f s; not waiting for them", timeout_s)
         registry.retire(self.redis, self.settings.model, self.settings.worker_id)
@@ -119,6 +122,14 @@ def setup(settings: Settings) -> Runtime:
         classifier, store, metrics, max_batch=batch_size, max_wait_s=settings.max_wait_ms / 1000
     )
     io_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="io")
+    # Where the host preprocesses, local files are loaded by as many threads as the process
+    # has torch threads (the cores it was given): worker.service.Service._start says why.
+    host_threads = torch.get_num_threads()
+    host_pool = (
+        None
+        if classifier.device_preprocess
+        else ThreadPoolExecutor(host_threads, thread_name_prefix="host")
+    )
     info = ModelInfo(
         settings.model,
         loaded.weights_id,
@@ -137,12 +148,16 @@ def setup(settings: Settings) -> Runtime:
         dead_letters=dead_letters,
         io_pool=io_pool,
         io_threads=settings.io_threads,
+        host_pool=host_pool,
+        host_threads=host_threads,
         decode_policy=_decode_policy(settings, classifier),
         max_attempts=settings.max_attempts,
         version=info.version,
     )
     pipeline.start()
-    return Runtime(settings, client, service, pipeline, io_pool, metrics, dead_letters, info)
+    return Runtime(
+        settings, client, service, pipeline, io_pool, metrics, dead_letters, info, host_pool
+    )
 
 
 def _fetch_policy(settings: Settings) -> FetchPolicy:

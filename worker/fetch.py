@@ -360,6 +360,11 @@ def uri_scheme(uri: str) -> str:
     return match.group(1).lower() if match else "file"
 
 
+def is_local(uri: str) -> bool:
+    """True for a bare path or a file:// URI: read from this host's disk, not the network."""
+    return uri.startswith("/") or uri[:7].lower() == "file://"
+
+
 def local_path(uri: str) -> str:
     """The filesystem path of a bare path or a file:// URI (host empty or localhost)."""
     path = uri

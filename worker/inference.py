@@ -17,6 +17,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms._presets import ImageClassification
 
+from worker.decode import resized_size
 from worker.graphs import GRAPH_TOP_K, CudaGraphs, Step, make_step, unpack
 from worker.models import LoadedModel, ModelLoadError
 from worker.nvdecode import NvImageCodec
@@ -252,10 +253,21 @@ class Classifier:
 
 def crop_on_host(image: Image.Image, transforms: ImageClassification) -> torch.Tensor:
     """The resize and centre crop of ``transforms`` (the first half of its ``forward``), as HWC
-    uint8 pixels: converting and normalising them costs less once per batch (normalize_batch)."""
-    size, interpolation = transforms.resize_size, transforms.interpolation
-    image = F.resize(image, size, interpolation=interpolation, antialias=transforms.antialias)
-    image = F.center_crop(image, transforms.crop_size)
+    uint8 pixels: converting and normalising them costs less once per batch (normalize_batch).
+
+    The same two PIL calls torchvision's ``resize`` and ``center_crop`` make, and the same
+    arithmetic, without their checks and logging (which cost twice the resize of a small
+    image); a crop larger than the resized image (padding) is left to ``center_crop``."""
+    size = tuple(transforms.resize_size)
+    width, height = resized_size(image.width, image.height, size)
+    image = image.resize((width, height), F.pil_modes_mapping[transforms.interpolation])
+    crop = list(transforms.crop_size)
+    crop_h, crop_w = crop if len(crop) == 2 else crop * 2
+    if crop_w > width or crop_h > height:
+        image = F.center_crop(image, transforms.crop_size)
+    else:
+        top, left = round((height - crop_h) / 2.0), round((width - crop_w) / 2.0)
+        image = image.crop((left, top, left + crop_w, top + crop_h))
     return torch.from_numpy(np.array(image, dtype=np.uint8))
 
 

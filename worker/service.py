@@ -34,7 +34,7 @@ from worker.decode import (
     is_gpu_decodable,
     rgb_uint8,
 )
-from worker.fetch import Fetcher
+from worker.fetch import Fetcher, is_local
 from worker.inference import Classifier, Payload, PayloadKind, crop_on_host
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline, WorkItem
@@ -66,6 +66,8 @@ class Service:
         dead_letters: DeadLetters,
         io_pool: ThreadPoolExecutor,
         io_threads: int,
+        host_pool: ThreadPoolExecutor | None = None,
+        host_threads: int = 1,
         decode_policy: DecodePolicy,
         max_attempts: int,
         clock: Callable[[], float] = time.time,
@@ -82,6 +84,9 @@ class Service:
         self.dead_letters = dead_letters
         self.io_pool = io_pool
         self.io_threads = io_threads
+        # Threads that load local files where the host preprocesses (None: the I/O threads do).
+        self.host_pool = host_pool
+        self.host_threads = host_threads
         self.decode_policy = decode_policy
         self.max_attempts = max_attempts
         self.clock = clock
@@ -161,30 +166,54 @@ class Service:
         self._dead_letter("records missing or corrupt", message, job_ids=ids, **counts)
 
     def _start(self, jobs: list[Job]) -> list[WorkItem]:
-        """Load the jobs on the I/O threads, each thread taking the next job as it comes free:
-        a slow source (up to the fetch deadline) holds up only the thread it is on, and the rest
-        of the message goes on through the others. One task per thread, not per job: each task
-        costs a future, a lock and a thread woken, more than a local file's fetch."""
+        """Load the jobs and hand them to the pipeline; returns at once.
+
+        Local files, where the host preprocesses (a CPU device), go to the host threads: there
+        the whole load is CPU work, and many threads taking turns at one GIL cost more CPU than
+        the work itself (README "Per-job cost"). Everything else goes to the I/O threads, each
+        taking the next job as it comes free: a slow source (up to the fetch deadline) holds up
+        only the thread it is on. One task per thread, not per job: each task costs a future, a
+        lock and a thread woken, more than a local file's fetch."""
         if not jobs:
             return []
         items = [WorkItem(job) for job in jobs]
         self.pipeline.expect(len(items))
         for job in jobs:
             self.metrics.stage("queue_wait", max(0.0, (job.started or 0) - (job.submitted or 0)))
-        waiting = deque(items)
-        for _ in range(min(len(items), self.io_threads)):
-            self.io_pool.submit(self._load_each, waiting)
+        if self.host_pool is None:
+            self._spread(self.io_pool, self.io_threads, items, 1)
+            return items
+        local = [is_local(i.job.uri) for i in items]
+        on_host = [i for i, here in zip(items, local, strict=True) if here]
+        elsewhere = [i for i, here in zip(items, local, strict=True) if not here]
+        self._spread(self.host_pool, self.host_threads, on_host, self.pipeline.max_batch)
+        self._spread(self.io_pool, self.io_threads, elsewhere, 1)
         return items
 
-    def _load_each(self, waiting: deque[WorkItem]) -> None:
-        """Load and hand over jobs one at a time until none is waiting (deque pops are atomic)."""
+    def _spread(
+        self, pool: ThreadPoolExecutor, threads: int, items: list[WorkItem], handover: int
+    ) -> None:
+        """One task per thread of ``pool`` (at most one per item), all taking from one queue."""
+        waiting = deque(items)
+        for _ in range(min(len(items), threads)):
+            pool.submit(self._load_each, waiting, handover)
+
+    def _load_each(self, waiting: deque[WorkItem], handover: int) -> None:
+        """Load jobs one at a time until none is waiting (deque pops are atomic), handing them
+        to the pipeline ``handover`` at a time (each hand-over wakes its assemble thread; 1
+        where the next load may wait on the network, so no loaded job waits behind it)."""
+        loaded: list[WorkItem] = []
         while True:
             try:
                 item = waiting.popleft()
             except IndexError:
-                return
+                break
             self.load_image(item)
-            self.pipeline.submit_many([item])
+            loaded.append(item)
+            if len(loaded) >= handover or not waiting:
+                self.pipeline.submit_many(loaded)
+                loaded = []
+        self.pipeline.submit_many(loaded)
 
     def load_image(self, item: WorkItem) -> None:
         """Fetch and decode one job's image into ``item``: a payload, or the error that ends it."""
