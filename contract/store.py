@@ -312,10 +312,14 @@ return table.concat(out)
 # the number of jobs, the finished-jobs channel; then per job: its stats hash (1 = the first),
 # its TTL once final, and its final record. Every job's ID is announced on the channel, written
 # or not. Writes only over a job that is not final yet: a result is stored once (and a cancelled
-# job's is discarded, counted as such). The write comes first (SET ...
-# GET, one command where a read and a write would be two) and is undone where the record was
-# final already, or not a record. If a later delivery started the job again meanwhile, the
-# stored record keeps that higher attempt count. Answers per job 1 written, 0 final already (a
+# job's is discarded, counted as such). The write comes first, with its TTL (SET ... EX GET,
+# one command where a read, a write and an EXPIRE would be three), and is undone where the
+# record was final already (put back with the expiry it had: ``put_back``), or not a record.
+# What a job key holds that is not a record is put back too, with the result's TTL from now:
+# its own expiry is unknown without one command more per result, and a job key is this
+# service's, so that whatever else lies there goes when a record would, never stays for good.
+# If a later delivery started the job again meanwhile, the stored record keeps that higher
+# attempt count. Answers per job 1 written, 0 final already (a
 # duplicate), -1 no record. After the jobs: now (µs), then each job's batch ('' for none): a
 # job of a batch is counted in it (``batch_final``) and its event names it.
 _FINISH = _lua(
@@ -324,11 +328,25 @@ _FINISH = _lua(
 local maxlen, n = ARGV[1], tonumber(ARGV[2])
 local events, now = KEYS[n + 1], tonumber(ARGV[3 * n + 4])
 local counts, out, ids, written, batches = {}, {}, {}, 0, {}
+-- Puts the final record ``old`` back at ``key`` with the expiry it had: its TTL from when it
+-- ended, both read from its header (``end_as`` and a stored result set that expiry at its end
+-- time, give or take the moment between a result and its store, and clock skew). Never later
+-- than its TTL from now (a clock ahead, or no end time), never sooner than a second from now
+-- (a PXAT in the past would delete it).
+local function put_back(key, old)
+  local finished = 0
+  for j = $time_bytes - 1, 0, -1 do finished = finished * 256 + string.byte(old, FINISHED + j) end
+  local _, ttl = optional(old)
+  local t = redis.call('TIME')
+  local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
+  local at = math.min(math.floor(finished / 1000) + ttl * 1000, now_ms + ttl * 1000)
+  redis.call('SET', key, old, 'PXAT', string.format('%d', math.max(at, now_ms + 1000)))
+end
 for i = 1, n do
   local key, ttl, value = KEYS[i], ARGV[3 * i + 2], ARGV[3 * i + 3]
   local stats = KEYS[n + 1 + tonumber(ARGV[3 * i + 1])]
   ids[i] = string.sub(key, $id_from)
-  local old = redis.pcall('SET', key, value, 'XX', 'KEEPTTL', 'GET')
+  local old = redis.pcall('SET', key, value, 'XX', 'EX', ttl, 'GET')
   local counter = nil
   if type(old) == 'table' then
     if not string.find(tostring(old.err), 'WRONGTYPE') then return old end
@@ -336,10 +354,10 @@ for i = 1, n do
   elseif not old then
     out[i] = -1
   elseif not is_record(old) then
-    redis.call('SET', key, old, 'KEEPTTL')
+    redis.call('SET', key, old, 'KEEPTTL')  -- with the result's TTL: see above
     out[i] = -1
   elseif FINAL[string.sub(old, STATUS, STATUS)] then
-    redis.call('SET', key, old, 'KEEPTTL')
+    put_back(key, old)
     out[i] = 0
     counter = string.sub(old, STATUS, STATUS) == $cancelled and 'discarded' or 'duplicate'
   else
@@ -347,7 +365,6 @@ for i = 1, n do
     if was > attempts(value) then
       redis.call('SETRANGE', key, ATTEMPTS_AT, le16(was))
     end
-    redis.call('EXPIRE', key, ttl)
     counter = NAMES[string.sub(value, STATUS, STATUS)]
     local batch = ARGV[3 * n + 4 + i]
     event(events, ids[i], counter, batch)

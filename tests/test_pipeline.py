@@ -56,7 +56,15 @@ def store() -> CountingStore:
     return CountingStore()
 
 
-def _pipeline(model: Tiny, store: JobStore, max_batch: int = 8, wait_s: float = 0.2) -> Pipeline:
+def _pipeline(
+    model: Tiny,
+    store: JobStore,
+    max_batch: int = 8,
+    wait_s: float = 0.2,
+    *,
+    store_batch: int = 64,
+    store_wait_s: float = 0.005,
+) -> Pipeline:
     loaded = LoadedModel(
         "tiny", model, ImageClassification(crop_size=4, resize_size=4), LABELS, "test", False
     )
@@ -68,7 +76,15 @@ def _pipeline(model: Tiny, store: JobStore, max_batch: int = 8, wait_s: float = 
         compile=False,
         batch_size=max_batch,
     )
-    return Pipeline(classifier, store, Metrics("tiny"), max_batch=max_batch, max_wait_s=wait_s)
+    return Pipeline(
+        classifier,
+        store,
+        Metrics("tiny"),
+        max_batch=max_batch,
+        max_wait_s=wait_s,
+        store_batch=store_batch,
+        store_wait_s=store_wait_s,
+    )
 
 
 def _item(store: JobStore, n: int, value: float) -> WorkItem:
@@ -166,6 +182,104 @@ def test_items_handed_over_together_are_split_into_batches_and_each_resolved(tin
     assert all(r.status == "done" for r in records)
     assert max(tiny.calls) <= 4 and sum(tiny.calls) == 10
     assert 1 in tiny.calls
+
+
+# A store wait no test lives to see: a result stored under it was not held back by the wait.
+FOREVER_S = 3600.0
+
+
+def test_results_of_several_device_batches_in_flight_are_stored_in_one_call(tiny, store) -> None:
+    items = [_item(store, n, 0.5) for n in range(6)]
+    pipeline = _pipeline(tiny, store, max_batch=1, store_wait_s=FOREVER_S)
+    pipeline.start()
+    pipeline.expect(len(items))
+    try:
+        for item in items:  # each runs alone (batches of one); the rest are still expected
+            pipeline.submit(item)
+        records = [i.done.result(timeout=10) for i in items]
+    finally:
+        assert pipeline.close(timeout_s=10)
+    assert tiny.calls == [1] * 6
+    assert store.round_trips == [6]
+    assert all(r.status == "done" for r in records)
+
+
+def test_the_store_stops_gathering_once_it_holds_a_store_batch(tiny, store) -> None:
+    items = [_item(store, n, 0.5) for n in range(6)]
+    pipeline = _pipeline(tiny, store, max_batch=1, store_batch=2, store_wait_s=FOREVER_S)
+    pipeline.start()
+    pipeline.expect(len(items))
+    try:
+        for item in items:
+            pipeline.submit(item)
+        records = [i.done.result(timeout=10) for i in items]
+    finally:
+        assert pipeline.close(timeout_s=10)
+    assert store.round_trips == [2, 2, 2]
+    assert all(r.status == "done" for r in records)
+
+
+def test_a_lone_job_is_stored_at_once_whatever_the_store_wait(tiny, store) -> None:
+    pipeline = _pipeline(tiny, store, store_wait_s=FOREVER_S)
+    pipeline.start()
+    try:
+        first = pipeline.submit(_item(store, 0, 0.5)).result(timeout=10)
+        assert store.round_trips == [1]
+        second = pipeline.submit(_item(store, 1, 0.5)).result(timeout=10)
+    finally:
+        assert pipeline.close(timeout_s=10)
+    assert store.round_trips == [1, 1]
+    assert (first.status, second.status) == ("done", "done")
+
+
+def test_the_store_stops_gathering_once_the_store_wait_is_over(tiny, store) -> None:
+    pipeline = _pipeline(tiny, store, max_batch=1, store_wait_s=0.0)
+    pipeline.start()
+    pipeline.expect(2)
+    try:
+        first = pipeline.submit(_item(store, 0, 0.5)).result(timeout=10)  # the other still due
+        assert store.round_trips == [1]
+        second = pipeline.submit(_item(store, 1, 0.5)).result(timeout=10)
+    finally:
+        assert pipeline.close(timeout_s=10)
+    assert store.round_trips == [1, 1]
+    assert (first.status, second.status) == ("done", "done")
+
+
+def test_close_stores_every_gathered_result_without_waiting_for_the_rest(tiny, store) -> None:
+    items = [_item(store, n, 0.5) for n in range(5)]
+    pipeline = _pipeline(tiny, store, max_batch=2, store_wait_s=FOREVER_S)
+    pipeline.start()
+    pipeline.expect(len(items) + 3)  # three of them never come
+    pipeline.submit_many(items)
+    assert pipeline.close(timeout_s=10)
+    assert sum(store.round_trips) == 5
+    assert [i.done.result(timeout=0).status for i in items] == ["done"] * 5
+    assert [store.get(i.job.id).status for i in items] == ["done"] * 5
+
+
+class FailingStore(CountingStore):
+    """A store whose every write fails for good (an error no retry helps)."""
+
+    def finish_many(self, jobs: list[Job]) -> list[bool]:
+        self.round_trips.append(len(jobs))
+        raise RuntimeError("the write failed")
+
+
+def test_gathered_results_that_cannot_be_stored_fail_their_futures(tiny) -> None:
+    store = FailingStore()
+    items = [_item(store, n, 0.5) for n in range(4)]
+    pipeline = _pipeline(tiny, store, max_batch=1, store_wait_s=FOREVER_S)
+    pipeline.start()
+    pipeline.expect(len(items))
+    try:
+        for item in items:
+            pipeline.submit(item)
+        errors = [i.done.exception(timeout=10) for i in items]
+    finally:
+        assert pipeline.close(timeout_s=10)
+    assert store.round_trips == [4]
+    assert all(isinstance(e, RuntimeError) for e in errors)
 
 
 class StuckStore(CountingStore):

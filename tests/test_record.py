@@ -253,3 +253,39 @@ def test_a_redis_that_forgot_the_scripts_still_creates_claims_and_finishes(
     assert store.finish_many([_top5(claim.job, 1.8e9 + 2)]) == [False]  # written once
     finished = store.get("f1")
     assert finished is not None and finished.status == "done" and finished.attempts == 1
+
+
+@pytest.mark.parametrize("first_ends", ["done", "cancelled"])
+def test_a_late_result_leaves_the_final_record_and_its_ttl_as_they_were(
+    redis_client: redis.Redis, first_ends: str
+) -> None:
+    redis_client.flushdb()
+    store = JobStore(redis_client)
+    job = replace(_job("late"), ttl_s=5_000)
+    store.create_many([job])
+    if first_ends == "done":
+        assert store.finish_many([_top5(job, time.time())]) == [True]
+    else:
+        store.cancel_many([job.id], time.time())
+    key = keys.job_key(job.id)
+    before, ttl_before = redis_client.get(key), redis_client.pttl(key)
+
+    late = replace(job, ttl_s=90_000).failed(ErrorInfo("x", "late"), time.time())
+    assert store.finish_many([late]) == [False]
+
+    assert redis_client.get(key) == before
+    assert abs(redis_client.pttl(key) - ttl_before) <= 1_000
+
+
+def test_a_result_for_a_key_holding_no_record_leaves_the_value_to_expire_with_the_result(
+    redis_client: redis.Redis,
+) -> None:
+    redis_client.flushdb()
+    key = keys.job_key("stray")
+    redis_client.set(key, b"not a record")  # no TTL: it would stay for good
+
+    result = replace(_job("stray"), ttl_s=5_000).failed(ErrorInfo("x", "y"), time.time())
+    assert JobStore(redis_client).finish_many([result]) == [False]
+
+    assert redis_client.get(key) == b"not a record"
+    assert 0 < redis_client.ttl(key) <= 5_000

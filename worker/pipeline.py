@@ -4,7 +4,9 @@ Three threads, each a stage, joined by bounded queues, so the stages overlap:
 
     assemble  waits for up to ``max_batch`` items or ``max_wait_s``, and builds the device batch
     infer     runs the forward pass, softmax and top-k; a failing batch is split to find the culprit
-    store     writes every final record of a batch, and announces them, in one Redis round trip
+    store     writes final records, and announces them, in one Redis round trip: while more items
+              are in flight it gathers the results of several device batches, up to
+              ``store_batch`` or ``store_wait_s`` (each call costs Redis per command it runs)
 
 Every item leaves with exactly one final record: done or failed. Its future resolves only once
 that record is stored, so the Celery task that owns it can acknowledge its message.
@@ -30,6 +32,7 @@ from contract.shards import ShardedStore
 from worker.inference import Classifier, Payload, TopK
 from worker.metrics import Metrics
 from worker.resilience import retry_redis
+from worker.settings import STORE_BATCH, STORE_WAIT_MS
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class Pipeline:
         *,
         max_batch: int,
         max_wait_s: float,
+        store_batch: int = STORE_BATCH,
+        store_wait_s: float = STORE_WAIT_MS / 1000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.classifier = classifier
@@ -80,12 +85,17 @@ class Pipeline:
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.store_batch = max(store_batch, max_batch)
+        self.store_wait_s = store_wait_s
         self.clock = clock
         self._inbox: queue.Queue[list[WorkItem] | _Stop] = queue.Queue()
         # Items taken from the inbox but not batched yet (only the assemble thread uses it).
         self._pending: deque[WorkItem] = deque()
         self._lock = threading.Lock()
+        # Items announced by ``expect`` and not submitted yet.
         self._expected = 0
+        # Items expected or submitted that have not reached the store stage yet.
+        self._in_flight = 0
         self._to_infer: queue.Queue[_Batch | _Stop] = queue.Queue(maxsize=2)
         self._to_store: queue.Queue[list[WorkItem] | _Stop] = queue.Queue()
         self._threads = [
@@ -112,6 +122,7 @@ class Pipeline:
         """Say that ``count`` items are being fetched and will be submitted soon."""
         with self._lock:
             self._expected += count
+            self._in_flight += count
 
     def submit(self, item: WorkItem) -> Future[Job]:
         self.submit_many([item])
@@ -122,7 +133,9 @@ class Pipeline:
         if not items:
             return
         with self._lock:
-            self._expected = max(0, self._expected - len(items))
+            announced = min(self._expected, len(items))
+            self._expected -= announced
+            self._in_flight += len(items) - announced
         self._inbox.put(items)
 
     def _more_coming(self) -> bool:
@@ -262,20 +275,33 @@ class Pipeline:
             self._store(items)
 
     def _drain(self) -> list[WorkItem] | None:
-        """Everything finished so far, so that one round trip stores it all."""
+        """What to store in one round trip: what has finished so far and, while more items are
+        in flight, what finishes next, until there are ``store_batch`` or the store wait since
+        the first is over. With nothing else in flight (a lone job at idle) it stores at once."""
         first = self._to_store.get()
         if isinstance(first, _Stop):
             return None
         items = list(first)
-        while True:
+        deadline = time.monotonic() + self.store_wait_s
+        more = self._reached_store(len(first))
+        while more and len(items) < self.store_batch:
             try:
-                more = self._to_store.get_nowait()
+                # After the deadline this still takes what is queued already, without waiting.
+                got = self._to_store.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                return items
-            if isinstance(more, _Stop):
-                self._to_store.put(_STOP)
-                return items
-            items.extend(more)
+                break
+            if isinstance(got, _Stop):
+                self._to_store.put(_STOP)  # handled once these are stored
+                break
+            items.extend(got)
+            more = self._reached_store(len(got))
+        return items
+
+    def _reached_store(self, count: int) -> bool:
+        """Count ``count`` items out of flight; True while others are still on their way."""
+        with self._lock:
+            self._in_flight = max(0, self._in_flight - count)
+            return self._in_flight > 0
 
     def _store(self, items: list[WorkItem]) -> None:
         now = self.clock()

@@ -14,6 +14,13 @@ GPU_BATCH_SIZE = 256
 CPU_BATCH_SIZE = 8
 # Longest wait for a batch to fill before running it anyway.
 MAX_WAIT_MS = 5.0
+# Results the store stage gathers for one Redis call (at least a device batch) while more jobs
+# are in flight: the finish script's per-call cost is paid once for all of them, where one call
+# per CPU batch of 8 cost Redis most of its CPU per job (issue 10).
+STORE_BATCH = 64
+# Longest wait, once a result is ready, for more to store with it while more jobs are in flight;
+# with none in flight a result is stored at once.
+STORE_WAIT_MS = 5.0
 # Threads that fetch and decode images while the device computes.
 IO_THREADS = 16
 # Pixels above which an image is refused as a decompression bomb (about 90 megapixels).
