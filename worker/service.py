@@ -213,7 +213,8 @@ class Service:
             if len(loaded) >= handover or not waiting:
                 self.pipeline.submit_many(loaded)
                 loaded = []
-        self.pipeline.submit_many(loaded)
+        if loaded:  # another thread took the last job while this one loaded
+            self.pipeline.submit_many(loaded)
 
     def load_image(self, item: WorkItem) -> None:
         """Fetch and decode one job's image into ``item``: a payload, or the error that ends it."""
