@@ -1,8 +1,9 @@
 """What each step of a job costs Redis: ``JobStore`` alone on a private redis-server (issue 10).
 
 No worker, no Celery: jobs like the host path's (a 68-character path, a version, top-5 results)
-are created, claimed in messages of 64, finished in batches of 8 (the worker's batch when
-it keeps up) and read back once, and each
+are created, claimed in messages of 64, finished ``--finish-batch`` to a call (8 by default: a
+CPU batch stored alone; the worker's store stage gathers up to 64 while more are in flight) and
+read back once, and each
 step's Redis CPU (``INFO cpu``) and command time (``INFO commandstats``) is divided by the jobs.
 Best of ``--repeat`` per step. Also MEMORY USAGE of one finished record.
 

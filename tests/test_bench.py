@@ -141,3 +141,15 @@ def test_store_cost_measures_each_step_of_a_job(tmp_path: Path) -> None:
     assert "set" in report["commands_per_job"]["create"]
     assert "evalsha" in report["commands_per_job"]["finish"]
     assert 0 < report["memory_usage_finished_record"] <= 300
+
+
+def test_host_threads_measures_the_load_per_image_at_each_thread_count(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "bench.host_threads", "--images", "6", "--rounds", "2"]
+    cmd += ["--threads", "1,3", "--out", str(tmp_path / "threads.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    report = json.loads((tmp_path / "threads.json").read_text())
+    assert [r["threads"] for r in report["runs"]] == [1, 3]
+    for run in report["runs"]:
+        assert run["cpu_us_per_image"] > 0 and run["wall_us_per_image"] > 0, report
