@@ -36,11 +36,12 @@ from bench.e2e import WAIT_PER_JOB_S, delete_jobs, submit
 from bench.images import ImageSet, image_pool
 from bench.report import record
 from bench.services import RedisServer, WorkerPool
-from contract import defaults, keys
+from contract import defaults, keys, registry
 from contract.job import DONE
 from contract.shards import shard_of
 from producer.client import Client
 from worker.settings import GPU_BATCH_SIZE, GPU_CONCURRENCY
+from worker.supervisor import cpu_count
 
 # The queue name the null model is served under.
 NULL_MODEL = "null"
@@ -57,10 +58,12 @@ READY_TIMEOUT_S = 120
 # The paths measured: the CPU path, and the GPU path on a device stand-in (bench.standin).
 CPU_PATH = "cpu"
 GPU_STAND_IN = "gpu-stand-in"
-# How each path's workers start: the module run, and flags after the common ones (the stand-in
-# runs on the CPU, so it is given the GPU defaults a GPU worker would pick for itself).
+# How each path's workers start: the module run, and flags after the common ones. The CPU path's
+# worker keeps its default layout (one process per core, each with one torch thread and one host
+# thread); the stand-in is one process (its children would be plain workers), and runs on the
+# CPU, so it is given the GPU defaults a GPU worker would pick for itself.
 PATH_WORKERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    CPU_PATH: ("worker", ()),
+    CPU_PATH: ("worker", ("--processes", "auto")),
     GPU_STAND_IN: (
         "bench.standin_worker",
         ("--batch-size", str(GPU_BATCH_SIZE), "--concurrency", str(GPU_CONCURRENCY)),
@@ -119,11 +122,17 @@ class HostPathResult:
 
 
 def process_tree_cpu_s(pid: int) -> float:
-    """User plus system CPU seconds of a process and its waited-for children (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    """User plus system CPU seconds of a process, its waited-for children, and its live
+    descendants (a worker started with ``--processes auto`` serves in its children; Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except FileNotFoundError:  # exited since it was listed: its parent counts it as waited for
+        return 0.0
     ticks = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return ticks / os.sysconf("SC_CLK_TCK") + sum(process_tree_cpu_s(c) for c in children)
 
 
 def producer_cpu_s() -> float:
@@ -210,7 +219,14 @@ class HostPath:
             server.stop()
 
     def grow(self, workers: int) -> None:
+        """Start workers until ``workers`` run, and wait until every process of each serves."""
         self.pool.ensure(workers, READY_TIMEOUT_S)
+        per_worker = cpu_count() if self.path == CPU_PATH else 1
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while len(registry.live_workers(self.admin, NULL_MODEL)) < workers * per_worker:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not every process of {workers} worker(s) serves")
+            time.sleep(0.2)
 
     def measure(self, n: int) -> HostPathResult:
         pids = list(self.pool.pids().values())

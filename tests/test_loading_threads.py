@@ -77,3 +77,10 @@ def test_the_host_thread_hands_local_jobs_over_a_batch_at_a_time() -> None:
     uris = [f"/data/{n}.jpg" for n in range(20)]
     _start(_service(recorder, host_threads=1), recorder, uris)
     assert recorder.handovers == [uris[:8], uris[8:16], uris[16:]]
+
+
+def test_a_gpu_batch_is_handed_over_in_parts_so_the_first_jobs_need_not_wait_for_it_all() -> None:
+    recorder = Recorder(max_batch=256)
+    uris = [f"/data/{n}.jpg" for n in range(130)]
+    _start(_service(recorder, host_threads=1), recorder, uris)
+    assert [len(h) for h in recorder.handovers] == [64, 64, 2]

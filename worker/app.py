@@ -122,14 +122,10 @@ def setup(settings: Settings) -> Runtime:
         classifier, store, metrics, max_batch=batch_size, max_wait_s=settings.max_wait_ms / 1000
     )
     io_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="io")
-    # Where the host preprocesses, local files are loaded by as many threads as the process
-    # has torch threads (the cores it was given): worker.service.Service._start says why.
+    # Local files are loaded by as many threads as the process has torch threads (the cores it
+    # was given): worker.service.Service._start says why.
     host_threads = torch.get_num_threads()
-    host_pool = (
-        None
-        if classifier.device_preprocess
-        else ThreadPoolExecutor(host_threads, thread_name_prefix="host")
-    )
+    host_pool = ThreadPoolExecutor(host_threads, thread_name_prefix="host")
     info = ModelInfo(
         settings.model,
         loaded.weights_id,

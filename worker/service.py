@@ -39,6 +39,7 @@ from worker.inference import Classifier, Payload, PayloadKind, crop_on_host
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline, WorkItem
 from worker.resilience import retry_redis
+from worker.settings import HOST_HANDOVER
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +169,9 @@ class Service:
     def _start(self, jobs: list[Job]) -> list[WorkItem]:
         """Load the jobs and hand them to the pipeline; returns at once.
 
-        Local files, where the host preprocesses (a CPU device), go to the host threads: there
-        the whole load is CPU work, and many threads taking turns at one GIL cost more CPU than
-        the work itself (README "Per-job cost"). Everything else goes to the I/O threads, each
+        Local files go to the host threads (as many as the process has cores): there the whole
+        load is CPU work, and many threads taking turns at one GIL cost more CPU than the work
+        itself (README "Per-job cost"). Everything else goes to the I/O threads, each
         taking the next job as it comes free: a slow source (up to the fetch deadline) holds up
         only the thread it is on. One task per thread, not per job: each task costs a future, a
         lock and a thread woken, more than a local file's fetch."""
@@ -186,7 +187,8 @@ class Service:
         local = [is_local(i.job.uri) for i in items]
         on_host = [i for i, here in zip(items, local, strict=True) if here]
         elsewhere = [i for i, here in zip(items, local, strict=True) if not here]
-        self._spread(self.host_pool, self.host_threads, on_host, self.pipeline.max_batch)
+        handover = min(self.pipeline.max_batch, HOST_HANDOVER)
+        self._spread(self.host_pool, self.host_threads, on_host, handover)
         self._spread(self.io_pool, self.io_threads, elsewhere, 1)
         return items
 

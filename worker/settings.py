@@ -21,8 +21,13 @@ STORE_BATCH = 64
 # Longest wait, once a result is ready, for more to store with it while more jobs are in flight;
 # with none in flight a result is stored at once.
 STORE_WAIT_MS = 5.0
-# Threads that fetch and decode images while the device computes.
+# Threads that fetch and decode images from the network while the device computes (local files
+# are loaded by the host threads: one per core the process has).
 IO_THREADS = 16
+# Most jobs a host thread hands to the pipeline at once (a device batch, if smaller): each
+# hand-over wakes the pipeline's assemble thread, and a GPU batch of 256 should not wait for one
+# thread to load all of it.
+HOST_HANDOVER = 64
 # Pixels above which an image is refused as a decompression bomb (about 90 megapixels).
 MAX_PIXELS = 90_000_000
 # Pixels the preprocessing's resize may produce from one image (a 1x20000 PNG resized to a
