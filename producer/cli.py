@@ -638,7 +638,8 @@ def status(redis_url: str, models: tuple[str, ...], interval: float, as_json: bo
     """Each model's queue depth, oldest queued job, live workers and recent throughput.
 
     QUEUED counts queue messages (each carries up to --chunk-size jobs); WORKERS counts
-    workers with a live heartbeat; JOBS/S is jobs finished per second over --interval.
+    workers with a live heartbeat; DONE, FAILED, CANCELLED and EXPIRED count the jobs that
+    ended so; JOBS/S is jobs run to the end (done or failed) per second over --interval.
     """
     from producer import status as pool
 
@@ -672,12 +673,20 @@ def _status_row(before: Any, after: Any | None) -> dict[str, Any]:
         "live_workers": len(latest.workers),
         "done": latest.done,
         "failed": latest.failed,
+        "cancelled": latest.cancelled,
+        "expired": latest.expired,
         "jobs_per_s": None if after is None else round(throughput(before, after), 2),
     }
 
 
+STATUS_COLUMNS = (
+    *("MODEL", "QUEUED", "OLDEST_S", "WORKERS"),
+    *("DONE", "FAILED", "CANCELLED", "EXPIRED", "JOBS/S"),
+)
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
-    header = ("MODEL", "QUEUED", "OLDEST_S", "WORKERS", "DONE", "FAILED", "JOBS/S")
+    header = STATUS_COLUMNS
     lines = [header] + [
         (
             r["model"],
@@ -686,6 +695,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
             str(r["live_workers"]),
             str(r["done"]),
             str(r["failed"]),
+            str(r["cancelled"]),
+            str(r["expired"]),
             "-" if r["jobs_per_s"] is None else f"{r['jobs_per_s']:.1f}",
         )
         for r in rows

@@ -28,6 +28,9 @@ class ModelStatus:
     done: int
     failed: int
     at: float
+    # Jobs that ended without being run to the end: cancelled by a caller, or past their deadline.
+    cancelled: int = 0
+    expired: int = 0
 
     @property
     def finished(self) -> int:
@@ -49,6 +52,8 @@ def model_status(
         done=stats.get("done", 0),
         failed=stats.get("failed", 0),
         at=now,
+        cancelled=stats.get("cancelled", 0),
+        expired=stats.get("expired", 0),
     )
 
 

@@ -24,7 +24,8 @@ from tests.support_gateway import register_idle_model
 
 MODEL = "mobilenet_v3_small"
 IDLE = "idle-model"
-HEADER = ["MODEL", "QUEUED", "OLDEST_S", "WORKERS", "DONE", "FAILED", "JOBS/S"]
+HEADER = ["MODEL", "QUEUED", "OLDEST_S", "WORKERS", "DONE", "FAILED", "CANCELLED", "EXPIRED"]
+HEADER += ["JOBS/S"]
 
 
 def _status(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -63,8 +64,19 @@ def test_throughput_is_jobs_finished_per_second_between_two_samples() -> None:
     after = status.snapshot(fake, clock=lambda: 104.0)[0]
 
     assert (before.finished, after.finished) == (12, 48)
+    assert (after.cancelled, after.expired) == (0, 0)
     assert status.throughput(before, after) == 9.0
     assert status.throughput(after, after) == 0.0
+
+
+def test_a_snapshot_counts_jobs_cancelled_and_expired_apart_from_those_run() -> None:
+    fake = fakeredis.FakeRedis()
+    registry.register_model(fake, registry.ModelInfo(IDLE, "none", True, 1000))
+    fake.hset(keys.stats_key(IDLE), mapping={"done": 4, "cancelled": 2, "expired": 1})
+    state = status.snapshot(fake, clock=lambda: 100.0)[0]
+
+    assert (state.done, state.failed, state.cancelled, state.expired) == (4, 0, 2, 1)
+    assert state.finished == 4
 
 
 def test_status_shows_queue_depth_live_workers_and_counts(
@@ -77,7 +89,8 @@ def test_status_shows_queue_depth_live_workers_and_counts(
     try:
         jobs = client.submit_many([*images, str(tmp_path / "missing.jpg")], model=MODEL)
         client.wait_many([j.id for j in jobs], 60)
-        client.submit_many(["waiting.jpg"] * 3, model=IDLE)
+        waiting = client.submit_many(["waiting.jpg"] * 3, model=IDLE)
+        client.cancel(waiting[0].id)
     finally:
         client.close()
 
@@ -93,8 +106,9 @@ def test_status_shows_queue_depth_live_workers_and_counts(
     assert rows[IDLE]["jobs_per_s"] is None  # --interval 0 takes one sample only
     assert table[0].split() == HEADER
     idle_row = table[1].split()
-    assert idle_row[:2] == [IDLE, "1"] and idle_row[3:] == ["0", "0", "0", "-"]
-    assert table[2].split() == [MODEL, "0", "-", "1", "3", "1", "-"]
+    assert idle_row[:2] == [IDLE, "1"] and idle_row[3:] == ["0", "0", "0", "1", "0", "-"]
+    assert table[2].split() == [MODEL, "0", "-", "1", "3", "1", "0", "0", "-"]
+    assert (rows[IDLE]["cancelled"], rows[IDLE]["expired"]) == (1, 0)
 
 
 def test_status_reports_recent_throughput_over_its_interval(
