@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from worker.cli import _settings, cpu_thread_env, main
@@ -31,6 +32,15 @@ def test_an_environment_variable_sets_its_flag(monkeypatch) -> None:
     monkeypatch.setenv("IMGCLS_CROP", "32")
     ctx = main.make_context("worker", ["--model", "m", "--device", "cpu"])
     assert _settings(ctx.params).preprocess.crop == 32
+
+
+def test_host_threads_default_to_the_cores_and_refuse_zero(monkeypatch) -> None:
+    monkeypatch.setenv("IMGCLS_HOST_THREADS", "3")
+    ctx = main.make_context("worker", ["--model", "m", "--device", "cpu"])
+    assert _settings(ctx.params).host_threads == 3
+    assert Settings(model="m").host_threads is None  # setup() takes torch's thread count
+    with pytest.raises(ValueError, match="--host-threads must be >= 1"):
+        Settings(model="m", host_threads=0).validate()
 
 
 def test_openmp_threads_sleep_between_batches_unless_the_operator_chose() -> None:

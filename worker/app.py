@@ -123,8 +123,8 @@ def setup(settings: Settings) -> Runtime:
     )
     io_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="io")
     # Local files are loaded by as many threads as the process has torch threads (the cores it
-    # was given): worker.service.Service._start says why.
-    host_threads = torch.get_num_threads()
+    # was given) unless told: worker.service.Service._start says why.
+    host_threads = settings.host_threads or torch.get_num_threads()
     host_pool = ThreadPoolExecutor(host_threads, thread_name_prefix="host")
     info = ModelInfo(
         settings.model,

@@ -168,7 +168,14 @@ def _show_envvars(command: click.Command) -> click.Command:
     "--io-threads",
     envvar="IMGCLS_IO_THREADS",
     default=worker_defaults.IO_THREADS,
-    help="Threads fetching and decoding images while the device computes.",
+    help="Threads fetching and decoding images from S3 and http(s) while the device computes.",
+)
+@click.option(
+    "--host-threads",
+    envvar="IMGCLS_HOST_THREADS",
+    type=int,
+    help="Threads loading local files [default: the process's torch threads, one per core it "
+    "has]; more where local paths are a network file system that can stall.",
 )
 @click.option(
     "--concurrency",
@@ -429,6 +436,7 @@ def _settings(o: dict[str, Any]) -> Settings:
         batch_size=o["batch_size"],
         max_wait_ms=o["max_wait_ms"],
         io_threads=o["io_threads"],
+        host_threads=o["host_threads"],
         concurrency=o["concurrency"] or _default_concurrency(o["device"]),
         allowed_roots=roots,
         max_bytes=o["max_bytes"],

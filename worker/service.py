@@ -85,7 +85,7 @@ class Service:
         self.dead_letters = dead_letters
         self.io_pool = io_pool
         self.io_threads = io_threads
-        # Threads that load local files where the host preprocesses (None: the I/O threads do).
+        # Threads that load local files (None: the I/O threads do).
         self.host_pool = host_pool
         self.host_threads = host_threads
         self.decode_policy = decode_policy
@@ -169,11 +169,11 @@ class Service:
     def _start(self, jobs: list[Job]) -> list[WorkItem]:
         """Load the jobs and hand them to the pipeline; returns at once.
 
-        Local files go to the host threads (as many as the process has cores): there the whole
-        load is CPU work, and many threads taking turns at one GIL cost more CPU than the work
-        itself (README "Per-job cost"). Everything else goes to the I/O threads, each
-        taking the next job as it comes free: a slow source (up to the fetch deadline) holds up
-        only the thread it is on. One task per thread, not per job: each task costs a future, a
+        Local files go to the host threads (by default one per core the process has): there the
+        whole load is CPU work, and many threads taking turns at one GIL cost more CPU than the
+        work itself (README "Per-job cost"). Everything else goes to the I/O threads, each taking
+        the next job as it comes free: a slow source (up to the fetch deadline) holds up only
+        the thread it is on. One task per thread, not per job: each task costs a future, a
         lock and a thread woken, more than a local file's fetch."""
         if not jobs:
             return []

@@ -109,6 +109,8 @@ class Settings:
     batch_size: int | None = None
     max_wait_ms: float = MAX_WAIT_MS
     io_threads: int = IO_THREADS
+    # Threads that load local files; None: as many as the process has torch threads.
+    host_threads: int | None = None
     concurrency: int = CPU_CONCURRENCY
     allowed_roots: tuple[Path, ...] = ()
     max_bytes: int = MAX_BYTES
@@ -136,6 +138,7 @@ class Settings:
         _check(self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1")
         _check(self.max_wait_ms >= 0, "--max-wait-ms must be >= 0")
         _check(self.io_threads >= 1, "--io-threads must be >= 1")
+        _check(self.host_threads is None or self.host_threads >= 1, "--host-threads must be >= 1")
         _check(self.concurrency >= 1, "--concurrency must be >= 1")
         _check(self.max_attempts >= 1, "--max-attempts must be >= 1")
         _check(self.visibility_timeout_s >= 5, "--visibility-timeout must be at least 5 seconds")
