@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import fakeredis
 import pytest
@@ -84,7 +85,20 @@ def _pipeline(
         max_wait_s=wait_s,
         store_batch=store_batch,
         store_wait_s=store_wait_s,
+        inline_infer=_INLINE_INFER[0],
     )
+
+
+# Whether the pipelines built here run inference on the assemble thread (as on a CPU device) or
+# on their own infer thread (as on a GPU): every test runs both ways.
+_INLINE_INFER = [False]
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["infer-thread", "inline-infer"])
+def _infer_where(request: pytest.FixtureRequest) -> Iterator[None]:
+    _INLINE_INFER[0] = request.param
+    yield
+    _INLINE_INFER[0] = False
 
 
 def _item(store: JobStore, n: int, value: float) -> WorkItem:

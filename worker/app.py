@@ -119,7 +119,12 @@ def setup(settings: Settings) -> Runtime:
     metrics = Metrics(settings.model)
     dead_letters = DeadLetters(client, settings.worker_id)
     pipeline = Pipeline(
-        classifier, store, metrics, max_batch=batch_size, max_wait_s=settings.max_wait_ms / 1000
+        classifier,
+        store,
+        metrics,
+        max_batch=batch_size,
+        max_wait_s=settings.max_wait_ms / 1000,
+        inline_infer=device.type == "cpu",
     )
     io_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="io")
     # Local files are loaded by as many threads as the process has torch threads (the cores it

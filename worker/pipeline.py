@@ -78,6 +78,7 @@ class Pipeline:
         max_wait_s: float,
         store_batch: int = STORE_BATCH,
         store_wait_s: float = STORE_WAIT_MS / 1000,
+        inline_infer: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.classifier = classifier
@@ -87,6 +88,9 @@ class Pipeline:
         self.max_wait_s = max_wait_s
         self.store_batch = max(store_batch, max_batch)
         self.store_wait_s = store_wait_s
+        # The assemble thread runs each batch itself: on a CPU device the two stages would only
+        # take turns at the same cores and GIL, and the hand-over costs a wake-up a batch.
+        self.inline_infer = inline_infer
         self.clock = clock
         self._inbox: queue.Queue[list[WorkItem] | _Stop] = queue.Queue()
         # Items taken from the inbox but not batched yet (only the assemble thread uses it).
@@ -98,11 +102,14 @@ class Pipeline:
         self._in_flight = 0
         self._to_infer: queue.Queue[_Batch | _Stop] = queue.Queue(maxsize=2)
         self._to_store: queue.Queue[list[WorkItem] | _Stop] = queue.Queue()
+        stages = [self._assemble_loop, self._store_loop]
+        if not inline_infer:
+            stages.insert(1, self._infer_loop)
         self._threads = [
             threading.Thread(
                 target=self._guard, args=(f,), name=f"pipeline-{f.__name__[1:]}", daemon=True
             )
-            for f in (self._assemble_loop, self._infer_loop, self._store_loop)
+            for f in stages
         ]
 
     def start(self) -> None:
@@ -160,8 +167,17 @@ class Pipeline:
             if failed:
                 self._to_store.put(failed)
             if ready:
-                self._to_infer.put(self._assemble(ready))
-        self._to_infer.put(_STOP)
+                self._hand_on(self._assemble(ready))
+        self._hand_on(_STOP)
+
+    def _hand_on(self, batch: _Batch | _Stop) -> None:
+        """To the infer thread, or, inline, through inference here and on to the store."""
+        if not self.inline_infer:
+            self._to_infer.put(batch)
+        elif isinstance(batch, _Stop):
+            self._to_store.put(_STOP)
+        else:
+            self._infer_batch(batch)
 
     def _collect(self) -> list[WorkItem] | None:
         """Block for one item, then take more until the batch is full or the wait is over.
@@ -225,9 +241,12 @@ class Pipeline:
 
     def _infer_loop(self) -> None:
         while not isinstance(batch := self._to_infer.get(), _Stop):
-            if batch.items and batch.inputs is not None:
-                self._to_store.put(self._infer(batch.items, batch.inputs))
+            self._infer_batch(batch)
         self._to_store.put(_STOP)
+
+    def _infer_batch(self, batch: _Batch) -> None:
+        if batch.items and batch.inputs is not None:
+            self._to_store.put(self._infer(batch.items, batch.inputs))
 
     def _infer(self, items: list[WorkItem], inputs: torch.Tensor) -> list[WorkItem]:
         """Run the batch; if it fails, split it in halves until the failing item is alone."""
