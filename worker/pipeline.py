@@ -8,6 +8,9 @@ Three threads, each a stage, joined by bounded queues, so the stages overlap:
               are in flight it gathers the results of several device batches, up to
               ``store_batch`` or ``store_wait_s`` (each call costs Redis per command it runs)
 
+With ``inline_infer`` (a CPU device) the assemble thread runs the infer stage itself: there the
+two would only take turns at the same cores.
+
 Every item leaves with exactly one final record: done or failed. Its future resolves only once
 that record is stored, so the Celery task that owns it can acknowledge its message.
 """
