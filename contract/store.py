@@ -153,6 +153,12 @@ end
 local function le16(n)
   return string.char(n % 256, math.floor(n / 256))
 end
+-- The time (µs) ``le(n, $time_bytes)`` wrote at 1-based position ``at`` of ``v``.
+local function time_at(v, at)
+  local n = 0
+  for j = $time_bytes - 1, 0, -1 do n = n * 256 + string.byte(v, at + j) end
+  return n
+end
 -- A tagged field: its tag, its length (LEB128), its value.
 local function field(tag, value)
   local n, size = #value, ''
@@ -199,9 +205,7 @@ end
 local function optional(v)
   local flags, at, deadline, ttl = string.byte(v, HEAD), HEAD + 1, nil, $ttl
   if flags % 2 == 1 then
-    deadline = 0
-    for j = $time_bytes - 1, 0, -1 do deadline = deadline * 256 + string.byte(v, at + j) end
-    at = at + $time_bytes
+    deadline, at = time_at(v, at), at + $time_bytes
   end
   if math.floor(flags / 2) % 2 == 1 then
     local a, b, c, d = string.byte(v, at, at + 3)
@@ -334,8 +338,7 @@ local counts, out, ids, written, batches = {}, {}, {}, 0, {}
 -- than its TTL from now (a clock ahead, or no end time), never sooner than a second from now
 -- (a PXAT in the past would delete it).
 local function put_back(key, old)
-  local finished = 0
-  for j = $time_bytes - 1, 0, -1 do finished = finished * 256 + string.byte(old, FINISHED + j) end
+  local finished = time_at(old, FINISHED)
   local _, ttl = optional(old)
   local t = redis.call('TIME')
   local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)

@@ -235,23 +235,21 @@ def test_the_store_stops_gathering_once_it_holds_a_store_batch(tiny, store) -> N
 
 def test_a_lone_job_is_stored_at_once_whatever_the_store_wait(tiny, store) -> None:
     pipeline = _pipeline(tiny, store, store_wait_s=FOREVER_S)
-    pipeline.start()
-    try:
-        first = pipeline.submit(_item(store, 0, 0.5)).result(timeout=10)
-        assert store.round_trips == [1]
-        second = pipeline.submit(_item(store, 1, 0.5)).result(timeout=10)
-    finally:
-        assert pipeline.close(timeout_s=10)
-    assert store.round_trips == [1, 1]
-    assert (first.status, second.status) == ("done", "done")
+    _each_stored_alone(pipeline, store)
 
 
 def test_the_store_stops_gathering_once_the_store_wait_is_over(tiny, store) -> None:
     pipeline = _pipeline(tiny, store, max_batch=1, store_wait_s=0.0)
+    _each_stored_alone(pipeline, store, expected=2)  # the second still due when the first ends
+
+
+def _each_stored_alone(pipeline: Pipeline, store: CountingStore, expected: int = 0) -> None:
+    """Two jobs submitted one after the other (after announcing ``expected``): each is stored
+    in a round trip of its own, the first before the second is submitted."""
     pipeline.start()
-    pipeline.expect(2)
+    pipeline.expect(expected)
     try:
-        first = pipeline.submit(_item(store, 0, 0.5)).result(timeout=10)  # the other still due
+        first = pipeline.submit(_item(store, 0, 0.5)).result(timeout=10)
         assert store.round_trips == [1]
         second = pipeline.submit(_item(store, 1, 0.5)).result(timeout=10)
     finally:

@@ -361,8 +361,9 @@ def uri_scheme(uri: str) -> str:
 
 
 def is_local(uri: str) -> bool:
-    """True for a bare path or a file:// URI: read from this host's disk, not the network."""
-    return uri.startswith("/") or uri[:7].lower() == "file://"
+    """True for a bare path or a file:// URI: read from this host's disk, not the network (an
+    empty URI is neither; its fetch says why)."""
+    return bool(uri) and uri_scheme(uri) == "file"
 
 
 def local_path(uri: str) -> str:
