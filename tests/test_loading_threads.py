@@ -1,6 +1,6 @@
 """Where a message's jobs are loaded: local files on the host threads, handed to the pipeline a
-batch at a time, where the host preprocesses; everything that waits on the network on the I/O
-threads, handed over one by one."""
+batch at a time; everything that waits on the network on the I/O threads, handed over one by
+one."""
 
 from __future__ import annotations
 
@@ -38,16 +38,14 @@ class Recorder:
         self.loaded_on[item.job.uri] = threading.current_thread().name
 
 
-def _service(recorder: Recorder, host_threads: int | None) -> Service:
+def _service(recorder: Recorder, host_threads: int) -> Service:
     service = Service.__new__(Service)
     service.pipeline = recorder  # type: ignore[assignment]
     service.metrics = SimpleNamespace(stage=lambda *_: None)  # type: ignore[assignment]
     service.io_pool = ThreadPoolExecutor(4, thread_name_prefix="io")
     service.io_threads = 4
-    service.host_threads = host_threads or 1
-    service.host_pool = (
-        ThreadPoolExecutor(host_threads, thread_name_prefix="host") if host_threads else None
-    )
+    service.host_threads = host_threads
+    service.host_pool = ThreadPoolExecutor(host_threads, thread_name_prefix="host")
     service.load_image = recorder.load_image  # type: ignore[method-assign]
     return service
 
@@ -63,13 +61,6 @@ def test_local_files_load_on_the_host_threads_and_the_rest_on_the_io_threads() -
     _start(_service(recorder, host_threads=1), recorder, URIS)
     on = {uri: name.split("_")[0] for uri, name in recorder.loaded_on.items()}
     assert on == {URIS[0]: "host", URIS[1]: "io", URIS[2]: "host", URIS[3]: "io"}
-
-
-def test_without_host_threads_every_job_loads_on_the_io_threads() -> None:
-    recorder = Recorder(max_batch=8)
-    _start(_service(recorder, host_threads=None), recorder, URIS)
-    assert {name.split("_")[0] for name in recorder.loaded_on.values()} == {"io"}
-    assert sorted(len(h) for h in recorder.handovers) == [1, 1, 1, 1]
 
 
 def test_the_host_thread_hands_local_jobs_over_a_batch_at_a_time() -> None:

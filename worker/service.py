@@ -67,8 +67,8 @@ class Service:
         dead_letters: DeadLetters,
         io_pool: ThreadPoolExecutor,
         io_threads: int,
-        host_pool: ThreadPoolExecutor | None = None,
-        host_threads: int = 1,
+        host_pool: ThreadPoolExecutor,
+        host_threads: int,
         decode_policy: DecodePolicy,
         max_attempts: int,
         clock: Callable[[], float] = time.time,
@@ -85,7 +85,7 @@ class Service:
         self.dead_letters = dead_letters
         self.io_pool = io_pool
         self.io_threads = io_threads
-        # Threads that load local files (None: the I/O threads do).
+        # Threads that load local files.
         self.host_pool = host_pool
         self.host_threads = host_threads
         self.decode_policy = decode_policy
@@ -181,9 +181,6 @@ class Service:
         self.pipeline.expect(len(items))
         for job in jobs:
             self.metrics.stage("queue_wait", max(0.0, (job.started or 0) - (job.submitted or 0)))
-        if self.host_pool is None:
-            self._spread(self.io_pool, self.io_threads, items, 1)
-            return items
         local = [is_local(i.job.uri) for i in items]
         on_host = [i for i, here in zip(items, local, strict=True) if here]
         elsewhere = [i for i, here in zip(items, local, strict=True) if not here]
