@@ -12,8 +12,16 @@ from PIL import Image
 from torchvision.transforms._presets import ImageClassification
 from torchvision.transforms.functional import resize as tv_resize
 
-from contract.errors import TooLarge
-from worker.decode import DecodePolicy, decode_rgb, is_gpu_decodable, resized_size, rgb_uint8
+from contract.errors import NotAnImage, TooLarge
+from worker.decode import (
+    DecodePolicy,
+    decode_plain_jpeg,
+    decode_rgb,
+    is_gpu_decodable,
+    resized_size,
+    rgb_uint8,
+)
+from worker.jpeg import plain_jpeg_header
 
 RESIZE = (256,)
 POLICY = DecodePolicy(max_pixels=10**8, resize_size=RESIZE, max_resized_pixels=16_000_000)
@@ -90,3 +98,45 @@ def test_an_rgb_image_is_decoded_without_a_copy_and_others_are_converted(
     Image.new("L", (40, 30), 90).save(grey, format="PNG")
     assert decode_rgb(grey.getvalue(), POLICY).mode == "RGB"
     assert converted == ["L"]
+
+
+def pil_decoded(data: bytes, draft_side: int | None) -> Image.Image:
+    """A JPEG decoded as PIL decodes a file it opens: the reference for ``decode_plain_jpeg``."""
+    image = Image.open(io.BytesIO(data))
+    if draft_side:
+        image.draft("RGB", (draft_side, draft_side))
+    image.load()
+    return image
+
+
+def noise_jpeg(size: tuple[int, int], mode: str, **options: object) -> bytes:
+    generator = torch.Generator().manual_seed(size[0] * 7 + size[1])
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=generator)
+    out = io.BytesIO()
+    Image.fromarray(pixels.numpy()).convert(mode).save(out, format="JPEG", **options)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("draft_side", [None, 32, 64, 200], ids=str)
+@pytest.mark.parametrize("options", [{}, {"progressive": True}, {"subsampling": 0}], ids=str)
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("size", [(64, 48), (500, 375), (1001, 333), (17, 900)], ids=str)
+def test_a_plain_jpeg_decodes_to_the_pixels_pil_gives_when_it_opens_the_file(
+    size: tuple[int, int], mode: str, options: dict[str, object], draft_side: int | None
+) -> None:
+    data = noise_jpeg(size, mode, **options)
+    header = plain_jpeg_header(data)
+    assert header == (*size, mode)
+    fast = decode_plain_jpeg(data, *header, draft_side=draft_side)
+    slow = pil_decoded(data, draft_side)
+    assert (fast.mode, fast.size) == (slow.mode, slow.size)
+    assert fast.tobytes() == slow.tobytes()
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.7, 0.99])
+def test_a_plain_jpeg_cut_short_is_not_an_image(cut: float) -> None:
+    data = noise_jpeg((200, 150), "RGB")
+    short = data[: int(len(data) * cut)]
+    assert plain_jpeg_header(short) is not None  # the header survives: the decoder must refuse
+    with pytest.raises(NotAnImage, match="truncated or corrupt"):
+        decode_rgb(short, POLICY)

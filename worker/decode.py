@@ -21,6 +21,8 @@ from contract.errors import NotAnImage, TooLarge
 from worker.jpeg import plain_jpeg_header
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+# The DCT scalings libjpeg decodes at, largest first, as PIL's JpegImageFile.draft tries them.
+DRAFT_SCALES = (8, 4, 2)
 
 
 @dataclass(frozen=True)
@@ -82,16 +84,41 @@ def open_checked(data: bytes, policy: DecodePolicy) -> Image.Image:
 
 
 def decode_rgb(data: bytes, policy: DecodePolicy) -> Image.Image:
-    """Fully decode to RGB; JPEG draft mode first shrinks large photos cheaply in the DCT."""
-    image = open_checked(data, policy)
-    if policy.draft_min_side and image.format == "JPEG":
-        side = policy.draft_min_side
-        image.draft("RGB", (side, side))
+    """Fully decode to RGB; JPEG draft mode first shrinks large photos cheaply in the DCT.
+
+    A plain JPEG header (``worker.jpeg``) within the limits goes straight to PIL's JPEG decoder
+    (``decode_plain_jpeg``); every other file is opened by PIL and its refusals are PIL's."""
+    header = plain_jpeg_header(data)
     try:
-        image.load()
+        if header is not None and _within_pixel_limits(header[0] * header[1], policy):
+            check_resized(header[0], header[1], policy)
+            image = decode_plain_jpeg(data, *header, draft_side=policy.draft_min_side)
+        else:
+            image = open_checked(data, policy)
+            if policy.draft_min_side and image.format == "JPEG":
+                side = policy.draft_min_side
+                image.draft("RGB", (side, side))
+            image.load()
         return image if image.mode == "RGB" else image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise NotAnImage(f"image data is truncated or corrupt: {e}") from e
+
+
+def decode_plain_jpeg(
+    data: bytes, width: int, height: int, mode: str, draft_side: int | None
+) -> Image.Image:
+    """The pixels ``Image.open(data)``, ``draft("RGB", (draft_side, draft_side))`` and ``load()``
+    give, from PIL's JPEG decoder called once on the whole file: PIL's header parse and tile
+    loop cost a small image more than its decode (tests/test_decode.py compares the two).
+
+    The draft scale is the one PIL's ``draft`` picks: the largest of 8, 4, 2 (else 1) that keeps
+    both sides at least ``draft_side``; the size is each side divided by it, rounded up."""
+    scale = 1
+    if draft_side:
+        fits = min(width // draft_side, height // draft_side)
+        scale = next((s for s in DRAFT_SCALES if fits >= s), 1)
+    size = (-(-width // scale), -(-height // scale))
+    return Image.frombytes(mode, size, data, "jpeg", (mode, "", scale, 0))
 
 
 def is_gpu_decodable(data: bytes, policy: DecodePolicy) -> bool:
