@@ -96,7 +96,8 @@ def profile(
         pid = next(iter(bench.pool.pids().values()))
         raw = out / "worker.raw"
         cmd = [py_spy(), "record", "-p", str(pid), "-r", str(RATE), "-f", "raw", "-o", str(raw)]
-        cmd += ["--nonblocking", "--function", *(["--gil"] if gil else [])]
+        # --subprocesses: the CPU path's worker is a supervisor of one process per core.
+        cmd += ["--nonblocking", "--function", "--subprocesses", *(["--gil"] if gil else [])]
         spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         time.sleep(1)  # py-spy attaches
         result = bench.measure(jobs)
