@@ -35,6 +35,8 @@ from contract.errors import (
     Unavailable,
 )
 from tests.support import swapping_dir_for_symlink
+from worker import fetch as fetch_module
+from worker.deadline import Deadline
 from worker.fetch import Fetcher, FetchPolicy, Opener, open_beneath, walk_beneath
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
@@ -622,3 +624,43 @@ def test_the_deadline_error_is_a_source_failure_not_poison() -> None:
     error = DeadlineExceeded("slow")
     assert (error.type, error.transient) == ("deadline_exceeded", True)
     assert not isinstance(error, Unavailable)
+
+
+def test_a_local_file_is_read_whole_in_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetch_module, "READ_CHUNK_BYTES", 7)
+    data = os.urandom(100)
+    (tmp_path / "a.bin").write_bytes(data)
+    assert Fetcher(FetchPolicy(allowed_roots=(tmp_path,))).fetch(str(tmp_path / "a.bin")) == data
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_a_file_that_grew_after_its_size_was_taken_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    monkeypatch.setattr(fetch_module, "READ_CHUNK_BYTES", chunk)
+    path = tmp_path / "growing.bin"
+    path.write_bytes(b"x" * 100)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(Unavailable, match="grew while being read"):
+            fetch_module.read_sized(str(path), fd, 90, Deadline(10))  # fstat had seen 90 bytes
+    finally:
+        os.close(fd)
+
+
+def test_reading_a_large_file_stops_at_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetch_module, "READ_CHUNK_BYTES", 10)
+    path = tmp_path / "slow.bin"
+    path.write_bytes(b"x" * 100)
+    ticks = iter(range(100))
+    deadline = Deadline(3, clock=lambda: float(next(ticks)))  # 1 s passes at every check
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(DeadlineExceeded):
+            fetch_module.read_sized(str(path), fd, 100, deadline)
+    finally:
+        os.close(fd)

@@ -17,7 +17,7 @@ from contract.store import JobStore
 from worker.inference import Classifier, Payload, PayloadKind
 from worker.metrics import Metrics
 from worker.models import LoadedModel
-from worker.pipeline import Pipeline, WorkItem
+from worker.pipeline import Completion, Pipeline, WorkItem
 
 LABELS = ("zero", "one", "two", "three")
 
@@ -111,8 +111,8 @@ def _run(pipeline: Pipeline, items: list[WorkItem]) -> list[Job]:
     pipeline.start()
     pipeline.expect(len(items))
     try:
-        futures = [pipeline.submit(i) for i in items]
-        return [f.result(timeout=10) for f in futures]
+        submitted = [pipeline.submit(i) for i in items]
+        return [i.result(timeout=10) for i in submitted]
     finally:
         assert pipeline.close(timeout_s=10)
 
@@ -189,7 +189,7 @@ def test_items_handed_over_together_are_split_into_batches_and_each_resolved(tin
     try:
         pipeline.submit_many(items[:7])
         pipeline.submit_many(items[7:])
-        records = [i.done.result(timeout=10) for i in items]
+        records = [i.result(timeout=10) for i in items]
     finally:
         assert pipeline.close(timeout_s=10)
     assert [r.id for r in records] == [f"j{n}" for n in range(10)]
@@ -210,7 +210,7 @@ def test_results_of_several_device_batches_in_flight_are_stored_in_one_call(tiny
     try:
         for item in items:  # each runs alone (batches of one); the rest are still expected
             pipeline.submit(item)
-        records = [i.done.result(timeout=10) for i in items]
+        records = [i.result(timeout=10) for i in items]
     finally:
         assert pipeline.close(timeout_s=10)
     assert tiny.calls == [1] * 6
@@ -226,7 +226,7 @@ def test_the_store_stops_gathering_once_it_holds_a_store_batch(tiny, store) -> N
     try:
         for item in items:
             pipeline.submit(item)
-        records = [i.done.result(timeout=10) for i in items]
+        records = [i.result(timeout=10) for i in items]
     finally:
         assert pipeline.close(timeout_s=10)
     assert store.round_trips == [2, 2, 2]
@@ -266,7 +266,7 @@ def test_close_stores_every_gathered_result_without_waiting_for_the_rest(tiny, s
     pipeline.submit_many(items)
     assert pipeline.close(timeout_s=10)
     assert sum(store.round_trips) == 5
-    assert [i.done.result(timeout=0).status for i in items] == ["done"] * 5
+    assert [i.result(timeout=0).status for i in items] == ["done"] * 5
     assert [store.get(i.job.id).status for i in items] == ["done"] * 5
 
 
@@ -278,7 +278,7 @@ class FailingStore(CountingStore):
         raise RuntimeError("the write failed")
 
 
-def test_gathered_results_that_cannot_be_stored_fail_their_futures(tiny) -> None:
+def test_gathered_results_that_cannot_be_stored_fail_their_items(tiny) -> None:
     store = FailingStore()
     items = [_item(store, n, 0.5) for n in range(4)]
     pipeline = _pipeline(tiny, store, max_batch=1, store_wait_s=FOREVER_S)
@@ -287,11 +287,33 @@ def test_gathered_results_that_cannot_be_stored_fail_their_futures(tiny) -> None
     try:
         for item in items:
             pipeline.submit(item)
-        errors = [i.done.exception(timeout=10) for i in items]
+        assert all(i.group.wait(10) for i in items)
     finally:
         assert pipeline.close(timeout_s=10)
     assert store.round_trips == [4]
-    assert all(isinstance(e, RuntimeError) for e in errors)
+    for item in items:
+        with pytest.raises(RuntimeError, match="the write failed"):
+            item.result(timeout=0)
+
+
+def test_a_group_resolves_once_all_its_items_are_stored(tiny) -> None:
+    store = CountingStore()
+    group = Completion(3)
+    items = [_item(store, n, 0.5) for n in range(3)]
+    for item in items:
+        item.group = group
+    pipeline = _pipeline(tiny, store, max_batch=1)
+    pipeline.start()
+    try:
+        pipeline.submit_many(items[:2])
+        assert not group.wait(0.5)  # two of three stored: the message is not done yet
+        with pytest.raises(TimeoutError):
+            items[0].result(timeout=0)
+        pipeline.submit(items[2])
+        assert [i.result(timeout=10).status for i in items] == ["done"] * 3
+    finally:
+        assert pipeline.close(timeout_s=10)
+    assert sum(store.round_trips) == 3
 
 
 class StuckStore(CountingStore):

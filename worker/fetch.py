@@ -406,30 +406,28 @@ def read_regular(uri: str, fd: int, max_bytes: int, deadline: Deadline) -> bytes
             raise AccessDenied(f"{shorten(uri)} is not a regular file")
         if info.st_size > max_bytes:
             raise TooLarge(f"{shorten(uri)} is {info.st_size} bytes; the cap is {max_bytes}")
-        with os.fdopen(fd, "rb", buffering=0, closefd=False) as file:
-            return read_sized(uri, file, info.st_size, deadline)
+        return read_sized(uri, fd, info.st_size, deadline)
     except OSError as e:
         raise os_error(uri, e) from e
     finally:
         os.close(fd)
 
 
-def read_sized(uri: str, file: Any, size: int, deadline: Deadline) -> bytes:
-    """Read a file of a known size in chunks, checking the deadline between them."""
-    buffer = bytearray(size + 1)
-    view = memoryview(buffer)
+def read_sized(uri: str, fd: int, size: int, deadline: Deadline) -> bytes:
+    """Read a file of a known size in chunks, checking the deadline between them, up to one byte
+    past ``size`` (so a file that grew is refused); a small file is one read and its EOF."""
+    chunks: list[bytes] = []
     got = 0
     while got <= size:
         deadline.check(shorten(uri))
-        n = file.readinto(view[got : got + READ_CHUNK_BYTES])
-        if not n:
+        chunk = os.read(fd, min(size + 1 - got, READ_CHUNK_BYTES))
+        if not chunk:
             break
-        got += n
-    view.release()
+        chunks.append(chunk)
+        got += len(chunk)
     if got > size:
         raise Unavailable(f"{shorten(uri)} grew while being read")
-    del buffer[got:]
-    return bytes(buffer)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def parse_s3(uri: str) -> tuple[str, str]:

@@ -11,8 +11,9 @@ Three threads, each a stage, joined by bounded queues, so the stages overlap:
 With ``inline_infer`` (a CPU device) the assemble thread runs the infer stage itself: there the
 two would only take turns at the same cores.
 
-Every item leaves with exactly one final record: done or failed. Its future resolves only once
-that record is stored, so the Celery task that owns it can acknowledge its message.
+Every item leaves with exactly one final record: done or failed. Its group (``Completion``: one
+message's items) resolves only once every record of it is stored, so the Celery task that owns
+the message can acknowledge it.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import os
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -54,14 +54,51 @@ class DeviceLost(RuntimeError):
     """A known-good input failed too: the device is broken, not the job that failed on it."""
 
 
-@dataclass
+class Completion:
+    """Resolves once every item of a group (one message's jobs) has left the pipeline: its
+    record stored, or the store failed. One lock and one event a group: a future a job cost
+    more than a local file's whole fetch (README "Per-job cost")."""
+
+    def __init__(self, count: int) -> None:
+        self._left = count
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        if count <= 0:
+            self._done.set()
+
+    def count_down(self, count: int) -> None:
+        with self._lock:
+            self._left -= count
+            finished = self._left <= 0
+        if finished:
+            self._done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the whole group has left the pipeline; False at the timeout."""
+        return self._done.wait(timeout)
+
+
+@dataclass(eq=False)
 class WorkItem:
     job: Job
+    group: Completion = field(default_factory=lambda: Completion(1))
     payload: Payload | None = None
     error: ServiceError | None = None
     alone: bool = False
     record: Job | None = None
-    done: Future[Job] = field(default_factory=Future)
+    # Once its group has left the pipeline: its stored final record, or why it was not stored.
+    stored: Job | None = None
+    store_error: Exception | None = None
+
+    def result(self, timeout: float | None = None) -> Job:
+        """Its stored final record, once its whole group has left the pipeline; raises the
+        store's error if its record could not be stored."""
+        if not self.group.wait(timeout):
+            raise TimeoutError(f"job {self.job.id} was not stored within {timeout} s")
+        if self.store_error is not None:
+            raise self.store_error
+        assert self.stored is not None
+        return self.stored
 
 
 @dataclass(frozen=True)
@@ -134,9 +171,9 @@ class Pipeline:
             self._expected += count
             self._in_flight += count
 
-    def submit(self, item: WorkItem) -> Future[Job]:
+    def submit(self, item: WorkItem) -> WorkItem:
         self.submit_many([item])
-        return item.done
+        return item
 
     def submit_many(self, items: list[WorkItem]) -> None:
         """Hand over loaded items in one queue operation (each resolves its own ``done``)."""
@@ -334,12 +371,14 @@ class Pipeline:
         except Exception as e:
             log.error("could not store %d results: %s", len(records), e)
             for item in items:
-                item.done.set_exception(e)
+                item.store_error = e
+            _count_down(items)
             return
         self.metrics.stage("store", time.perf_counter() - started)
         self.metrics.finished(records)
         for item, record in zip(items, records, strict=True):
-            item.done.set_result(record)
+            item.stored = record
+        _count_down(items)
 
     def _write(self, records: list[Job]) -> None:
         retry_redis(lambda: self.store.finish_many(records))
@@ -364,6 +403,12 @@ def _join_all(threads: list[threading.Thread], deadline: float) -> bool:
 def _exit_worker() -> None:
     logging.shutdown()
     os._exit(EXIT_PIPELINE_DEAD)
+
+
+def _count_down(items: list[WorkItem]) -> None:
+    """Tell each group how many of its items just left the pipeline."""
+    for group, count in Counter(item.group for item in items).items():
+        group.count_down(count)
 
 
 def _final_record(item: WorkItem, now: float) -> Job:

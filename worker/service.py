@@ -37,7 +37,7 @@ from worker.decode import (
 from worker.fetch import Fetcher, is_local
 from worker.inference import Classifier, Payload, PayloadKind, crop_on_host
 from worker.metrics import Metrics
-from worker.pipeline import Pipeline, WorkItem
+from worker.pipeline import Completion, Pipeline, WorkItem
 from worker.resilience import retry_redis
 from worker.settings import HOST_HANDOVER
 
@@ -98,7 +98,7 @@ class Service:
         claims = self._claim(ids, fresh_only=True)
         items = self._start(_claimed_jobs(claims))
         suspects = [c.job_id for c in claims if c.state == SUSPECT]
-        finished = [item.done.result() for item in items]
+        finished = [item.result() for item in items]
         finished += [job for job_id in suspects if (job := self._run_alone(job_id))]
         skipped = len(ids) - len(finished)
         done = sum(job.status == "done" for job in finished)
@@ -177,7 +177,8 @@ class Service:
         lock and a thread woken, more than a local file's fetch."""
         if not jobs:
             return []
-        items = [WorkItem(job) for job in jobs]
+        group = Completion(len(jobs))
+        items = [WorkItem(job, group) for job in jobs]
         self.pipeline.expect(len(items))
         for job in jobs:
             self.metrics.stage("queue_wait", max(0.0, (job.started or 0) - (job.submitted or 0)))
