@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import fakeredis
@@ -65,6 +66,7 @@ def _pipeline(
     *,
     store_batch: int = 64,
     store_wait_s: float = 0.005,
+    inline_infer: bool | None = None,
 ) -> Pipeline:
     loaded = LoadedModel(
         "tiny", model, ImageClassification(crop_size=4, resize_size=4), LABELS, "test", False
@@ -85,7 +87,7 @@ def _pipeline(
         max_wait_s=wait_s,
         store_batch=store_batch,
         store_wait_s=store_wait_s,
-        inline_infer=_INLINE_INFER[0],
+        inline_infer=_INLINE_INFER[0] if inline_infer is None else inline_infer,
     )
 
 
@@ -230,6 +232,57 @@ def test_the_store_stops_gathering_once_it_holds_a_store_batch(tiny, store) -> N
     finally:
         assert pipeline.close(timeout_s=10)
     assert store.round_trips == [2, 2, 2]
+    assert all(r.status == "done" for r in records)
+
+
+def test_results_of_back_to_back_batches_reach_the_store_in_one_hand_over(tiny, store) -> None:
+    # Inline, the thread that runs inference has every batch at hand: it hands their results
+    # over once, when it is about to wait (each hand-over wakes the store thread).
+    items = [_item(store, n, 0.5) for n in range(6)]
+    pipeline = _pipeline(tiny, store, max_batch=1, store_wait_s=FOREVER_S, inline_infer=True)
+    handed: list[int] = []
+    put = pipeline._to_store.put
+
+    def counted(got: list[WorkItem] | object, *args: object, **kwargs: object) -> None:
+        if isinstance(got, list):
+            handed.append(len(got))
+        put(got, *args, **kwargs)  # type: ignore[arg-type]
+
+    pipeline._to_store.put = counted  # type: ignore[method-assign]
+    pipeline.start()
+    pipeline.expect(len(items))
+    try:
+        pipeline.submit_many(items)
+        records = [i.result(timeout=10) for i in items]
+    finally:
+        assert pipeline.close(timeout_s=10)
+    assert tiny.calls == [1] * 6
+    assert handed == [6] and store.round_trips == [6]
+    assert all(r.status == "done" for r in records)
+
+
+class Slow(Tiny):
+    """A model whose every batch takes longer than the store wait."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.1)
+        return super().forward(x)
+
+
+def test_a_slow_models_results_are_stored_batch_by_batch(store) -> None:
+    model = Slow()
+    items = [_item(store, n, 0.5) for n in range(3)]
+    pipeline = _pipeline(model, store, max_batch=1, store_wait_s=0.01)
+    pipeline.start()
+    pipeline.expect(len(items))
+    try:
+        pipeline.submit_many(items)
+        assert items[0].group.wait(10)
+        assert len(model.calls) < 3  # stored before the last batch was over
+        records = [i.result(timeout=10) for i in items]
+    finally:
+        assert pipeline.close(timeout_s=10)
+    assert store.round_trips == [1, 1, 1]
     assert all(r.status == "done" for r in records)
 
 

@@ -142,6 +142,10 @@ class Pipeline:
         self._in_flight = 0
         self._to_infer: queue.Queue[_Batch | _Stop] = queue.Queue(maxsize=2)
         self._to_store: queue.Queue[list[WorkItem] | _Stop] = queue.Queue()
+        # Results not handed to the store yet, and since when (only the thread that runs
+        # inference uses them: ``_send_results``).
+        self._results: list[WorkItem] = []
+        self._results_since = 0.0
         stages = [self._assemble_loop, self._store_loop]
         if not inline_infer:
             stages.insert(1, self._infer_loop)
@@ -215,6 +219,7 @@ class Pipeline:
         if not self.inline_infer:
             self._to_infer.put(batch)
         elif isinstance(batch, _Stop):
+            self._flush_results()
             self._to_store.put(_STOP)
         else:
             self._infer_batch(batch)
@@ -249,6 +254,8 @@ class Pipeline:
 
     def _next(self, timeout: float | None) -> WorkItem | _Stop:
         """The next item submitted, waiting up to ``timeout`` (queue.Empty after it)."""
+        if self.inline_infer and not self._pending and self._inbox.empty():
+            self._flush_results()  # about to wait: what has finished goes to the store now
         if not self._pending:
             got = self._inbox.get(timeout=timeout)
             if isinstance(got, _Stop):
@@ -280,13 +287,40 @@ class Pipeline:
     # -- infer ------------------------------------------------------------------------------
 
     def _infer_loop(self) -> None:
-        while not isinstance(batch := self._to_infer.get(), _Stop):
+        while not isinstance(batch := self._next_batch(), _Stop):
             self._infer_batch(batch)
+        self._flush_results()
         self._to_store.put(_STOP)
+
+    def _next_batch(self) -> _Batch | _Stop:
+        if self._to_infer.empty():
+            self._flush_results()  # about to wait: what has finished goes to the store now
+        return self._to_infer.get()
 
     def _infer_batch(self, batch: _Batch) -> None:
         if batch.items and batch.inputs is not None:
-            self._to_store.put(self._infer(batch.items, batch.inputs))
+            started = time.monotonic()
+            self._send_results(self._infer(batch.items, batch.inputs), started)
+
+    def _send_results(self, items: list[WorkItem], started: float) -> None:
+        """Results go to the store a group at a time: each hand-over wakes the store thread, and
+        a wake-up costs more than a small model's batch. They leave once ``store_batch`` are
+        waiting, once ``store_wait_s`` has passed since the first of them started its batch (so
+        a slow model's results leave batch by batch), or when this thread is about to wait."""
+        now = time.monotonic()
+        if not self._results:
+            self._results_since = started
+        self._results.extend(items)
+        if (
+            len(self._results) >= self.store_batch
+            or now - self._results_since >= self.store_wait_s
+        ):
+            self._flush_results()
+
+    def _flush_results(self) -> None:
+        if self._results:
+            self._to_store.put(self._results)
+            self._results = []
 
     def _infer(self, items: list[WorkItem], inputs: torch.Tensor) -> list[WorkItem]:
         """Run the batch; if it fails, split it in halves until the failing item is alone."""
