@@ -1,16 +1,21 @@
-"""Where a message's jobs are loaded: local files on the host threads, handed to the pipeline a
-batch at a time; everything that waits on the network on the I/O threads, handed over one by
+"""Where a message's jobs are loaded: local files on the host threads, handed to the pipeline many
+at a time; everything that waits on the network on the I/O threads, handed over one by
 one."""
 
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
+import pytest
+
 from contract.job import Job
+from worker import service as service_module
 from worker.pipeline import WorkItem
 from worker.service import Service
+from worker.settings import HOST_HANDOVER
 
 URIS = ["/data/a.jpg", "s3://bucket/b.jpg", "file:///data/c.jpg", "https://example.test/d.jpg"]
 
@@ -63,15 +68,33 @@ def test_local_files_load_on_the_host_threads_and_the_rest_on_the_io_threads() -
     assert on == {URIS[0]: "host", URIS[1]: "io", URIS[2]: "host", URIS[3]: "io"}
 
 
-def test_the_host_thread_hands_local_jobs_over_a_batch_at_a_time() -> None:
+@pytest.fixture
+def patient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hand-over wait no test lives to see: hand-overs are cut by their size alone."""
+    monkeypatch.setattr(service_module, "HANDOVER_WAIT_S", 3600.0)
+
+
+def test_the_host_thread_hands_local_jobs_over_up_to_host_handover_at_a_time(patient) -> None:
     recorder = Recorder(max_batch=8)
-    uris = [f"/data/{n}.jpg" for n in range(20)]
-    _start(_service(recorder, host_threads=1), recorder, uris)
-    assert recorder.handovers == [uris[:8], uris[8:16], uris[16:]]
-
-
-def test_a_gpu_batch_is_handed_over_in_parts_so_the_first_jobs_need_not_wait_for_it_all() -> None:
-    recorder = Recorder(max_batch=256)
     uris = [f"/data/{n}.jpg" for n in range(130)]
     _start(_service(recorder, host_threads=1), recorder, uris)
-    assert [len(h) for h in recorder.handovers] == [64, 64, 2]
+    assert recorder.handovers == [uris[:64], uris[64:128], uris[128:]]
+    assert HOST_HANDOVER == 64
+
+
+def test_a_loaded_job_waits_for_its_neighbours_only_as_long_as_the_handover_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(service_module, "HANDOVER_WAIT_S", 0.01)
+    recorder = Recorder(max_batch=8)
+    load = recorder.load_image
+
+    def slow(item: WorkItem) -> None:  # each load takes longer than the wait
+        time.sleep(0.02)
+        load(item)
+
+    uris = [f"/data/{n}.jpg" for n in range(6)]
+    service = _service(recorder, host_threads=1)
+    service.load_image = slow  # type: ignore[method-assign]
+    _start(service, recorder, uris)
+    assert recorder.handovers == [uris[0:2], uris[2:4], uris[4:6]]

@@ -311,10 +311,7 @@ class Pipeline:
         if not self._results:
             self._results_since = started
         self._results.extend(items)
-        if (
-            len(self._results) >= self.store_batch
-            or now - self._results_since >= self.store_wait_s
-        ):
+        if len(self._results) >= self.store_batch or now - self._results_since >= self.store_wait_s:
             self._flush_results()
 
     def _flush_results(self) -> None:

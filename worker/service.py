@@ -39,9 +39,11 @@ from worker.inference import Classifier, Payload, PayloadKind, crop_on_host
 from worker.metrics import Metrics
 from worker.pipeline import Completion, Pipeline, WorkItem
 from worker.resilience import retry_redis
-from worker.settings import HOST_HANDOVER
+from worker.settings import HOST_HANDOVER, HOST_HANDOVER_WAIT_MS
 
 log = logging.getLogger(__name__)
+
+HANDOVER_WAIT_S = HOST_HANDOVER_WAIT_MS / 1000
 
 
 @dataclass(frozen=True)
@@ -185,8 +187,7 @@ class Service:
         local = [is_local(i.job.uri) for i in items]
         on_host = [i for i, here in zip(items, local, strict=True) if here]
         elsewhere = [i for i, here in zip(items, local, strict=True) if not here]
-        handover = min(self.pipeline.max_batch, HOST_HANDOVER)
-        self._spread(self.host_pool, self.host_threads, on_host, handover)
+        self._spread(self.host_pool, self.host_threads, on_host, HOST_HANDOVER)
         self._spread(self.io_pool, self.io_threads, elsewhere, 1)
         return items
 
@@ -200,17 +201,22 @@ class Service:
 
     def _load_each(self, waiting: deque[WorkItem], handover: int) -> None:
         """Load jobs one at a time until none is waiting (deque pops are atomic), handing them
-        to the pipeline ``handover`` at a time (each hand-over wakes its assemble thread; 1
-        where the next load may wait on the network, so no loaded job waits behind it)."""
+        to the pipeline ``handover`` at a time, or sooner once the first has waited
+        ``HOST_HANDOVER_WAIT_MS`` (each hand-over wakes its assemble thread; 1 where the next
+        load may wait on the network, so no loaded job waits behind it)."""
         loaded: list[WorkItem] = []
+        first_at = 0.0
         while True:
             try:
                 item = waiting.popleft()
             except IndexError:
                 break
             self.load_image(item)
+            now = time.monotonic()
+            if not loaded:
+                first_at = now
             loaded.append(item)
-            if len(loaded) >= handover or not waiting:
+            if len(loaded) >= handover or not waiting or now - first_at >= HANDOVER_WAIT_S:
                 self.pipeline.submit_many(loaded)
                 loaded = []
         if loaded:  # another thread took the last job while this one loaded
