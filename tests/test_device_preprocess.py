@@ -159,6 +159,15 @@ def test_the_host_crop_matches_torchvisions_resize_and_center_crop_to_the_bit(
     assert torch.equal(crop_on_host(image, transforms).permute(2, 0, 1), reference)
 
 
+def test_a_host_crop_holds_only_its_own_pixels() -> None:
+    # A wide image resized to a short side of 16 is 160 pixels long; the job keeps its 16x16
+    # crop until its whole message is stored, not the resized image.
+    transforms = ImageClassification(crop_size=16, resize_size=16)
+    out = crop_on_host(decode_rgb(make_jpeg(1000, 100, seed=1), POLICY), transforms)
+    assert out.shape == (16, 16, 3) and out.is_contiguous()
+    assert out.untyped_storage().nbytes() == 16 * 16 * 3
+
+
 def test_nvimgcodec_refuses_a_device_without_cuda_at_setup() -> None:
     with pytest.raises(ModelLoadError, match="needs a CUDA device"):
         NvImageCodec(torch.device("cpu"))

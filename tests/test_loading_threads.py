@@ -76,13 +76,13 @@ def patient(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_host_thread_hands_local_jobs_over_up_to_host_handover_at_a_time(patient) -> None:
     recorder = Recorder(max_batch=8)
-    uris = [f"/data/{n}.jpg" for n in range(130)]
+    cut = HOST_HANDOVER
+    uris = [f"/data/{n}.jpg" for n in range(2 * cut + 2)]
     _start(_service(recorder, host_threads=1), recorder, uris)
-    assert recorder.handovers == [uris[:64], uris[64:128], uris[128:]]
-    assert HOST_HANDOVER == 64
+    assert recorder.handovers == [uris[:cut], uris[cut : 2 * cut], uris[2 * cut :]]
 
 
-def test_a_loaded_job_waits_for_its_neighbours_only_as_long_as_the_handover_wait(
+def test_loaded_jobs_are_handed_over_with_the_first_load_that_ends_after_the_wait(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(service_module, "HANDOVER_WAIT_S", 0.01)

@@ -261,6 +261,34 @@ def test_results_of_back_to_back_batches_reach_the_store_in_one_hand_over(tiny, 
     assert all(r.status == "done" for r in records)
 
 
+def test_finished_results_reach_the_store_before_the_device_is_checked(tiny, store) -> None:
+    # A job that fails alone makes the pipeline check the device, which exits the process if
+    # the device is lost: the results that finished before it must be on their way to Redis.
+    items = [_item(store, 0, 0.5), _item(store, 1, 0.5), _item(store, 2, 1000.0)]
+    pipeline = _pipeline(tiny, store, max_batch=2, store_wait_s=FOREVER_S, inline_infer=True)
+    handed: list[int] = []
+    put = pipeline._to_store.put
+
+    def counted(got: list[WorkItem] | object, *args: object, **kwargs: object) -> None:
+        if isinstance(got, list):
+            handed.append(len(got))
+        put(got, *args, **kwargs)  # type: ignore[arg-type]
+
+    at_check: list[int] = []
+    pipeline._to_store.put = counted  # type: ignore[method-assign]
+    pipeline._check_device = lambda cause: at_check.append(sum(handed))  # type: ignore[method-assign]
+    pipeline.start()
+    pipeline.expect(len(items))
+    try:
+        pipeline.submit_many(items)
+        records = [i.result(timeout=10) for i in items]
+    finally:
+        assert pipeline.close(timeout_s=10)
+    assert tiny.calls == [2, 1]
+    assert at_check == [2]
+    assert [r.status for r in records] == ["done", "done", "failed"]
+
+
 class Slow(Tiny):
     """A model whose every batch takes longer than the store wait."""
 

@@ -86,9 +86,11 @@ def open_checked(data: bytes, policy: DecodePolicy) -> Image.Image:
 def decode_rgb(data: bytes, policy: DecodePolicy) -> Image.Image:
     """Fully decode to RGB; JPEG draft mode first shrinks large photos cheaply in the DCT.
 
-    A plain JPEG header (``worker.jpeg``) within the limits goes straight to PIL's JPEG decoder
-    (``decode_plain_jpeg``); every other file is opened by PIL and its refusals are PIL's."""
-    header = plain_jpeg_header(data)
+    A plain JPEG header (``worker.jpeg``) within the limits, in a file that ends with its EOI
+    marker, goes straight to PIL's JPEG decoder (``decode_plain_jpeg``); every other file is
+    opened by PIL and its refusals are PIL's (a file cut just before its EOI is one that PIL,
+    reading in chunks, and one decoder call do not always judge alike)."""
+    header = plain_jpeg_header(data) if has_end_marker(data) else None
     try:
         if header is not None and _within_pixel_limits(header[0] * header[1], policy):
             check_resized(header[0], header[1], policy)
@@ -138,6 +140,11 @@ def _within_pixel_limits(pixels: int, policy: DecodePolicy) -> bool:
     """Below both the policy's limit and PIL's bomb warning: PIL would open it without a word."""
     pil_limit = Image.MAX_IMAGE_PIXELS
     return pixels <= policy.max_pixels and (pil_limit is None or pixels <= pil_limit)
+
+
+def has_end_marker(data: bytes) -> bool:
+    """A JPEG that ends with its EOI marker (trailing padding allowed): one cut short has none."""
+    return data.startswith(JPEG_MAGIC) and data[-64:].rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
 
 
 def encoded_tensor(data: bytes) -> torch.Tensor:

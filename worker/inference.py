@@ -265,9 +265,11 @@ def crop_on_host(image: Image.Image, transforms: ImageClassification) -> torch.T
     crop_h, crop_w = crop if len(crop) == 2 else crop * 2
     if crop_w > width or crop_h > height:
         return torch.from_numpy(np.array(F.center_crop(image, transforms.crop_size)))
-    # The crop as a view of the resized pixels: the same bytes as PIL's crop, one copy fewer.
+    # The crop sliced from the resized pixels: the same bytes as PIL's crop, without its Python
+    # overhead; copied, so that a job holds only its crop, not the whole resized image.
     top, left = round((height - crop_h) / 2.0), round((width - crop_w) / 2.0)
-    return torch.from_numpy(np.array(image)[top : top + crop_h, left : left + crop_w])
+    pixels = np.asarray(image)[top : top + crop_h, left : left + crop_w]
+    return torch.from_numpy(np.ascontiguousarray(pixels))
 
 
 def normalize_batch(pixels: torch.Tensor, transforms: ImageClassification) -> torch.Tensor:

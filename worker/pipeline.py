@@ -326,6 +326,7 @@ class Pipeline:
             tops = self.classifier.predict(inputs, max(i.job.top_k for i in items))
         except Exception as e:
             if len(items) == 1:
+                self._flush_results()  # stored before a lost device ends the process
                 self._check_device(e)
                 log.exception("inference failed for job %s", items[0].job.id)
                 items[0].error = as_service_error(e)

@@ -27,10 +27,10 @@ from contract.shards import ShardedStore
 from contract.store import CLAIMED, CORRUPT, EXPIRED_CLAIM, MISSING, POISONED, SUSPECT, Claim
 from worker.deadletter import DeadLetters, is_job_ids
 from worker.decode import (
-    JPEG_MAGIC,
     DecodePolicy,
     decode_rgb,
     encoded_tensor,
+    has_end_marker,
     is_gpu_decodable,
     rgb_uint8,
 )
@@ -201,9 +201,9 @@ class Service:
 
     def _load_each(self, waiting: deque[WorkItem], handover: int) -> None:
         """Load jobs one at a time until none is waiting (deque pops are atomic), handing them
-        to the pipeline ``handover`` at a time, or sooner once the first has waited
-        ``HOST_HANDOVER_WAIT_MS`` (each hand-over wakes its assemble thread; 1 where the next
-        load may wait on the network, so no loaded job waits behind it)."""
+        to the pipeline ``handover`` at a time, or with the first load that ends once the first
+        of them has waited ``HOST_HANDOVER_WAIT_MS`` (each hand-over wakes its assemble thread;
+        1 where the next load may wait on the network, so no loaded job waits behind it)."""
         loaded: list[WorkItem] = []
         first_at = 0.0
         while True:
@@ -243,7 +243,8 @@ class Service:
             pixels = crop_on_host(decode_rgb(data, policy), self.classifier.loaded.transforms)
             self.metrics.stage("decode", time.perf_counter() - started)
             return Payload(PayloadKind.CROPPED, pixels)
-        if is_gpu_decodable(data, policy) and _has_end_marker(data):
+        # A JPEG cut short has no EOI marker: nvJPEG would pad it silently, so PIL must refuse it.
+        if is_gpu_decodable(data, policy) and has_end_marker(data):
             return Payload(PayloadKind.JPEG, encoded_tensor(data))
         return Payload(PayloadKind.PIXELS, rgb_uint8(data, policy))
 
@@ -265,8 +266,3 @@ class Service:
 def _claimed_jobs(claims: Sequence[Claim]) -> list[Job]:
     """The jobs this worker now runs: a claimed job always has its record."""
     return [c.job for c in claims if c.state == CLAIMED and c.job is not None]
-
-
-def _has_end_marker(data: bytes) -> bool:
-    """A JPEG cut short has no EOI marker; nvJPEG would pad it silently, so PIL must refuse it."""
-    return data.startswith(JPEG_MAGIC) and data[-64:].rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")

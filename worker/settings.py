@@ -24,10 +24,11 @@ STORE_WAIT_MS = 5.0
 # Threads that fetch and decode images from the network while the device computes (local files
 # are loaded by the host threads: one per core the process has).
 IO_THREADS = 16
-# Most jobs a host thread hands to the pipeline at once, and the longest it keeps the first of
-# them: each hand-over wakes the pipeline's assemble thread (on small images one a CPU batch of
-# 8 cost more than the batch), and neither a GPU batch of 256 nor a CPU batch of large photos
-# should wait for one thread to load all of it.
+# Most jobs a host thread hands to the pipeline at once, and how long the first of them waits
+# for more (it is handed over with the first load that ends after this): each hand-over wakes
+# the pipeline's assemble thread (on small images one a CPU batch of 8 cost more than the
+# batch), and neither a GPU batch of 256 nor a CPU batch of large photos should wait for one
+# thread to load all of it.
 HOST_HANDOVER = 64
 HOST_HANDOVER_WAIT_MS = 5.0
 # Pixels above which an image is refused as a decompression bomb (about 90 megapixels).
