@@ -12,8 +12,10 @@ real workers, fed by ``submit_many``. Each layout: a warm-up pass, then the best
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -121,7 +123,11 @@ class LitServeProcess:
         cmd = [sys.executable, "-m", "bench.peer", "--serve", str(self.port)]
         cmd += ["--workers", str(layout.workers)]
         with log_path.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            # A session of its own: LitServe's worker processes are stopped with it (they
+            # outlived a SIGTERM to the server alone, spinning, and slowed every later run).
+            self.proc = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.log_path = log_path
 
     def wait_ready(self) -> None:
@@ -153,11 +159,15 @@ class LitServeProcess:
         return time.perf_counter() - started
 
     def stop(self) -> None:
-        self.proc.terminate()
+        """SIGTERM to the server's whole process group, SIGKILL to what is left after 30 s."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        finally:
+            time.sleep(1)  # its workers' own shutdown
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def litserve_rates(layout: Layout, paths: Sequence[str], repeat: int, log_dir: Path) -> list[float]:

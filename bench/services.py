@@ -89,8 +89,12 @@ class WorkerPool:
 
     def stop(self, graceful: bool = True) -> None:
         for w in self.workers:
-            if w.proc is not None and w.proc.poll() is None:
-                w.proc.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
+            if w.proc is None or w.proc.poll() is not None:
+                continue
+            if graceful:
+                w.signal_stop()  # all at once, then each waited for
+            else:
+                w.proc.send_signal(signal.SIGKILL)
         for w in self.workers:
             w.stop()
         self.workers = []

@@ -148,6 +148,7 @@ class WorkerProcess:
         self.env = env or {}
         self.log_path = workdir / f"worker-{self.worker_id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._told_to_stop = False
 
     def start(self, wait: bool = True, timeout: float = 120) -> WorkerProcess:
         env = {**os.environ, **self.env}
@@ -163,6 +164,7 @@ class WorkerProcess:
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,
             )
+        self._told_to_stop = False
         if wait:
             self.wait_ready(timeout)
         return self
@@ -203,10 +205,17 @@ class WorkerProcess:
 
     def terminate(self, timeout: float = 60) -> int:
         """SIGTERM: Celery's warm shutdown."""
+        self.signal_stop()
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
+
+    def signal_stop(self) -> None:
+        """Send SIGTERM once: a second one, arriving while Celery's handler runs, can deadlock
+        the worker in that handler."""
+        assert self.proc is not None
+        if self.proc.poll() is None and not self._told_to_stop:
+            self._told_to_stop = True
+            self.proc.send_signal(signal.SIGTERM)
 
     def wait_exit(self, timeout: float) -> int:
         assert self.proc is not None

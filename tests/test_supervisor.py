@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -157,6 +158,33 @@ def test_a_child_that_dies_is_restarted_and_sigterm_drains_them_all(tmp_path: Pa
     assert parent.run() == 0
     assert sorted(_starts(log)) == ["0", "1", "1"]
     assert all(not child.running() for child in parent.children)
+
+
+def test_a_second_sigterm_to_the_parent_is_not_forwarded(tmp_path: Path) -> None:
+    # Celery's warm shutdown is under way after the first; a SIGTERM that arrives while its
+    # handler runs deadlocks the child, which then outlives the parent.
+    log, terms = tmp_path / "starts", tmp_path / "terms"
+    script = (
+        f"TERMS = {str(terms)!r}\n"
+        "def on_term(*_):\n"
+        "    open(TERMS, 'a').write(f'{INDEX}\\n')\n"
+        "    time.sleep(1)\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, on_term)\n"
+        "while True: time.sleep(0.05)\n"
+    )
+    parent = Supervisor(_specs(2), _stand_in(script, log), ready=lambda _: True, grace_s=10)
+
+    def stop_twice() -> None:
+        wait_until(lambda: len(_starts(log)) == 2, "both children started", timeout=30)
+        time.sleep(0.5)  # their handlers are installed
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_until(terms.exists, "a child got the first SIGTERM", timeout=10)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_twice, daemon=True).start()
+    assert parent.run() == 0
+    assert sorted(terms.read_text().split()) == ["0", "1"]
 
 
 # -- real workers ----------------------------------------------------------------------------

@@ -174,7 +174,11 @@ class Child:
     # Monotonic time at which to start it (again); None while it runs or must wait.
     start_at: float | None = None
     failures: int = 0
-    signalled: bool = False
+    # The signals forwarded to it. A SIGTERM goes once: Celery's warm shutdown is under way
+    # after the first, and one that arrives while Celery's handler runs deadlocks the child in
+    # that handler (found with a benchmark that stopped its workers twice). A second SIGINT
+    # goes too: it is Celery's cold shutdown.
+    told: set[int] = field(default_factory=set)
 
     def start(self, command: list[str]) -> None:
         env = {**os.environ, **self.spec.env}
@@ -190,12 +194,17 @@ class Child:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def signalled(self) -> bool:
+        return bool(self.told)
+
     def signal(self, signum: int) -> None:
-        if self.running():
-            assert self.proc is not None
-            self.signalled = True
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signum)
+        if not self.running() or (signum == signal.SIGTERM and signum in self.told):
+            return
+        assert self.proc is not None
+        self.told.add(signum)
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signum)
 
     def schedule_restart(self, now: float) -> float:
         """Back off after each quick death; a child that ran a while starts over."""
