@@ -231,7 +231,8 @@ def test_the_store_stops_gathering_once_it_holds_a_store_batch(tiny, store) -> N
         records = [i.result(timeout=10) for i in items]
     finally:
         assert pipeline.close(timeout_s=10)
-    assert store.round_trips == [2, 2, 2]
+    # Results reach the store stage in groups, so where the cuts fall varies; no call is larger.
+    assert max(store.round_trips) <= 2 and sum(store.round_trips) == 6
     assert all(r.status == "done" for r in records)
 
 

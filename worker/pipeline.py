@@ -363,7 +363,9 @@ class Pipeline:
 
     def _store_loop(self) -> None:
         while (items := self._drain()) is not None:
-            self._store(items)
+            # The last group taken may carry the total past store_batch: no call is larger.
+            for start in range(0, len(items), self.store_batch):
+                self._store(items[start : start + self.store_batch])
 
     def _drain(self) -> list[WorkItem] | None:
         """What to store in one round trip: what has finished so far and, while more items are
