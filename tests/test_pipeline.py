@@ -109,12 +109,17 @@ def _item(store: JobStore, n: int, value: float) -> WorkItem:
     return WorkItem(job, payload=Payload(PayloadKind.READY, torch.full((3, 4, 4), value)))
 
 
-def _run(pipeline: Pipeline, items: list[WorkItem]) -> list[Job]:
+def _run(pipeline: Pipeline, items: list[WorkItem], together: bool = False) -> list[Job]:
+    """Start, submit ``items`` (one by one, or ``together`` in one hand-over), their records."""
     pipeline.start()
     pipeline.expect(len(items))
     try:
-        submitted = [pipeline.submit(i) for i in items]
-        return [i.result(timeout=10) for i in submitted]
+        if together:
+            pipeline.submit_many(items)
+        else:
+            for item in items:
+                pipeline.submit(item)
+        return [i.result(timeout=10) for i in items]
     finally:
         assert pipeline.close(timeout_s=10)
 
@@ -236,11 +241,8 @@ def test_the_store_stops_gathering_once_it_holds_a_store_batch(tiny, store) -> N
     assert all(r.status == "done" for r in records)
 
 
-def test_results_of_back_to_back_batches_reach_the_store_in_one_hand_over(tiny, store) -> None:
-    # Inline, the thread that runs inference has every batch at hand: it hands their results
-    # over once, when it is about to wait (each hand-over wakes the store thread).
-    items = [_item(store, n, 0.5) for n in range(6)]
-    pipeline = _pipeline(tiny, store, max_batch=1, store_wait_s=FOREVER_S, inline_infer=True)
+def _count_hand_overs(pipeline: Pipeline) -> list[int]:
+    """The sizes of the groups of items handed to the store thread, in order."""
     handed: list[int] = []
     put = pipeline._to_store.put
 
@@ -250,13 +252,16 @@ def test_results_of_back_to_back_batches_reach_the_store_in_one_hand_over(tiny, 
         put(got, *args, **kwargs)  # type: ignore[arg-type]
 
     pipeline._to_store.put = counted  # type: ignore[method-assign]
-    pipeline.start()
-    pipeline.expect(len(items))
-    try:
-        pipeline.submit_many(items)
-        records = [i.result(timeout=10) for i in items]
-    finally:
-        assert pipeline.close(timeout_s=10)
+    return handed
+
+
+def test_results_of_back_to_back_batches_reach_the_store_in_one_hand_over(tiny, store) -> None:
+    # Inline, the thread that runs inference has every batch at hand: it hands their results
+    # over once, when it is about to wait (each hand-over wakes the store thread).
+    items = [_item(store, n, 0.5) for n in range(6)]
+    pipeline = _pipeline(tiny, store, max_batch=1, store_wait_s=FOREVER_S, inline_infer=True)
+    handed = _count_hand_overs(pipeline)
+    records = _run(pipeline, items, together=True)
     assert tiny.calls == [1] * 6
     assert handed == [6] and store.round_trips == [6]
     assert all(r.status == "done" for r in records)
@@ -267,24 +272,10 @@ def test_finished_results_reach_the_store_before_the_device_is_checked(tiny, sto
     # the device is lost: the results that finished before it must be on their way to Redis.
     items = [_item(store, 0, 0.5), _item(store, 1, 0.5), _item(store, 2, 1000.0)]
     pipeline = _pipeline(tiny, store, max_batch=2, store_wait_s=FOREVER_S, inline_infer=True)
-    handed: list[int] = []
-    put = pipeline._to_store.put
-
-    def counted(got: list[WorkItem] | object, *args: object, **kwargs: object) -> None:
-        if isinstance(got, list):
-            handed.append(len(got))
-        put(got, *args, **kwargs)  # type: ignore[arg-type]
-
+    handed = _count_hand_overs(pipeline)
     at_check: list[int] = []
-    pipeline._to_store.put = counted  # type: ignore[method-assign]
     pipeline._check_device = lambda cause: at_check.append(sum(handed))  # type: ignore[method-assign]
-    pipeline.start()
-    pipeline.expect(len(items))
-    try:
-        pipeline.submit_many(items)
-        records = [i.result(timeout=10) for i in items]
-    finally:
-        assert pipeline.close(timeout_s=10)
+    records = _run(pipeline, items, together=True)
     assert tiny.calls == [2, 1]
     assert at_check == [2]
     assert [r.status for r in records] == ["done", "done", "failed"]
