@@ -162,12 +162,12 @@ class LitServeProcess:
         """SIGTERM to the server's whole process group, SIGKILL to what is left after 30 s."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=30)
-        finally:
-            time.sleep(1)  # its workers' own shutdown
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        time.sleep(1)  # its workers' own shutdown
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
 
 def litserve_rates(layout: Layout, paths: Sequence[str], repeat: int, log_dir: Path) -> list[float]:

@@ -180,7 +180,7 @@ class Pipeline:
         return item
 
     def submit_many(self, items: list[WorkItem]) -> None:
-        """Hand over loaded items in one queue operation (each resolves its own ``done``)."""
+        """Hand over loaded items in one queue operation (each counts down its own group)."""
         if not items:
             return
         with self._lock:
