@@ -48,9 +48,10 @@ DEAD_LETTER_MAX_ENTRIES = 10_000
 DEAD_LETTER_MAX_AGE_S = 7 * 24 * 3600
 # Job IDs listed in one dead-letter entry; the entry also counts them all.
 DEAD_LETTER_MAX_IDS = 100
-# Entries the completion-events stream keeps, about (XADD MAXLEN ~; about 56 MB); the oldest go
-# first. A consumer (the webhook sender) that falls further behind than this misses events.
-EVENTS_MAX_LEN = 1_000_000
+# Entries the completion-events stream keeps, about (XTRIM MAXLEN ~); the oldest go first. An
+# entry holds the jobs one store call ended with one status (up to the store batch: about 1.3
+# million jobs and 50 MB at 64 a call). A reader that falls further behind misses events.
+EVENTS_MAX_LEN = 20_000
 # Consumer group of the webhook sender on the events stream.
 WEBHOOK_GROUP = "webhooks"
 # Seconds a webhook is retried after its first try before it is given up (24 h).

@@ -2,6 +2,10 @@
 sender, the results sink, a service of yours) has its group, and the consumers of a group share
 its events, each acknowledging what it handled.
 
+An entry holds the jobs one store call ended with one status: ``ids`` (space-separated job IDs),
+``status`` and ``batch`` (their batch, empty when none). A batch's own finish event has no IDs,
+status ``batch_finished`` and its batch. ``JobEvent.of`` reads an entry into its events.
+
 ``EventGroup`` is what those readers share: the group made if missing, new events or this
 consumer's unacknowledged ones, and taking over what a dead consumer left pending.
 """
@@ -10,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -22,8 +27,27 @@ from contract.store import JobStore
 
 log = logging.getLogger(__name__)
 
-# An event as XREADGROUP gives it: its stream ID and its fields.
+# An entry as XREADGROUP gives it: its stream ID and its fields.
 Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One job's completion event, or (``job_id`` empty) a batch's own finish event."""
+
+    job_id: str
+    status: str
+    batch: str
+
+    @classmethod
+    def of(cls, fields: Mapping[bytes, bytes] | None) -> list[JobEvent]:
+        """The events of one entry's fields, in the order its jobs ended; a batch's finish
+        event is one event without a job ID. An entry without fields (deleted) has none."""
+        if not fields:
+            return []
+        status, batch = keys.text(fields.get(b"status", b"")), keys.text(fields.get(b"batch", b""))
+        ids = keys.text(fields.get(b"ids", b"")).split()
+        return [cls(i, status, batch) for i in ids] or [cls("", status, batch)]
 
 
 class EventGroup:

@@ -168,16 +168,33 @@ local function field(tag, value)
   end
   return tag .. size .. string.char(n) .. value
 end
--- A job's completion event; the stream is trimmed once a call (``trim``), not at each entry.
-local function event(events, id, status, batch)
-  redis.call('XADD', events, '*', 'id', id, 'status', status, 'batch', batch)
+-- Completion events, gathered over one call: a stream entry per status and batch, with its job
+-- IDs space-separated (``ids``), written in the order each first came by ``flush_events`` at
+-- the call's end, which trims the stream once. An XADD a job cost Redis more than its record.
+local gathered, order = {}, {}
+local function event(id, status, batch)
+  local key = status .. ' ' .. batch
+  local g = gathered[key]
+  if not g then
+    g = {status = status, batch = batch}
+    gathered[key], order[#order + 1] = g, g
+  end
+  g[#g + 1] = id
+end
+local function flush_events(events, maxlen)
+  for _, g in ipairs(order) do
+    redis.call('XADD', events, '*', 'ids', table.concat(g, ' '), 'status', g.status,
+      'batch', g.batch)
+  end
+  if #order > 0 then redis.call('XTRIM', events, 'MAXLEN', '~', maxlen) end
+  gathered, order = {}, {}
 end
 -- Counts jobs of ``batch`` that just became final: ``names`` status -> count, ``ids`` their IDs
 -- (appended to the batch's results list). The batch is finished once as many of its jobs are
 -- final as were submitted, which adds its own event and drops its job list (only jobs not
 -- final yet are ever cancelled). Its keys live as long as its records: at least as long as the
 -- queued ones, and once it is finished its ``ttl`` (its longest final TTL) from then.
-local function batch_final(batch, names, ids, now, events)
+local function batch_final(batch, names, ids, now)
   local bkey = $batch_prefix .. batch
   for name, count in pairs(names) do redis.call('HINCRBY', bkey, name, count) end
   local final = redis.call('HINCRBY', bkey, 'final', #ids)
@@ -187,7 +204,7 @@ local function batch_final(batch, names, ids, now, events)
   if tonumber(v[1]) and final >= tonumber(v[1])
       and redis.call('HSETNX', bkey, 'finished', string.format('%d', now)) == 1 then
     redis.call('DEL', bkey .. ':jobs')
-    event(events, '', $batch_finished, batch)
+    event('', $batch_finished, batch)
   elseif ttl then
     ttl = math.max(ttl, redis.call('TTL', bkey))
   end
@@ -196,9 +213,6 @@ local function batch_final(batch, names, ids, now, events)
       redis.call('EXPIRE', k, ttl)
     end
   end
-end
-local function trim(events, maxlen)
-  redis.call('XTRIM', events, 'MAXLEN', '~', maxlen)
 end
 -- The optional fixed-width fields the header's flags announce: a deadline (µs) or nil, the
 -- seconds a final record is kept, and where the tagged fields start.
@@ -234,16 +248,16 @@ local function tagged(v, tag)
   return ''
 end
 -- Ends the job at ``key`` (its record ``v``) with status ``code`` at ``now`` (µs), appends
--- ``err`` ("<type>:<message>") if given, keeps it for its TTL from now, adds its event.
-local function end_as(key, v, code, err, now, events)
+-- ``err`` ("<type>:<message>") if given, keeps it for its TTL from now, gathers its event.
+local function end_as(key, v, code, err, now)
   local kept = string.sub(v, ATTEMPTS, FINISHED - 1)  -- attempts, started, who
   redis.call('SETRANGE', key, STATUS_AT, code .. kept .. le(now, $time_bytes))
   if err then redis.call('APPEND', key, field($error, err)) end
   local _, ttl = optional(v)
   redis.call('EXPIRE', key, ttl)
   local id, batch = string.sub(key, $id_from), tagged(v, $batch)
-  event(events, id, NAMES[code], batch)
-  if batch ~= '' then batch_final(batch, {[NAMES[code]] = 1}, {id}, now, events) end
+  event(id, NAMES[code], batch)
+  if batch ~= '' then batch_final(batch, {[NAMES[code]] = 1}, {id}, now) end
   return id
 end
 """
@@ -267,7 +281,7 @@ local out, failed, expired = {}, {}, {}
 local function poison(key, head, attempts)
   local err = $poison .. ':the job was started ' .. attempts ..
     ' times and each time its worker died before finishing it; giving up'
-  failed[#failed + 1] = end_as(key, head, $failed, err, now, events)
+  failed[#failed + 1] = end_as(key, head, $failed, err, now)
 end
 
 local values = {}
@@ -287,7 +301,7 @@ for i = 1, n do
     elseif not RUNNABLE[code] then
       state = 'x'
     elseif overdue(head, now) then
-      expired[#expired + 1] = end_as(key, head, $expired, nil, now, events)
+      expired[#expired + 1] = end_as(key, head, $expired, nil, now)
       state = 'e'
     elseif fresh and started_before > 0 then
       state = 's'
@@ -304,10 +318,8 @@ end
 if #failed > 0 then redis.call('HINCRBY', stats, 'failed', #failed) end
 if #expired > 0 then redis.call('HINCRBY', stats, 'expired', #expired) end
 for _, id in ipairs(expired) do failed[#failed + 1] = id end
-if #failed > 0 then
-  trim(events, maxlen)
-  redis.call('PUBLISH', ARGV[5], cjson.encode(failed))
-end
+flush_events(events, maxlen)
+if #failed > 0 then redis.call('PUBLISH', ARGV[5], cjson.encode(failed)) end
 return table.concat(out)
 """
 )
@@ -331,7 +343,7 @@ _FINISH = _lua(
     + """
 local maxlen, n = ARGV[1], tonumber(ARGV[2])
 local events, now = KEYS[n + 1], tonumber(ARGV[3 * n + 4])
-local counts, out, ids, written, batches = {}, {}, {}, 0, {}
+local counts, out, ids, batches = {}, {}, {}, {}
 -- Puts the final record ``old`` back at ``key`` with the expiry it had: its TTL from when it
 -- ended, both read from its header (``end_as`` and a stored result set that expiry at its end
 -- time, give or take the moment between a result and its store, and clock skew). Never later
@@ -352,7 +364,10 @@ for i = 1, n do
   local old = redis.pcall('SET', key, value, 'XX', 'EX', ttl, 'GET')
   local counter = nil
   if type(old) == 'table' then
-    if not string.find(tostring(old.err), 'WRONGTYPE') then return old end
+    if not string.find(tostring(old.err), 'WRONGTYPE') then
+      flush_events(events, maxlen)  -- the results written before it are announced
+      return old
+    end
     out[i] = -1
   elseif not old then
     out[i] = -1
@@ -370,14 +385,14 @@ for i = 1, n do
     end
     counter = NAMES[string.sub(value, STATUS, STATUS)]
     local batch = ARGV[3 * n + 4 + i]
-    event(events, ids[i], counter, batch)
+    event(ids[i], counter, batch)
     if batch ~= '' then
       local b = batches[batch] or {names = {}, ids = {}}
       batches[batch] = b
       b.names[counter] = (b.names[counter] or 0) + 1
       b.ids[#b.ids + 1] = ids[i]
     end
-    out[i], written = 1, written + 1
+    out[i] = 1
   end
   if counter then
     counts[stats] = counts[stats] or {}
@@ -387,8 +402,8 @@ end
 for stats, by_name in pairs(counts) do
   for name, count in pairs(by_name) do redis.call('HINCRBY', stats, name, count) end
 end
-for batch, b in pairs(batches) do batch_final(batch, b.names, b.ids, now, events) end
-if written > 0 then trim(events, maxlen) end
+for batch, b in pairs(batches) do batch_final(batch, b.names, b.ids, now) end
+flush_events(events, maxlen)
 redis.call('PUBLISH', ARGV[3], cjson.encode(ids))
 return out
 """
@@ -420,15 +435,13 @@ for i = 1, n do
   elseif FINAL[string.sub(v, STATUS, STATUS)] then
     out[i] = 'final'
   else
-    ended[#ended + 1] = end_as(key, v, $cancelled, nil, now, events)
+    ended[#ended + 1] = end_as(key, v, $cancelled, nil, now)
     redis.call('HINCRBY', prefix .. tagged(v, $model), 'cancelled', 1)
     out[i] = string.sub(v, STATUS, STATUS) == $running and 'cancelled_running' or 'cancelled'
   end
 end
-if #ended > 0 then
-  trim(events, maxlen)
-  redis.call('PUBLISH', ARGV[4], cjson.encode(ended))
-end
+flush_events(events, maxlen)
+if #ended > 0 then redis.call('PUBLISH', ARGV[4], cjson.encode(ended)) end
 return out
 """
 )

@@ -22,7 +22,7 @@ import redis
 from contract import defaults, keys
 from contract.batch import BATCH_FINISHED
 from contract.batch import from_hashes as batch_from_hashes
-from contract.events import Entry, EventGroup, event_jobs
+from contract.events import Entry, EventGroup, JobEvent, event_jobs
 from contract.job import Job
 from contract.store import JobStore
 from notifier.delivery import Outcome, Poster
@@ -38,8 +38,8 @@ from notifier.signing import Signer
 
 log = logging.getLogger("notifier")
 
-# Events read from the stream per call.
-EVENTS_PER_READ = 500
+# Stream entries read per call (each up to a store call's jobs: 64 by default).
+EVENTS_PER_READ = 50
 # Longest the loop blocks waiting for events, in milliseconds.
 MAX_BLOCK_MS = 1000
 # Seconds the loop waits after a Redis error before it tries again.
@@ -136,10 +136,8 @@ class Notifier:
         """Schedule the webhooks the entries call for and acknowledge them, in one transaction."""
         if not entries:
             return
-        events = [
-            {keys.text(k): keys.text(v) for k, v in (fields or {}).items()} for _, fields in entries
-        ]
-        jobs = event_jobs(self.store, [e.get("id", "") for e in events], "no webhook")
+        events = [event for _, fields in entries for event in JobEvent.of(fields)]
+        jobs = event_jobs(self.store, [e.job_id for e in events], "no webhook")
         now = self._clock()
         pipe = self.redis.pipeline(transaction=True)
         for event, job in zip(events, jobs, strict=True):
@@ -160,10 +158,10 @@ class Notifier:
         self._settle(deliveries, outcomes)
         return len(deliveries)
 
-    def _batch_delivery(self, event: dict[str, str], now: float) -> Delivery | None:
+    def _batch_delivery(self, event: JobEvent, now: float) -> Delivery | None:
         """The webhook of a batch's finish event, to the batch's callback_url, if it has one."""
-        batch = event.get("batch", "")
-        if event.get("status") != BATCH_FINISHED or not batch:
+        batch = event.batch
+        if event.status != BATCH_FINISHED or not batch:
             return None
         raw = self.redis.hget(keys.batch_key(batch), "callback_url")
         return None if raw is None else Delivery(batch_webhook_id(batch), keys.text(raw), now)
@@ -213,11 +211,11 @@ class Notifier:
         self.schedule.settle(delivered, retries, dead)
 
 
-def _delivery(event: dict[str, str], job: Job | None, now: float) -> Delivery | None:
+def _delivery(event: JobEvent, job: Job | None, now: float) -> Delivery | None:
     """The webhook an event calls for, if its job (still) has somewhere to send it."""
     if job is None:
         return None  # the record expired (or is unreadable) before the event was read
     url = callback_for(job)
     if url is None:
         return None
-    return Delivery(webhook_id(job.id, event.get("status", job.status)), url, first=now)
+    return Delivery(webhook_id(job.id, event.status or job.status), url, first=now)

@@ -64,7 +64,7 @@ def main() -> None:
     type=click.IntRange(min=1, max=100_000),
     default=2000,
     show_default=True,
-    help="Events read at once: the most records one part holds.",
+    help="The most records one part holds, and the events entries read at once.",
 )
 @click.option(
     "--consumer",

@@ -46,8 +46,9 @@ class Target(Protocol):
 
 
 def part_name(first_event: str) -> str:
-    """A part's name: the stream ID of its first event, unique in the stream, and the same when
-    the same events are written again after a restart (the part is then replaced)."""
+    """A part's name: the stream ID of its first event (with ``-<n>`` for the n-th further part
+    of the same events), unique in the stream, and the same when the same events are written
+    again after a restart (the part is then replaced)."""
     return f"{PART_PREFIX}{first_event}{PART_SUFFIX}"
 
 

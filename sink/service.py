@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from contract import defaults, keys
-from contract.events import Entry, EventGroup, event_jobs
+from contract.events import Entry, EventGroup, JobEvent, event_jobs
 from contract.store import JobStore
 from sink.outputs import OutputRefused, Policy, Target, part_name, target
 
@@ -42,7 +42,8 @@ class SinkSettings:
     policy: Policy
     consumer: str = "sink"
     group: str = defaults.SINK_GROUP
-    # Events read, and at most records written in one part, per read.
+    # The most records one part holds, and the events entries read at once (an entry holds
+    # the jobs one store call ended: from one to the worker's store batch, 64 by default).
     part_records: int = 2000
     # Seconds a record keeps in Redis once written to its output (None: its TTL is kept).
     record_ttl_s: int | None = None
@@ -103,41 +104,46 @@ class Sink:
     def write(self, entries: Sequence[Entry]) -> bool:
         """Write the parts ``entries`` call for and acknowledge what was written or needs no
         writing; False when some part could not be written (its events stay pending)."""
-        by_batch: dict[str, list[Entry]] = {}
+        by_batch: dict[str, list[tuple[bytes, list[str]]]] = {}  # entry IDs and their jobs
         done: list[bytes] = []
-        for entry in entries:
-            batch = keys.text(entry[1].get(b"batch", b""))
-            job_event = bool(entry[1].get(b"id"))  # not a batch's own finish event
-            output = self._output(batch) if batch and job_event else None
+        for entry_id, fields in entries:
+            events = JobEvent.of(fields)
+            ids = [e.job_id for e in events if e.job_id]  # none: a batch's own finish event
+            batch = events[0].batch if events else ""
+            output = self._output(batch) if batch and ids else None
             if output is None:
-                done.append(entry[0])
+                done.append(entry_id)
             else:
-                by_batch.setdefault(batch, []).append(entry)
+                by_batch.setdefault(batch, []).append((entry_id, ids))
         pipe = self.redis.pipeline(transaction=True)
         ok = True
         for batch, batch_entries in by_batch.items():
-            written = self._write_part(batch, batch_entries, pipe)
+            written = self._write_parts(batch, batch_entries, pipe)
             if written is None:
                 ok = False
             else:
-                done += [e[0] for e in batch_entries]
+                done += [entry_id for entry_id, _ in batch_entries]
         if done:
             pipe.xack(keys.events_stream(), self.settings.group, *done)
         pipe.execute()
         return ok
 
-    def _write_part(self, batch: str, entries: Sequence[Entry], pipe: Any) -> int | None:
-        """Write the records of ``entries`` as one part of ``batch``'s output; adds to ``pipe``
-        what counts them; returns how many were written, None when it failed (to retry)."""
+    def _write_parts(
+        self, batch: str, entries: Sequence[tuple[bytes, list[str]]], pipe: Any
+    ) -> int | None:
+        """Write the records of ``entries`` (stream IDs and job IDs) as ``batch``'s parts, at
+        most ``part_records`` each; adds to ``pipe`` what counts them; returns how many were
+        written, None when it failed (to retry)."""
         output = self._output(batch)
         assert output is not None
-        ids = [keys.text(e[1].get(b"id", b"")) for e in entries]
+        ids = [job_id for _, job_ids in entries for job_id in job_ids]
         jobs = [j for j in event_jobs(self.store, ids, "not written") if j is not None]
+        first, size = keys.text(entries[0][0]), self.settings.part_records
         try:
             where: Target = target(output, self.settings.policy, self._s3)
-            if jobs:
-                body = "".join(j.encode() + "\n" for j in jobs).encode()
-                where.write(part_name(keys.text(entries[0][0])), body)
+            for n, at in enumerate(range(0, len(jobs), size)):
+                body = "".join(j.encode() + "\n" for j in jobs[at : at + size]).encode()
+                where.write(part_name(first if n == 0 else f"{first}-{n}"), body)
         except OutputRefused as e:  # never going to work: say so on the batch, drop the events
             log.warning("batch %s: %s", batch, e)
             pipe.hset(keys.batch_key(batch), "output_error", str(e))

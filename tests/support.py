@@ -9,6 +9,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import redis
+
+from contract import keys
+from contract.events import Entry, JobEvent
 from demo.images import make_jpeg
 from demo.stack import ROOT, RedisServer, WorkerProcess, free_port
 
@@ -69,3 +73,10 @@ def swapping_dir_for_symlink(root: Path, outside: Path) -> Iterator[None]:
     finally:
         swapper.kill()
         swapper.wait()
+
+
+def job_events(client: redis.Redis) -> list[tuple[str, str, str]]:
+    """(job ID, status, batch) of every completion event in the stream, oldest first; a
+    batch's own finish event has no job ID."""
+    entries: list[Entry] = client.xrange(keys.events_stream())  # type: ignore[assignment]
+    return [(e.job_id, e.status, e.batch) for _, fields in entries for e in JobEvent.of(fields)]

@@ -19,7 +19,7 @@ from contract.errors import AlreadyFinal, InvalidRequest, NotFound
 from contract.job import ErrorInfo, Prediction
 from contract.shards import ShardedStore
 from producer.client import Client, SubmitRequest
-from tests.support import ROOT, RedisServer
+from tests.support import ROOT, RedisServer, job_events
 from tests.support_gateway import register_idle_model
 
 MODEL = "batchnet"
@@ -145,14 +145,10 @@ def test_the_batch_travels_in_the_events_stream_and_finishing_adds_one_event(
 ) -> None:
     jobs = client.submit_many(["/x/a.jpg", "/x/b.jpg"], model=MODEL, batch="ev")
     finish(client.store, [j.id for j in jobs], fail=frozenset({jobs[1].id}))
-    events = [
-        {keys.text(k): keys.text(v) for k, v in f.items()}
-        for _, f in redis_client.xrange(keys.events_stream())
-    ]
-    assert events == [
-        {"id": jobs[0].id, "status": "done", "batch": "ev"},
-        {"id": jobs[1].id, "status": "failed", "batch": "ev"},
-        {"id": "", "status": "batch_finished", "batch": "ev"},  # the batch's own, once
+    assert job_events(redis_client) == [
+        (jobs[0].id, "done", "ev"),
+        (jobs[1].id, "failed", "ev"),
+        ("", "batch_finished", "ev"),  # the batch's own, once, after its jobs'
     ]
 
 
@@ -279,7 +275,7 @@ def test_cancelling_a_batch_ends_every_unfinished_job_and_only_those(
     assert client.batch("stop") == batch
     page = client.batch_results("stop")
     assert page.complete and sorted(i for i, _ in page.records) == sorted(ids)
-    events = [keys.text(f[b"status"]) for _, f in redis_client.xrange(keys.events_stream())]
+    events = [status for _, status, _ in job_events(redis_client)]
     assert events.count("cancelled") == 7 and events.count("batch_finished") == 1
     with pytest.raises(AlreadyFinal):
         client.cancel_batch("stop")

@@ -31,7 +31,7 @@ from tests.faults_support import (
     stuck_in_flight,
     wait_until,
 )
-from tests.support import write_images
+from tests.support import job_events, write_images
 
 # Seconds a finished record of these tests is kept: well under the queued record's TTL.
 TTL_S = 300
@@ -51,8 +51,7 @@ def _held(
 
 def _events(client: redis.Redis) -> list[tuple[str, str]]:
     """(id, status) of every completion event, oldest first."""
-    entries = client.xrange(keys.events_stream())
-    return [(f[b"id"].decode(), f[b"status"].decode()) for _, f in entries]
+    return [(job_id, status) for job_id, status, _ in job_events(client)]
 
 
 def test_cancelled_jobs_behind_a_held_batch_never_run_and_a_running_ones_result_is_discarded(

@@ -1,9 +1,11 @@
 """Completion events: every job that reaches a final state is appended, once, to the capped
-stream ``keys.events_stream()``, which other services read with consumer groups."""
+stream ``keys.events_stream()``, which other services read with consumer groups; an entry holds
+the jobs one store call ended with one status."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import redis
@@ -12,6 +14,7 @@ from contract import defaults, keys
 from contract.events import EventGroup
 from contract.job import DONE, ErrorInfo, Job, Prediction
 from contract.store import JobStore
+from tests.support import job_events
 
 MODEL = "m"
 
@@ -22,7 +25,7 @@ def _jobs(store: JobStore, count: int) -> list[Job]:
     return jobs
 
 
-def _events(client: redis.Redis) -> list[dict[str, str]]:
+def _entries(client: redis.Redis) -> list[dict[str, str]]:
     return [
         {keys.text(k): keys.text(v) for k, v in fields.items()}
         for _, fields in client.xrange(keys.events_stream())
@@ -40,9 +43,21 @@ def test_each_finished_job_is_one_event_with_id_status_and_batch(
     ok, bad = _jobs(store, 2)
     store.finish_many([_done(ok), bad.failed(ErrorInfo("not_found", "gone"), time.time())])
     store.finish_many([_done(ok)])  # a redelivered result: stored once, announced once
-    assert _events(redis_client) == [
-        {"id": ok.id, "status": "done", "batch": ""},
-        {"id": bad.id, "status": "failed", "batch": ""},
+    assert job_events(redis_client) == [(ok.id, "done", ""), (bad.id, "failed", "")]
+
+
+def test_one_store_call_is_one_entry_per_status_and_batch(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    first, bad, third = _jobs(store, 3)
+    batched = [replace(j, id=f"b-{j.id}", batch="b1") for j in (first, third)]
+    store.create_many(batched)
+    failed = bad.failed(ErrorInfo("not_found", "gone"), time.time())
+    store.finish_many([_done(first), failed, _done(third), *map(_done, batched)])
+    assert _entries(redis_client) == [
+        {"ids": f"{first.id} {third.id}", "status": "done", "batch": ""},
+        {"ids": bad.id, "status": "failed", "batch": ""},
+        {"ids": "b-job-0 b-job-2", "status": "done", "batch": "b1"},
+        {"ids": "", "status": "batch_finished", "batch": "b1"},
     ]
 
 
@@ -51,31 +66,32 @@ def test_a_job_failed_by_its_claim_is_an_event_too(redis_client: redis.Redis) ->
     (job,) = _jobs(store, 1)
     for _ in range(defaults.MAX_ATTEMPTS):
         store.claim_many([job.id], MODEL, time.time(), "w1", fresh_only=False)
-    assert _events(redis_client) == []
+    assert job_events(redis_client) == []
     (poisoned,) = store.claim_many([job.id], MODEL, time.time(), "w2", fresh_only=False)
     assert poisoned.state == "poisoned"
-    assert _events(redis_client) == [{"id": job.id, "status": "failed", "batch": ""}]
+    assert job_events(redis_client) == [(job.id, "failed", "")]
 
 
 def test_the_stream_is_capped(redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(defaults, "EVENTS_MAX_LEN", 10)
     store = JobStore(redis_client)
     jobs = _jobs(store, 1000)
-    store.finish_many([_done(j) for j in jobs])
+    for at in range(0, len(jobs), 4):  # 250 calls, an entry each
+        store.finish_many([_done(j) for j in jobs[at : at + 4]])
     # MAXLEN ~ trims whole radix-tree nodes (100 entries by default), never below the cap.
     assert 10 <= redis_client.xlen(keys.events_stream()) <= 10 + 100
-    assert _events(redis_client)[-1] == {"id": jobs[-1].id, "status": DONE.value, "batch": ""}
+    assert job_events(redis_client)[-1] == (jobs[-1].id, DONE.value, "")
 
 
 def test_one_event_a_dead_consumer_left_pending_is_taken_over(redis_client: redis.Redis) -> None:
     """A single abandoned event (redis-py answers XAUTOCLAIM's IDs as a plain list)."""
     dead = EventGroup(redis_client, "readers", "dead", claim_idle_s=0)
     dead.setup()
-    redis_client.xadd(keys.events_stream(), {"id": "j1", "status": "done", "batch": ""})
+    redis_client.xadd(keys.events_stream(), {"ids": "j1", "status": "done", "batch": ""})
     assert len(dead.read(">", 10, None)) == 1  # read, never acknowledged
     heir = EventGroup(redis_client, "readers", "heir", claim_idle_s=0)
     assert heir.claim_abandoned(10)
-    assert [fields[b"id"] for _, fields in heir.read("0", 10, None)] == [b"j1"]
+    assert [fields[b"ids"] for _, fields in heir.read("0", 10, None)] == [b"j1"]
     assert (
         redis_client.xpending_range(keys.events_stream(), "readers", "-", "+", 10)[0]["consumer"]
         == b"heir"

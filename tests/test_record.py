@@ -14,7 +14,7 @@ import redis
 from contract import defaults, keys, record
 from contract.job import ErrorInfo, Job, Prediction, Priority
 from contract.store import CLAIMED, POISONED, JobStore
-from tests.support import RedisServer
+from tests.support import RedisServer, job_events
 from worker.resilience import is_transient
 
 URI = "/data/images/2026-11-29/batch-0042/IMG_000123.jpg"  # 50 characters
@@ -98,14 +98,10 @@ def test_each_final_job_is_one_event_on_the_stream(redis_client: redis.Redis) ->
     )
 
     assert claim.state == POISONED
-    events = [
-        {keys.text(k): keys.text(v) for k, v in fields.items()}
-        for _, fields in redis_client.xrange(keys.events_stream())
-    ]
-    assert events == [
-        {"id": "done", "status": "done", "batch": ""},
-        {"id": "failed", "status": "failed", "batch": ""},
-        {"id": "poison", "status": "failed", "batch": ""},
+    assert job_events(redis_client) == [
+        ("done", "done", ""),
+        ("failed", "failed", ""),
+        ("poison", "failed", ""),
     ]
     assert store.stats("resnet50") == {"done": 1, "failed": 2, "duplicate": 1}
 
