@@ -116,9 +116,9 @@ def held_owner(held: str) -> tuple[str, str]:
     return model, worker_id
 
 
-def held_pattern() -> str:
-    """SCAN pattern matching every worker's held set."""
-    return f"{KEY_PREFIX}:held:*"
+def held_sets_key() -> str:
+    """Set of the names of every worker's held set (``held_key``), where recovery looks."""
+    return f"{KEY_PREFIX}:held-sets"
 
 
 def dead_letter_key() -> str:

@@ -36,7 +36,7 @@ from tests.faults_support import (
     wait_until,
 )
 from tests.support import RedisServer, write_images
-from worker.recovery import UNACKED_INDEX, Reaper
+from worker.recovery import UNACKED_INDEX, Reaper, record_held
 
 # A short heartbeat, so that "within one heartbeat" is quick to test.
 _BEAT_S = "0.5"
@@ -168,8 +168,8 @@ def _reaper(client: redis.Redis, url: str, worker_id: str) -> Reaper:
 def test_a_sweep_makes_only_dead_workers_messages_due(redis_url: str, redis_client) -> None:
     now = time.time()
     redis_client.zadd(UNACKED_INDEX, {"dead-tag": now, "live-tag": now, "acked": now})
-    redis_client.sadd(keys.held_key(MODEL, "dead"), "dead-tag", "gone-tag")
-    redis_client.sadd(keys.held_key(MODEL, "live"), "live-tag")
+    for owner, tag in [("dead", "dead-tag"), ("dead", "gone-tag"), ("live", "live-tag")]:
+        record_held(redis_client, keys.held_key(MODEL, owner), tag)
     registry.heartbeat(redis_client, MODEL, "live", {}, ttl_s=60)
     registry.heartbeat(redis_client, MODEL, "me", {}, ttl_s=60)
     reaper = _reaper(redis_client, redis_url, "me")
@@ -181,6 +181,7 @@ def test_a_sweep_makes_only_dead_workers_messages_due(redis_url: str, redis_clie
     assert redis_client.zscore(UNACKED_INDEX, "gone-tag") is None
     assert redis_client.zscore(UNACKED_INDEX, "live-tag") == pytest.approx(now)
     assert not redis_client.exists(keys.held_key(MODEL, "dead"))
+    assert redis_client.smembers(keys.held_sets_key()) == {keys.held_key(MODEL, "live").encode()}
 
 
 def test_a_worker_reclaims_what_its_previous_process_held(redis_url: str, redis_client) -> None:

@@ -4,8 +4,9 @@ Kombu's Redis transport keeps each delivered, unacknowledged message in the hash
 and its delivery time in the sorted set ``unacked_index``; every worker's consumer puts back
 those older than the visibility timeout (300 s by default). That timeout must outlast the
 slowest message, so it cannot be short. A heartbeat can: so each worker also records the
-delivery tags it holds in its *held set*, and every live worker looks for held sets whose
-owner's heartbeat is gone. Their entries in ``unacked_index`` get score 0 (``ZADD XX``: only
+delivery tags it holds in its *held set*, named in the set of held sets (a sweep reads that
+set, never the keyspace), and every live worker looks for held sets whose owner's heartbeat is
+gone. Their entries in ``unacked_index`` get score 0 (``ZADD XX``: only
 tags still unacknowledged), so the next sweep of kombu's own restore (every
 ``unacked_restore_interval``) puts them back on their queues, once. A job that was in flight is
 then retried alone by the claim script, its attempt counted; nothing is stored twice.
@@ -33,8 +34,9 @@ log = logging.getLogger(__name__)
 # Kombu's sorted set of unacknowledged delivery tags, scored by delivery time.
 UNACKED_INDEX = Channel.unacked_index_key
 
-# KEYS: heartbeat, held set, unacked index. ARGV[1]: "1" to skip the heartbeat check (a
-# worker reclaiming what its own previous incarnation held). Returns the tags made due.
+# KEYS: heartbeat, held set, unacked index, the set of held sets. ARGV[1]: "1" to skip the
+# heartbeat check (a worker reclaiming what its own previous incarnation held). Returns the
+# tags made due.
 _REAP = """
 if ARGV[1] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 local due = 0
@@ -42,6 +44,7 @@ for _, tag in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   due = due + redis.call('ZADD', KEYS[3], 'XX', 'CH', 0, tag)
 end
 redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[4], KEYS[2])
 return due
 """
 
@@ -98,7 +101,7 @@ class Reaper(threading.Thread):
         if getattr(sender, "app", None) is not self.app or request is None:
             return
         try:
-            self.client.sadd(self.held, request.message.delivery_tag)
+            record_held(self.client, self.held, request.message.delivery_tag)
         except redis.RedisError as e:  # the message then waits for the visibility timeout
             log.warning("could not record a held message: %s", e)
 
@@ -117,15 +120,23 @@ class Reaper(threading.Thread):
         return sum(self._reap_one(h) for h in confirmed)
 
     def _held_sets(self) -> list[str]:
-        found = self.client.scan_iter(match=keys.held_pattern(), count=500)
-        return [k.decode() if isinstance(k, bytes) else k for k in found]
+        return [keys.text(k) for k in self.client.smembers(keys.held_sets_key())]
 
     def _alive(self, held: str) -> bool:
         return bool(self.client.exists(keys.heartbeat_key(*keys.held_owner(held))))
 
     def _reap_one(self, held: str, force: bool = False) -> int:
         heartbeat = keys.heartbeat_key(*keys.held_owner(held))
-        due = int(self._reap(keys=[heartbeat, held, UNACKED_INDEX], args=["1" if force else "0"]))
+        names = [heartbeat, held, UNACKED_INDEX, keys.held_sets_key()]
+        due = int(self._reap(keys=names, args=["1" if force else "0"]))
         if due > 0:
             log.warning("%d messages of worker %s go back to the queue", due, held)
         return max(due, 0)
+
+
+def record_held(client: redis.Redis, held: str, tag: str) -> None:
+    """Add a delivery tag to the held set ``held``, and name that set where sweeps look."""
+    pipe = client.pipeline(transaction=False)
+    pipe.sadd(held, tag)
+    pipe.sadd(keys.held_sets_key(), held)
+    pipe.execute()
