@@ -115,6 +115,9 @@ class HostPathResult:
     redis_cpu_ms_per_server: tuple[float, ...] = ()
     # CPU_PATH, or GPU_STAND_IN: the GPU path with a device that costs nothing.
     path: str = CPU_PATH
+    # Read events Redis served per job, all servers (about its round trips: each costs Redis
+    # tens of µs of CPU on a small VM, whatever the commands in it).
+    redis_reads_per_job: float = 0.0
 
     @property
     def jobs_s(self) -> float:
@@ -143,6 +146,10 @@ def producer_cpu_s() -> float:
 def redis_cpu_s(client: redis.Redis) -> float:
     info = client.info("cpu")
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def redis_reads(client: redis.Redis) -> int:
+    return int(client.info("stats")["total_reads_processed"])
 
 
 def commandstats(*clients: redis.Redis) -> dict[str, tuple[int, int]]:
@@ -231,7 +238,7 @@ class HostPath:
     def measure(self, n: int) -> HostPathResult:
         pids = list(self.pool.pids().values())
         cpu0, redis0, stats0 = self._cpu(pids), self._redis_cpu(), commandstats(*self.admins)
-        memory0 = self._memory()
+        memory0, reads0 = self._memory(), self._reads()
         started, producer0 = time.time(), producer_cpu_s()
         ids = submit(self.client, NULL_MODEL, self.uris, n, defaults.TOP_K)
         producer = producer_cpu_s() - producer0
@@ -240,7 +247,7 @@ class HostPath:
         redis1 = self._redis_cpu()
         redis_cpu = [after - before for before, after in zip(redis0, redis1, strict=True)]
         stats = _per_job(stats0, commandstats(*self.admins), n)
-        memory = self._memory() - memory0
+        memory, reads = self._memory() - memory0, self._reads() - reads0
         done = [r for r in records if r is not None and r.status == DONE]
         on_first = [r.id for r in done if shard_of(r.id, len(self.admins)) == 0]
         record_bytes, json_bytes = record_sizes(self.admin, on_first[:KEY_SAMPLE])
@@ -262,10 +269,14 @@ class HostPath:
             shards=len(self.admins),
             redis_cpu_ms_per_server=tuple(1000 * c / n for c in redis_cpu),
             path=self.path,
+            redis_reads_per_job=reads / n,
         )
 
     def _redis_cpu(self) -> list[float]:
         return [redis_cpu_s(a) for a in self.admins]
+
+    def _reads(self) -> int:
+        return sum(redis_reads(a) for a in self.admins)
 
     def _memory(self) -> int:
         return sum(int(a.info("memory")["used_memory"]) for a in self.admins)
