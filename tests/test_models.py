@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import urllib.error
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from worker.inference import Classifier
+from worker.inference import Classifier, fold_batch_norms
 from worker.models import ModelLoadError, load_model
 from worker.settings import Preprocess, Settings
 
@@ -126,3 +127,55 @@ def test_a_model_whose_outputs_do_not_match_its_labels_fails_warmup(tmp_path: Pa
     )
     with pytest.raises(ModelLoadError, match="outputs 2 classes but has 1000 labels"):
         classifier.warmup()
+
+
+class ValueBranch(nn.Module):
+    """A convolution and batch norm that torch.fx cannot trace: control flow on a value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return y if y.sum() > 0 else -y
+
+
+def _randomised_batch_norms(module: nn.Module) -> nn.Module:
+    """Running statistics and affine parameters away from their initial 0 and 1, as trained
+    ones are, so that folding them changes the weights."""
+    generator = torch.Generator().manual_seed(0)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            for t in (m.running_mean, m.running_var, m.weight, m.bias):
+                t.data = torch.rand(t.shape, generator=generator) + 0.5
+    return module.eval()
+
+
+def test_batch_norms_fold_into_convolutions_with_the_same_probabilities() -> None:
+    model = _randomised_batch_norms(torchvision.models.resnet18(weights=None))
+    folded = fold_batch_norms(model, "resnet18")
+    assert not [m for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]  # a copy was folded
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected, got = model(x).softmax(1), folded(x).softmax(1)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_a_model_torch_fx_cannot_trace_or_a_torchscript_file_is_served_as_it_is() -> None:
+    untraceable = ValueBranch().eval()
+    assert fold_batch_norms(untraceable, "mine") is untraceable
+    scripted = torch.jit.script(TwoClass().eval())
+    assert fold_batch_norms(scripted, "mine") is scripted
+
+
+def test_a_cpu_worker_folds_by_default_and_not_when_told() -> None:
+    loaded = load_model(_settings(weights="none"))
+    make = functools.partial(
+        Classifier, loaded, torch.device("cpu"), torch.float32, compile=False, batch_size=2
+    )
+    folded, kept = make(channels_last=True, fold_batch_norm=True), make(channels_last=True)
+    assert not [m for m in folded.module.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [m for m in kept.module.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert Settings(model="resnet18").fold_batch_norm

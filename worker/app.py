@@ -100,6 +100,7 @@ def setup(settings: Settings) -> Runtime:
         pick_dtype(settings.precision, device),
         channels_last=settings.channels_last,
         compile=settings.compile,
+        fold_batch_norm=settings.fold_batch_norm,
         batch_size=batch_size,
         cuda_graphs=settings.cuda_graphs,
         jpeg_decoder=settings.jpeg_decoder,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as F
 from PIL import Image
+from torch.fx.experimental.optimization import fuse
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms._presets import ImageClassification
 
@@ -77,6 +78,7 @@ class Classifier:
         device_preprocess: bool | None = None,
         cuda_graphs: bool = True,
         jpeg_decoder: str = "torchvision",
+        fold_batch_norm: bool = False,
     ) -> None:
         self.loaded = loaded
         self.device = device
@@ -89,7 +91,10 @@ class Classifier:
         # On a GPU (cuDNN autotunes each new shape) or compiled (each shape recompiles), batches
         # are padded to a few fixed sizes, all tuned at warm-up, never while serving.
         self.pad_sizes = _bucket_sizes(batch_size) if (device.type == "cuda" or compile) else ()
-        module = loaded.module.to(device=device, dtype=dtype).to(memory_format=self.memory_format)
+        module = loaded.module
+        if fold_batch_norm and device.type == "cpu" and not compile:
+            module = fold_batch_norms(module, loaded.name)
+        module = module.to(device=device, dtype=dtype).to(memory_format=self.memory_format)
         self.module = torch.compile(module) if compile else module
         self.crop = loaded.transforms.crop_size[0]
         self.resize_spec = ResizeCrop.of(loaded.transforms)
@@ -249,6 +254,28 @@ class Classifier:
         except RuntimeError as e:
             errors[i] = e
             return None
+
+
+def fold_batch_norms(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    """A copy of ``module`` (in eval mode) with each batch norm that follows a convolution
+    folded into the convolution's weights, which saves a pass over the activations (on a CPU,
+    mobilenet_v3_large's forward 10-20% faster); ``module`` itself where nothing folds or
+    torch.fx cannot trace it (a TorchScript file, control flow on values)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return module
+    try:
+        folded = fuse(module).eval()
+    except Exception as e:  # tracing fails in many ways, with no common type
+        log.info("model %s: batch norms not folded (%s: %s)", name, type(e).__name__, e)
+        return module
+    if _batch_norms(folded) == _batch_norms(module):
+        return module
+    log.info("model %s: %d batch norms folded", name, _batch_norms(module) - _batch_norms(folded))
+    return folded
+
+
+def _batch_norms(module: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
 def crop_on_host(image: Image.Image, transforms: ImageClassification) -> torch.Tensor:

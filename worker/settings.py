@@ -101,6 +101,8 @@ class Settings:
     device: str = DEVICE
     precision: str = PRECISION
     channels_last: bool = True
+    # CPU only: batch norms after convolutions folded into their weights (worker.inference).
+    fold_batch_norm: bool = True
     compile: bool = False
     # CUDA only: the forward pass as one captured graph per padded batch size.
     cuda_graphs: bool = True
