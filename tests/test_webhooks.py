@@ -236,6 +236,25 @@ def test_an_event_is_acknowledged_once_its_webhook_is_scheduled(redis_client: re
     ]
 
 
+def test_each_job_of_an_entry_gets_its_webhook_and_the_entry_is_acknowledged_once(
+    redis_client: redis.Redis,
+) -> None:
+    store = JobStore(redis_client)
+    jobs = [
+        Job(id=f"j{n}", uri="/x.jpg", model=MODEL, top_k=1, callback_url=url)
+        for n, url in enumerate(["http://hooks.example/", None, "http://other.example/"])
+    ]
+    store.create_many(jobs)
+    store.finish_many([j.done([Prediction("a", 0, 1.0)], "w", False, time.time()) for j in jobs])
+    assert redis_client.xlen(keys.events_stream()) == 1  # one store call, one entry
+    notifier = _notifier(redis_client)
+    notifier.setup()
+    assert notifier.take_events() == 1
+    assert redis_client.xpending(keys.events_stream(), notifier.settings.group)["pending"] == 0
+    due = sorted(keys.text(m) for m in redis_client.zrange(keys.webhook_due_key(), 0, -1))
+    assert due == ["j0:done", "j2:done"]
+
+
 @pytest.mark.parametrize("consumer", ["same", "another"])
 def test_events_read_by_a_sender_that_died_are_scheduled_by_the_next(
     redis_client: redis.Redis, consumer: str
