@@ -4,7 +4,8 @@ its events, each acknowledging what it handled.
 
 An entry holds the jobs one store call ended with one status: ``ids`` (space-separated job IDs),
 ``status`` and ``batch`` (their batch, empty when none). A batch's own finish event has no IDs,
-status ``batch_finished`` and its batch. ``JobEvent.of`` reads an entry into its events.
+status ``batch_finished`` and its batch. ``JobEvent.of`` reads an entry into its events, and
+an entry of the form before (``id``: one job) too.
 
 ``EventGroup`` is what those readers share: the group made if missing, new events or this
 consumer's unacknowledged ones, and taking over what a dead consumer left pending.
@@ -46,7 +47,7 @@ class JobEvent:
         if not fields:
             return []
         status, batch = keys.text(fields.get(b"status", b"")), keys.text(fields.get(b"batch", b""))
-        ids = keys.text(fields.get(b"ids", b"")).split()
+        ids = keys.text(fields.get(b"ids", fields.get(b"id", b""))).split()  # "id": before 2026-12
         return [cls(i, status, batch) for i in ids] or [cls("", status, batch)]
 
 

@@ -170,7 +170,8 @@ local function field(tag, value)
 end
 -- Completion events, gathered over one call: a stream entry per status and batch, with its job
 -- IDs space-separated (``ids``), written in the order each first came by ``flush_events`` at
--- the call's end, which trims the stream once. An XADD a job cost Redis more than its record.
+-- the call's end (an XADD a job cost Redis more than its record). The stream is then trimmed
+-- once, to as many entries as make about ``max_bytes`` at the size of this call's entries.
 local gathered, order = {}, {}
 local function event(id, status, batch)
   local key = status .. ' ' .. batch
@@ -181,12 +182,16 @@ local function event(id, status, batch)
   end
   g[#g + 1] = id
 end
-local function flush_events(events, maxlen)
+local function flush_events(events, max_bytes)
+  if #order == 0 then return end
+  local bytes = 0
   for _, g in ipairs(order) do
-    redis.call('XADD', events, '*', 'ids', table.concat(g, ' '), 'status', g.status,
-      'batch', g.batch)
+    local ids = table.concat(g, ' ')
+    bytes = bytes + #ids + #g.status + #g.batch + 32  -- 32: an entry's own bytes, about
+    redis.call('XADD', events, '*', 'ids', ids, 'status', g.status, 'batch', g.batch)
   end
-  if #order > 0 then redis.call('XTRIM', events, 'MAXLEN', '~', maxlen) end
+  local keep = math.max(1, math.floor(tonumber(max_bytes) * #order / bytes))
+  redis.call('XTRIM', events, 'MAXLEN', '~', keep)
   gathered, order = {}, {}
 end
 -- Counts jobs of ``batch`` that just became final: ``names`` status -> count, ``ids`` their IDs
@@ -263,7 +268,7 @@ end
 """
 
 # KEYS: the jobs' keys, then the model's stats hash and the events stream. ARGV: now (µs),
-# worker (catalog ID), max_attempts, mode ("fresh" | "any"), channel, events' max length.
+# worker (catalog ID), max_attempts, mode ("fresh" | "any"), channel, events' bytes to keep.
 # Answers one letter per job, its state (``_CLAIM_STATES``); the caller reads the records in the
 # same transaction, after it: a record passed through Lua costs more than the rest of a claim.
 # Only the header is read and rewritten, in place. "fresh" claims only never-started jobs and
@@ -273,7 +278,7 @@ _CLAIM = _lua(
     _RECORD
     + """
 local n = #KEYS - 2
-local stats, events, maxlen = KEYS[n + 1], KEYS[n + 2], ARGV[6]
+local stats, events, max_bytes = KEYS[n + 1], KEYS[n + 2], ARGV[6]
 local now, max_attempts, fresh = tonumber(ARGV[1]), tonumber(ARGV[3]), ARGV[4] == 'fresh'
 local started = le(now, $time_bytes) .. le(tonumber(ARGV[2]), 4)  -- started, who: every job's
 local out, failed, expired = {}, {}, {}
@@ -318,13 +323,13 @@ end
 if #failed > 0 then redis.call('HINCRBY', stats, 'failed', #failed) end
 if #expired > 0 then redis.call('HINCRBY', stats, 'expired', #expired) end
 for _, id in ipairs(expired) do failed[#failed + 1] = id end
-flush_events(events, maxlen)
+flush_events(events, max_bytes)
 if #failed > 0 then redis.call('PUBLISH', ARGV[5], cjson.encode(failed)) end
 return table.concat(out)
 """
 )
 
-# KEYS: the jobs' keys, the events stream, then the stats hashes. ARGV: the events' max length,
+# KEYS: the jobs' keys, the events stream, then the stats hashes. ARGV: the events' bytes to keep,
 # the number of jobs, the finished-jobs channel; then per job: its stats hash (1 = the first),
 # its TTL once final, and its final record. Every job's ID is announced on the channel, written
 # or not. Writes only over a job that is not final yet: a result is stored once (and a cancelled
@@ -341,7 +346,7 @@ return table.concat(out)
 _FINISH = _lua(
     _RECORD
     + """
-local maxlen, n = ARGV[1], tonumber(ARGV[2])
+local max_bytes, n = ARGV[1], tonumber(ARGV[2])
 local events, now = KEYS[n + 1], tonumber(ARGV[3 * n + 4])
 local counts, out, ids, batches = {}, {}, {}, {}
 -- Puts the final record ``old`` back at ``key`` with the expiry it had: its TTL from when it
@@ -365,7 +370,7 @@ for i = 1, n do
   local counter = nil
   if type(old) == 'table' then
     if not string.find(tostring(old.err), 'WRONGTYPE') then
-      flush_events(events, maxlen)  -- the results written before it are announced
+      flush_events(events, max_bytes)  -- the results written before it are announced
       return old
     end
     out[i] = -1
@@ -403,14 +408,14 @@ for stats, by_name in pairs(counts) do
   for name, count in pairs(by_name) do redis.call('HINCRBY', stats, name, count) end
 end
 for batch, b in pairs(batches) do batch_final(batch, b.names, b.ids, now) end
-flush_events(events, maxlen)
+flush_events(events, max_bytes)
 redis.call('PUBLISH', ARGV[3], cjson.encode(ids))
 return out
 """
 )
 
 
-# KEYS: the jobs' keys, then the events stream. ARGV: now (µs), the events' max length, the
+# KEYS: the jobs' keys, then the events stream. ARGV: now (µs), the events' bytes to keep, the
 # stats keys' prefix (the model name follows), the finished-jobs channel. Ends each queued or
 # running job cancelled: a later claim sees it final and skips it, a later result is discarded.
 # Counts it in its model's stats and its batch, adds its event, keeps it for its TTL from now,
@@ -419,13 +424,16 @@ _CANCEL = _lua(
     _RECORD
     + """
 local n = #KEYS - 1
-local events, now, maxlen, prefix = KEYS[n + 1], tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local events, now, max_bytes, prefix = KEYS[n + 1], tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local out, ended = {}, {}
 for i = 1, n do
   local key = KEYS[i]
   local v = redis.pcall('GET', key)
   if type(v) == 'table' then
-    if not string.find(tostring(v.err), 'WRONGTYPE') then return v end
+    if not string.find(tostring(v.err), 'WRONGTYPE') then
+      flush_events(events, max_bytes)  -- the jobs cancelled before it are announced
+      return v
+    end
     out[i] = 'corrupt'
   elseif not v then
     out[i] = 'missing'
@@ -440,7 +448,7 @@ for i = 1, n do
     out[i] = string.sub(v, STATUS, STATUS) == $running and 'cancelled_running' or 'cancelled'
   end
 end
-flush_events(events, maxlen)
+flush_events(events, max_bytes)
 if #ended > 0 then redis.call('PUBLISH', ARGV[4], cjson.encode(ended)) end
 return out
 """
@@ -568,7 +576,7 @@ class JobStore:
             max_attempts,
             "fresh" if fresh_only else "any",
             keys.finished_channel(),
-            defaults.EVENTS_MAX_LEN,
+            defaults.EVENTS_MAX_BYTES,
         ]
         names = [*map(keys.job_key, job_ids), keys.stats_key(model), keys.events_stream()]
 
@@ -590,7 +598,7 @@ class JobStore:
         self._maybe_rewrite_catalog()
         stats = list(dict.fromkeys(keys.stats_key(j.model) for j in jobs))
         args: list[str | int | bytes] = [
-            defaults.EVENTS_MAX_LEN,
+            defaults.EVENTS_MAX_BYTES,
             len(jobs),
             keys.finished_channel(),
         ]
@@ -611,7 +619,7 @@ class JobStore:
         names = [*map(keys.job_key, job_ids), keys.events_stream()]
         args = [
             record.micros(now),
-            defaults.EVENTS_MAX_LEN,
+            defaults.EVENTS_MAX_BYTES,
             keys.stats_key(""),
             keys.finished_channel(),
         ]

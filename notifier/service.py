@@ -39,7 +39,7 @@ from notifier.signing import Signer
 log = logging.getLogger("notifier")
 
 # Stream entries read per call (each up to a store call's jobs: 64 by default).
-EVENTS_PER_READ = 50
+EVENTS_PER_READ = 20
 # Longest the loop blocks waiting for events, in milliseconds.
 MAX_BLOCK_MS = 1000
 # Seconds the loop waits after a Redis error before it tries again.

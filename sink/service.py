@@ -1,7 +1,9 @@
 """The sink's loop: events in, a part per batch written, then the events acknowledged.
 
-Events are read with a consumer group (``defaults.SINK_GROUP``). The events of one read that
-belong to a batch with an ``output`` are written as one part per batch, named after the first
+Events are read with a consumer group (``defaults.SINK_GROUP``), and taken a few entries at a
+time, up to ``part_records`` jobs (an entry holds the jobs of one store call; the rest stay
+pending for the next step). The events taken that belong to a batch with an ``output`` are
+written as that batch's parts of at most ``part_records`` records, named after the first
 event's stream ID; only then are they acknowledged, in the same transaction that counts the
 batch's ``written`` records and (with ``record_ttl_s``) shortens the records' TTL in Redis. A
 sink killed at any moment leaves its events pending: on restart it reads the same events again
@@ -86,7 +88,7 @@ class Sink:
 
     def step(self, block_ms: int | None = None) -> int:
         """Read events (this consumer's unacknowledged ones first), write their parts and
-        acknowledge them; returns how many events were read."""
+        acknowledge them; returns how many entries it took (0: none were waiting)."""
         count = self.settings.part_records
         if self.events.claim_abandoned(count):
             self._backlog_at = 0.0  # they are now this consumer's pending events
@@ -97,9 +99,12 @@ class Sink:
                 self._backlog_at = float("inf")  # until a write fails or events are claimed
         if not entries:
             entries = self.events.read(">", count, block_ms)
-        if entries and not self.write(entries):
+        taken = _up_to(entries, self.settings.part_records)
+        if taken and not self.write(taken):
             self._backlog_at = self._clock() + RETRY_S
-        return len(entries)
+        elif len(taken) < len(entries):
+            self._backlog_at = 0.0  # the rest are this consumer's pending events: next
+        return len(taken)
 
     def write(self, entries: Sequence[Entry]) -> bool:
         """Write the parts ``entries`` call for and acknowledge what was written or needs no
@@ -172,3 +177,13 @@ class Sink:
             self._outputs.clear()
         self._outputs[batch] = (now, output)
         return output
+
+
+def _up_to(entries: Sequence[Entry], jobs: int) -> list[Entry]:
+    """The first of ``entries`` whose jobs add up to at most ``jobs``; at least one entry."""
+    total = 0
+    for n, (_, fields) in enumerate(entries):
+        total += len(JobEvent.of(fields))
+        if total > jobs and n > 0:
+            return list(entries[:n])
+    return list(entries)

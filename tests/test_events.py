@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from contract import defaults, keys
-from contract.events import EventGroup
+from contract.events import EventGroup, JobEvent
 from contract.job import DONE, ErrorInfo, Job, Prediction
 from contract.store import JobStore
 from tests.support import job_events
@@ -73,7 +73,8 @@ def test_a_job_failed_by_its_claim_is_an_event_too(redis_client: redis.Redis) ->
 
 
 def test_the_stream_is_capped(redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(defaults, "EVENTS_MAX_LEN", 10)
+    # An entry of four "job-NNN" IDs is about 67 bytes by the scripts' reckoning: ten of them.
+    monkeypatch.setattr(defaults, "EVENTS_MAX_BYTES", 670)
     store = JobStore(redis_client)
     jobs = _jobs(store, 1000)
     for at in range(0, len(jobs), 4):  # 250 calls, an entry each
@@ -81,6 +82,21 @@ def test_the_stream_is_capped(redis_client: redis.Redis, monkeypatch: pytest.Mon
     # MAXLEN ~ trims whole radix-tree nodes (100 entries by default), never below the cap.
     assert 10 <= redis_client.xlen(keys.events_stream()) <= 10 + 100
     assert job_events(redis_client)[-1] == (jobs[-1].id, DONE.value, "")
+
+
+def test_an_entry_of_the_form_before_one_job_an_entry_is_still_read() -> None:
+    old = {b"id": b"j1", b"status": b"done", b"batch": b"b"}
+    assert JobEvent.of(old) == [JobEvent("j1", "done", "b")]
+    assert JobEvent.of(None) == []  # trimmed while pending: nothing to handle
+
+
+def test_one_cancel_call_is_one_entry(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    jobs = _jobs(store, 3)
+    store.cancel_many([j.id for j in jobs], time.time())
+    assert _entries(redis_client) == [
+        {"ids": " ".join(j.id for j in jobs), "status": "cancelled", "batch": ""}
+    ]
 
 
 def test_one_event_a_dead_consumer_left_pending_is_taken_over(redis_client: redis.Redis) -> None:

@@ -115,20 +115,45 @@ def test_an_s3_output_gets_every_record_across_a_killed_sink(
     )
 
 
+def _finish_in_one_call(client: Client, job_ids: list[str]) -> None:
+    """One store call for all of them: one events entry."""
+    now = time.time()
+    claims = client.store.claim_many(job_ids, IDLE, now, "w1", fresh_only=False)
+    client.store.finish_many(
+        [c.job.done([Prediction("a", 0, 1.0)], "w", False, now) for c in claims if c.job]
+    )
+
+
 def test_an_entry_of_more_jobs_than_a_part_holds_is_written_as_several_parts(
     client: Client, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     jobs = client.submit_many([f"/x/{i}.jpg" for i in range(1, 26)], model=IDLE, output="o")
-    now = time.time()
-    claims = client.store.claim_many([j.id for j in jobs], IDLE, now, "w1", fresh_only=False)
-    done = [c.job.done([Prediction("a", 0, 1.0)], "w", False, now) for c in claims if c.job]
-    client.store.finish_many(done)  # one store call: one events entry of 25 jobs
+    _finish_in_one_call(client, [j.id for j in jobs])
     sink = Sink(redis_client, SinkSettings(Policy(root=tmp_path), part_records=10))
     sink.setup()
     while sink.step():
         pass
     parts = sorted((tmp_path / "o").iterdir())
     assert sorted(len(p.read_text().splitlines()) for p in parts) == [5, 10, 10]
+    _count_every_job(client, LocalTarget(tmp_path / "o"), [j.id for j in jobs])
+    assert redis_client.xpending(keys.events_stream(), "sink")["pending"] == 0
+
+
+def test_a_step_takes_entries_up_to_part_records_jobs_and_leaves_the_rest_pending(
+    client: Client, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    jobs = client.submit_many([f"/x/{i}.jpg" for i in range(1, 25)], model=IDLE, output="o")
+    for at in range(0, 24, 8):  # three entries of eight jobs
+        _finish_in_one_call(client, [j.id for j in jobs[at : at + 8]])
+    sink = Sink(redis_client, SinkSettings(Policy(root=tmp_path), part_records=10))
+    sink.setup()
+    assert sink.step() == 1  # a second entry would make 16 jobs
+    # the other two, and the batch's own finish entry, wait for the next steps
+    assert redis_client.xpending(keys.events_stream(), "sink")["pending"] == 3
+    while sink.step():
+        pass
+    parts = sorted((tmp_path / "o").iterdir())
+    assert [len(p.read_text().splitlines()) for p in parts] == [8, 8, 8]
     _count_every_job(client, LocalTarget(tmp_path / "o"), [j.id for j in jobs])
     assert redis_client.xpending(keys.events_stream(), "sink")["pending"] == 0
 

@@ -7,7 +7,7 @@ The batched mixed-size resize is in ``worker.resize``; the forward step and its 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import numpy as np
@@ -94,6 +94,7 @@ class Classifier:
         module = loaded.module
         if fold_batch_norm and device.type == "cpu" and not compile:
             module = fold_batch_norms(module, loaded.name)
+            self.loaded = replace(loaded, module=module)  # the unfolded copy is not kept
         module = module.to(device=device, dtype=dtype).to(memory_format=self.memory_format)
         self.module = torch.compile(module) if compile else module
         self.crop = loaded.transforms.crop_size[0]
