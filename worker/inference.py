@@ -259,8 +259,8 @@ class Classifier:
 
 def fold_batch_norms(module: torch.nn.Module, name: str) -> torch.nn.Module:
     """A copy of ``module`` (in eval mode) with each batch norm that follows a convolution
-    folded into the convolution's weights, which saves a pass over the activations (on a CPU,
-    mobilenet_v3_large's forward 10-20% faster); ``module`` itself where nothing folds or
+    folded into the convolution's weights, which saves a pass over the activations (the peer
+    benchmark's measure is in the README); ``module`` itself where nothing folds or
     torch.fx cannot trace it (a TorchScript file, control flow on values)."""
     if isinstance(module, torch.jit.ScriptModule):
         return module
