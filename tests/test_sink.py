@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from contract import keys
-from contract.job import ErrorInfo, Prediction
+from contract.job import ErrorInfo, Job, Prediction
 from producer.client import Client
 from sink.outputs import LocalTarget, OutputRefused, Policy, S3Target, read_records, target
 from sink.service import Sink, SinkSettings
@@ -131,12 +131,7 @@ def test_an_entry_of_more_jobs_than_a_part_holds_is_written_as_several_parts(
     _finish_in_one_call(client, [j.id for j in jobs])
     sink = Sink(redis_client, SinkSettings(Policy(root=tmp_path), part_records=10))
     sink.setup()
-    while sink.step():
-        pass
-    parts = sorted((tmp_path / "o").iterdir())
-    assert sorted(len(p.read_text().splitlines()) for p in parts) == [5, 10, 10]
-    _count_every_job(client, LocalTarget(tmp_path / "o"), [j.id for j in jobs])
-    assert redis_client.xpending(keys.events_stream(), "sink")["pending"] == 0
+    assert sorted(_drained_parts(sink, client, tmp_path, jobs)) == [5, 10, 10]
 
 
 def test_a_step_takes_entries_up_to_part_records_jobs_and_leaves_the_rest_pending(
@@ -150,12 +145,18 @@ def test_a_step_takes_entries_up_to_part_records_jobs_and_leaves_the_rest_pendin
     assert sink.step() == 1  # a second entry would make 16 jobs
     # the other two, and the batch's own finish entry, wait for the next steps
     assert redis_client.xpending(keys.events_stream(), "sink")["pending"] == 3
+    assert _drained_parts(sink, client, tmp_path, jobs) == [8, 8, 8]
+
+
+def _drained_parts(sink: Sink, client: Client, tmp_path: Path, jobs: list[Job]) -> list[int]:
+    """Steps ``sink`` until no event waits; the records of each part it wrote, after checking
+    that every job was written once and no event is left pending."""
     while sink.step():
         pass
     parts = sorted((tmp_path / "o").iterdir())
-    assert [len(p.read_text().splitlines()) for p in parts] == [8, 8, 8]
     _count_every_job(client, LocalTarget(tmp_path / "o"), [j.id for j in jobs])
-    assert redis_client.xpending(keys.events_stream(), "sink")["pending"] == 0
+    assert sink.redis.xpending(keys.events_stream(), "sink")["pending"] == 0
+    return [len(p.read_text().splitlines()) for p in parts]
 
 
 def test_a_part_written_but_not_acknowledged_is_written_again_under_its_name(
