@@ -78,11 +78,22 @@ class EventGroup:
                 raise
 
     def read(self, start: str, count: int, block_ms: int | None) -> list[Entry]:
-        """New events (``start`` ">") or this consumer's unacknowledged ones ("0")."""
+        """New events (``start`` ">") or this consumer's unacknowledged ones ("0"). An entry
+        the stream's trimming removed while it was pending comes without fields: logged, as its
+        jobs' events are lost to this reader."""
         reply: Any = self.redis.xreadgroup(
             self.group, self.consumer, {keys.events_stream(): start}, count=count, block=block_ms
         )
-        return list(reply[0][1]) if reply else []
+        entries: list[Entry] = list(reply[0][1]) if reply else []
+        if gone := sum(not fields for _, fields in entries):
+            log.warning(
+                "group %s: %d pending events entries were trimmed from the stream before they "
+                "were handled (the reader fell about EVENTS_MAX_BYTES behind); their events are "
+                "lost",
+                self.group,
+                gone,
+            )
+        return entries
 
     def claim_abandoned(self, count: int) -> bool:
         """Take over events another consumer read but never acknowledged (it died), at most

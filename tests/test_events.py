@@ -90,6 +90,20 @@ def test_an_entry_of_the_form_before_one_job_an_entry_is_still_read() -> None:
     assert JobEvent.of(None) == []  # trimmed while pending: nothing to handle
 
 
+def test_a_pending_entry_trimmed_away_is_read_without_fields_and_logged(
+    redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    reader = EventGroup(redis_client, "readers", "r1", claim_idle_s=60)
+    reader.setup()
+    redis_client.xadd(keys.events_stream(), {"ids": "j1", "status": "done", "batch": ""})
+    assert len(reader.read(">", 10, None)) == 1  # read, not acknowledged yet
+    redis_client.xtrim(keys.events_stream(), maxlen=0, approximate=False)
+    with caplog.at_level("WARNING", logger="contract.events"):
+        ((_, fields),) = reader.read("0", 10, None)
+    assert JobEvent.of(fields) == []
+    assert "1 pending events entries were trimmed" in caplog.text
+
+
 def test_one_cancel_call_is_one_entry(redis_client: redis.Redis) -> None:
     store = JobStore(redis_client)
     jobs = _jobs(store, 3)
