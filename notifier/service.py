@@ -39,7 +39,7 @@ from notifier.signing import Signer
 log = logging.getLogger("notifier")
 
 # Stream entries read per call (each up to a store call's jobs: 64 by default).
-EVENTS_PER_READ = 20
+ENTRIES_PER_READ = 20
 # Longest the loop blocks waiting for events, in milliseconds.
 MAX_BLOCK_MS = 1000
 # Seconds the loop waits after a Redis error before it tries again.
@@ -123,12 +123,12 @@ class Notifier:
 
         Events this consumer read before (and a restart cut short) come first, then new ones.
         """
-        if self.events.claim_abandoned(EVENTS_PER_READ):
+        if self.events.claim_abandoned(ENTRIES_PER_READ):
             self._backlog = True  # they are now this consumer's pending events
-        entries = self.events.read("0", EVENTS_PER_READ, None) if self._backlog else []
+        entries = self.events.read("0", ENTRIES_PER_READ, None) if self._backlog else []
         self._backlog = bool(entries)
         if not entries:
-            entries = self.events.read(">", EVENTS_PER_READ, block_ms)
+            entries = self.events.read(">", ENTRIES_PER_READ, block_ms)
         self._schedule(entries)
         return len(entries)
 

@@ -29,6 +29,9 @@ from sink.outputs import OutputRefused, Policy, Target, part_name, target
 
 log = logging.getLogger("sink")
 
+# An events entry as read: its stream ID and its events (``JobEvent.of``).
+Read = tuple[bytes, list[JobEvent]]
+
 # Longest the loop blocks waiting for events, in milliseconds.
 MAX_BLOCK_MS = 1000
 # Seconds the loop waits after a Redis error, or before writing a failed part again.
@@ -99,20 +102,21 @@ class Sink:
                 self._backlog_at = float("inf")  # until a write fails or events are claimed
         if not entries:
             entries = self.events.read(">", count, block_ms)
-        taken = _up_to(entries, self.settings.part_records)
+        read = [(entry_id, JobEvent.of(fields)) for entry_id, fields in entries]
+        taken = _up_to(read, self.settings.part_records)
         if taken and not self.write(taken):
             self._backlog_at = self._clock() + RETRY_S
         elif len(taken) < len(entries):
             self._backlog_at = 0.0  # the rest are this consumer's pending events: next
         return len(taken)
 
-    def write(self, entries: Sequence[Entry]) -> bool:
-        """Write the parts ``entries`` call for and acknowledge what was written or needs no
-        writing; False when some part could not be written (its events stay pending)."""
+    def write(self, entries: Sequence[Read]) -> bool:
+        """Write the parts ``entries`` (stream IDs and their events) call for and acknowledge
+        what was written or needs no writing; False when some part could not be written (its
+        events stay pending)."""
         by_batch: dict[str, list[tuple[bytes, list[str]]]] = {}  # entry IDs and their jobs
         done: list[bytes] = []
-        for entry_id, fields in entries:
-            events = JobEvent.of(fields)
+        for entry_id, events in entries:
             ids = [e.job_id for e in events if e.job_id]  # none: a batch's own finish event
             batch = events[0].batch if events else ""
             output = self._output(batch) if batch and ids else None
@@ -179,11 +183,11 @@ class Sink:
         return output
 
 
-def _up_to(entries: Sequence[Entry], jobs: int) -> list[Entry]:
+def _up_to(entries: Sequence[Read], jobs: int) -> list[Read]:
     """The first of ``entries`` whose jobs add up to at most ``jobs``; at least one entry."""
     total = 0
-    for n, (_, fields) in enumerate(entries):
-        total += len(JobEvent.of(fields))
+    for n, (_, events) in enumerate(entries):
+        total += len(events)
         if total > jobs and n > 0:
             return list(entries[:n])
     return list(entries)

@@ -269,9 +269,10 @@ def fold_batch_norms(module: torch.nn.Module, name: str) -> torch.nn.Module:
     except Exception as e:  # tracing fails in many ways, with no common type
         log.info("model %s: batch norms not folded (%s: %s)", name, type(e).__name__, e)
         return module
-    if _batch_norms(folded) == _batch_norms(module):
+    folds = _batch_norms(module) - _batch_norms(folded)
+    if not folds:
         return module
-    log.info("model %s: %d batch norms folded", name, _batch_norms(module) - _batch_norms(folded))
+    log.info("model %s: %d batch norms folded", name, folds)
     return folded
 
 
