@@ -172,26 +172,38 @@ end
 -- IDs space-separated (``ids``), written in the order each first came by ``flush_events`` at
 -- the call's end (an XADD a job cost Redis more than its record). The stream is then trimmed
 -- once, to as many entries as make about ``max_bytes`` at the size of this call's entries.
+-- ``gathered``: batch -> status -> its entry (no string built a job to find it).
 local gathered, order = {}, {}
 local function event(id, status, batch)
-  local key = status .. ' ' .. batch
-  local g = gathered[key]
+  local by_status = gathered[batch]
+  if not by_status then
+    by_status = {}
+    gathered[batch] = by_status
+  end
+  local g = by_status[status]
   if not g then
     g = {status = status, batch = batch}
-    gathered[key], order[#order + 1] = g, g
+    by_status[status], order[#order + 1] = g, g
   end
   g[#g + 1] = id
 end
+-- The last entry's XADD trims too (the entries' sizes are known before the first is added).
 local function flush_events(events, max_bytes)
   if #order == 0 then return end
-  local bytes = 0
-  for _, g in ipairs(order) do
-    local ids = table.concat(g, ' ')
-    bytes = bytes + #ids + #g.status + #g.batch + 32  -- 32: an entry's own bytes, about
-    redis.call('XADD', events, '*', 'ids', ids, 'status', g.status, 'batch', g.batch)
+  local bytes, texts = 0, {}
+  for i, g in ipairs(order) do
+    texts[i] = table.concat(g, ' ')
+    bytes = bytes + #texts[i] + #g.status + #g.batch + 32  -- 32: an entry's own bytes, about
   end
   local keep = math.max(1, math.floor(tonumber(max_bytes) * #order / bytes))
-  redis.call('XTRIM', events, 'MAXLEN', '~', keep)
+  for i, g in ipairs(order) do
+    if i < #order then
+      redis.call('XADD', events, '*', 'ids', texts[i], 'status', g.status, 'batch', g.batch)
+    else
+      redis.call('XADD', events, 'MAXLEN', '~', keep, '*',
+        'ids', texts[i], 'status', g.status, 'batch', g.batch)
+    end
+  end
   gathered, order = {}, {}
 end
 -- Counts jobs of ``batch`` that just became final: ``names`` status -> count, ``ids`` their IDs
@@ -289,11 +301,13 @@ local function poison(key, head, attempts)
   failed[#failed + 1] = end_as(key, head, $failed, err, now)
 end
 
-local values = {}
-for from = 1, n, 1000 do  -- unpack takes a few thousand values at most
+local values = redis.call('MGET', unpack(KEYS, 1, math.min(n, 1000)))
+for from = 1001, n, 1000 do  -- unpack takes a few thousand values at most
   local part = redis.call('MGET', unpack(KEYS, from, math.min(n, from + 999)))
   for j = 1, #part do values[from + j - 1] = part[j] end
 end
+-- What a first claim writes over the header, the same for every job of the call.
+local first = $running .. le16(1) .. started
 for i = 1, n do
   local key, head = KEYS[i], values[i]
   local state = 'x'
@@ -305,10 +319,13 @@ for i = 1, n do
       state = 'f'
     elseif not RUNNABLE[code] then
       state = 'x'
-    elseif overdue(head, now) then
+    elseif string.byte(head, HEAD) % 2 == 1 and overdue(head, now) then  -- 1: a deadline
       expired[#expired + 1] = end_as(key, head, $expired, nil, now)
       state = 'e'
-    elseif fresh and started_before > 0 then
+    elseif started_before == 0 and max_attempts > 0 then
+      redis.call('SETRANGE', key, STATUS_AT, first)
+      state = 'c'
+    elseif fresh then
       state = 's'
     elseif started_before >= max_attempts then
       poison(key, head, started_before)
@@ -362,49 +379,60 @@ local function put_back(key, old)
   local at = math.min(math.floor(finished / 1000) + ttl * 1000, now_ms + ttl * 1000)
   redis.call('SET', key, old, 'PXAT', string.format('%d', math.max(at, now_ms + 1000)))
 end
+-- A job whose record was not final: written. Its stored attempts stay the higher of the two
+-- (a later delivery may have started it again meanwhile); it is counted and announced.
+local function written(i, key, old, value)
+  local was = attempts(old)
+  if was > attempts(value) then redis.call('SETRANGE', key, ATTEMPTS_AT, le16(was)) end
+  local name, batch = NAMES[string.sub(value, STATUS, STATUS)], ARGV[3 * n + 4 + i]
+  event(ids[i], name, batch)
+  if batch ~= '' then
+    local b = batches[batch] or {names = {}, ids = {}}
+    batches[batch] = b
+    b.names[name] = (b.names[name] or 0) + 1
+    b.ids[#b.ids + 1] = ids[i]
+  end
+  return name
+end
+-- A job whose key held no record to write over (nil: none; else what it held, put back), or
+-- a final one (put back, counted as a duplicate or, if cancelled, a discarded result).
+local function not_written(i, key, old)
+  if not old then
+    out[i] = -1
+  elseif not is_record(old) then
+    redis.call('SET', key, old, 'KEEPTTL')  -- with the result's TTL: see above
+    out[i] = -1
+  else
+    put_back(key, old)
+    out[i] = 0
+    return string.sub(old, STATUS, STATUS) == $cancelled and 'discarded' or 'duplicate'
+  end
+end
 for i = 1, n do
-  local key, ttl, value = KEYS[i], ARGV[3 * i + 2], ARGV[3 * i + 3]
-  local stats = KEYS[n + 1 + tonumber(ARGV[3 * i + 1])]
+  local key, value = KEYS[i], ARGV[3 * i + 3]
   ids[i] = string.sub(key, $id_from)
-  local old = redis.pcall('SET', key, value, 'XX', 'EX', ttl, 'GET')
-  local counter = nil
+  local old = redis.pcall('SET', key, value, 'XX', 'EX', ARGV[3 * i + 2], 'GET')
+  local counter
   if type(old) == 'table' then
     if not string.find(tostring(old.err), 'WRONGTYPE') then
       flush_events(events, max_bytes)  -- the results written before it are announced
       return old
     end
     out[i] = -1
-  elseif not old then
-    out[i] = -1
-  elseif not is_record(old) then
-    redis.call('SET', key, old, 'KEEPTTL')  -- with the result's TTL: see above
-    out[i] = -1
-  elseif FINAL[string.sub(old, STATUS, STATUS)] then
-    put_back(key, old)
-    out[i] = 0
-    counter = string.sub(old, STATUS, STATUS) == $cancelled and 'discarded' or 'duplicate'
+  elseif old and is_record(old) and not FINAL[string.sub(old, STATUS, STATUS)] then
+    counter, out[i] = written(i, key, old, value), 1
   else
-    local was = attempts(old)
-    if was > attempts(value) then
-      redis.call('SETRANGE', key, ATTEMPTS_AT, le16(was))
-    end
-    counter = NAMES[string.sub(value, STATUS, STATUS)]
-    local batch = ARGV[3 * n + 4 + i]
-    event(ids[i], counter, batch)
-    if batch ~= '' then
-      local b = batches[batch] or {names = {}, ids = {}}
-      batches[batch] = b
-      b.names[counter] = (b.names[counter] or 0) + 1
-      b.ids[#b.ids + 1] = ids[i]
-    end
-    out[i] = 1
+    counter = not_written(i, key, old)
   end
   if counter then
-    counts[stats] = counts[stats] or {}
-    counts[stats][counter] = (counts[stats][counter] or 0) + 1
+    local stats = ARGV[3 * i + 1]
+    local by_name = counts[stats] or {}
+    counts[stats] = by_name
+    by_name[counter] = (by_name[counter] or 0) + 1
   end
 end
-for stats, by_name in pairs(counts) do
+for stats_at, by_name in pairs(counts) do
+  local stats = KEYS[n + 1 + tonumber(stats_at)]
   for name, count in pairs(by_name) do redis.call('HINCRBY', stats, name, count) end
 end
 for batch, b in pairs(batches) do batch_final(batch, b.names, b.ids, now) end

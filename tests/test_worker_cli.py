@@ -46,3 +46,11 @@ def test_host_threads_default_to_the_cores_and_refuse_zero(monkeypatch) -> None:
 def test_openmp_threads_sleep_between_batches_unless_the_operator_chose() -> None:
     assert cpu_thread_env({}) == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert cpu_thread_env({"OMP_WAIT_POLICY": "ACTIVE"}) == {}
+
+
+def test_the_store_wait_is_a_flag_and_refuses_a_negative(monkeypatch) -> None:
+    monkeypatch.setenv("IMGCLS_STORE_WAIT_MS", "2.5")
+    ctx = main.make_context("worker", ["--model", "m", "--device", "cpu"])
+    assert _settings(ctx.params).store_wait_ms == 2.5
+    with pytest.raises(ValueError, match="--store-wait-ms must be >= 0"):
+        Settings(model="m", store_wait_ms=-1).validate()

@@ -125,6 +125,7 @@ def setup(settings: Settings) -> Runtime:
         metrics,
         max_batch=batch_size,
         max_wait_s=settings.max_wait_ms / 1000,
+        store_wait_s=settings.store_wait_ms / 1000,
         inline_infer=device.type == "cpu",
     )
     io_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="io")
