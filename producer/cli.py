@@ -200,7 +200,11 @@ def main() -> None:
     "page with boto3's standard credentials and AWS_ENDPOINT_URL.",
 )
 @click.option(
-    "--chunk-size", default=defaults.CHUNK_SIZE, show_default=True, help="Jobs per queue message."
+    "--chunk-size",
+    default=defaults.CHUNK_SIZE,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most jobs per queue message (a few hundred jobs are spread over several messages).",
 )
 @click.option(
     "--progress/--no-progress",
@@ -798,7 +802,11 @@ def list_models(redis_url: str) -> None:
     help="Larger request bodies are refused with 413 (env IMGCLS_MAX_BODY_BYTES).",
 )
 @click.option(
-    "--chunk-size", default=defaults.CHUNK_SIZE, show_default=True, help="Jobs per queue message."
+    "--chunk-size",
+    default=defaults.CHUNK_SIZE,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most jobs per queue message (a few hundred jobs are spread over several messages).",
 )
 @log_options("info")
 def serve(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -89,6 +90,8 @@ class Client:
         self.celery = celery
         self.store = ShardedStore(store_clients or [connection])
         self.ttl_s = validate_ttl_s(ttl_s)
+        if chunk_size < 1:
+            raise ValueError(f"a queue message carries at least one job, not {chunk_size}")
         self.chunk_size = chunk_size
         self.absolute_paths = absolute_paths
 
@@ -333,12 +336,12 @@ class Client:
         sent = 0
         try:
             with self.celery.producer_or_acquire() as producer:
-                for start in range(0, len(jobs), self.chunk_size):
-                    ids = [j.id for j in jobs[start : start + self.chunk_size]]
+                for count in message_sizes(len(jobs), self.chunk_size):
+                    ids = [j.id for j in jobs[sent : sent + count]]
                     self.celery.send_task(
                         TASK_NAME, args=[ids], queue=queue, routing_key=queue, producer=producer
                     )
-                    sent = start + len(ids)
+                    sent += count
         except Exception as e:
             # Records without a message would stay queued forever: fail them visibly instead.
             error = ErrorInfo(Unavailable.type, f"could not enqueue the job: {e}")
@@ -623,6 +626,15 @@ def _raise_on_conflict(jobs: Iterable[Job], existing: dict[str, Job]) -> None:
                 f"(uri {old.uri!r}, model {old.model!r}, top_k {old.top_k}); "
                 "resubmit it unchanged to read it, or choose another ID"
             )
+
+
+def message_sizes(jobs: int, most: int) -> list[int]:
+    """How many of ``jobs`` IDs each queue message carries: at most ``most``, in as few
+    messages as that allows, but in at least ``defaults.SPREAD_MESSAGES`` while each would
+    still carry ``defaults.MIN_CHUNK_SIZE``; sizes differ by one at most."""
+    spread = min(defaults.SPREAD_MESSAGES, math.ceil(jobs / defaults.MIN_CHUNK_SIZE))
+    count = max(math.ceil(jobs / most), spread)
+    return [jobs // count + (i < jobs % count) for i in range(count)] if jobs else []
 
 
 def _route(job: Job) -> tuple[str, str, str]:

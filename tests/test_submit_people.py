@@ -7,6 +7,7 @@ finishes them through the store as a worker would."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -21,12 +22,12 @@ from queue import Empty, Queue
 import pytest
 import redis
 
-from contract import keys
+from contract import defaults, keys, registry
 from contract.errors import IdConflict, NotFound
 from contract.job import ErrorInfo, Job
 from contract.shards import ShardedStore
 from producer.bulk import in_input_order
-from producer.client import Client, SubmitRequest
+from producer.client import Client, SubmitRequest, message_sizes
 from tests.support import ROOT, producer_help
 from tests.support_gateway import register_idle_model
 
@@ -230,3 +231,46 @@ def test_help_documents_the_exit_statuses(command: str) -> None:
 
     assert "Exit status" in text
     assert all(f"{code} " in text for code in ("0", "1", "5"))
+
+
+@pytest.mark.parametrize(
+    ("jobs", "most", "sizes"),
+    [
+        (0, 256, []),
+        (1, 256, [1]),
+        (100, 256, [50, 50]),  # a burst is shared: messages of 64 or so, never fewer
+        (192, 256, [64, 64, 64]),
+        (1000, 256, [125] * 8),  # spread over 8 messages while each keeps 64
+        (2000, 256, [250] * 8),
+        (5000, 256, [250] * 20),  # as few as the most per message allows
+        (5, 2, [2, 2, 1]),
+        (200, 64, [50] * 4),
+    ],
+)
+def test_a_submission_goes_out_in_messages_of_at_most_the_chunk_size(
+    jobs: int, most: int, sizes: list[int]
+) -> None:
+    assert message_sizes(jobs, most) == sizes
+
+
+def test_message_sizes_hold_every_job_once_within_the_bounds() -> None:
+    for jobs in range(0, 3000, 7):
+        sizes = message_sizes(jobs, defaults.CHUNK_SIZE)
+        assert sum(sizes) == jobs
+        assert max(sizes, default=0) - min(sizes, default=0) <= 1
+        assert max(sizes, default=0) <= defaults.CHUNK_SIZE
+
+
+def test_the_queue_carries_each_job_once_in_submission_order(client: Client) -> None:
+    jobs = client.submit_many([f"/img/{n}.jpg" for n in range(1000)], model=IDLE)
+
+    (queue,) = [q for q in registry.queues(client.redis, IDLE) if client.redis.llen(q)]
+    raw = reversed(client.redis.lrange(queue, 0, -1))  # LPUSH: the first sent is last
+    messages = [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0] for m in raw]
+    assert [len(m) for m in messages] == [125] * 8
+    assert [i for m in messages for i in m] == [j.id for j in jobs]
+
+
+def test_a_client_refuses_messages_of_no_jobs(redis_url: str) -> None:
+    with pytest.raises(ValueError, match="at least one job"):
+        Client.from_url(redis_url, chunk_size=0)
