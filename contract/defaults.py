@@ -28,18 +28,17 @@ MAX_TOP_K = 1000
 MODEL = "resnet50"
 # Most job IDs one queue message carries: one message per image cannot feed a GPU, and each
 # message costs Redis about as much as 20 of its jobs on the host path (README, "Per-job cost").
-CHUNK_SIZE = 256
+# Larger messages cost less a job, but a worker holds its concurrency's worth of them, and a
+# high-priority job waits for what it holds (128 x 2 on a CPU: as long as 64 x 4 did).
+CHUNK_SIZE = 128
 # A submission is spread over at least this many messages, while each still carries at least
 # MIN_CHUNK_SIZE jobs: a burst of a few hundred jobs is shared by several worker processes.
 SPREAD_MESSAGES = 8
 MIN_CHUNK_SIZE = 64
 # Deliveries of one job before it is failed as a poison pill.
 MAX_ATTEMPTS = 3
-# Seconds an unacknowledged message waits before Redis hands it to another worker. A dead
-# worker's messages come back within seconds of its heartbeat expiring (worker.recovery), so
-# this is the backstop, and it must outlast the slowest message: a CPU process holds its
-# concurrency's worth of messages of CHUNK_SIZE jobs (4 x 256 jobs take 17 minutes at 1 img/s).
-VISIBILITY_TIMEOUT_S = 3600
+# Seconds an unacknowledged message waits before Redis hands it to another worker.
+VISIBILITY_TIMEOUT_S = 300
 # Longest accepted job ID.
 MAX_JOB_ID_LEN = 128
 # Longest accepted URI.

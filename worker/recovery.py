@@ -2,7 +2,7 @@
 
 Kombu's Redis transport keeps each delivered, unacknowledged message in the hash ``unacked``
 and its delivery time in the sorted set ``unacked_index``; every worker's consumer puts back
-those older than the visibility timeout (an hour by default). That timeout must outlast the
+those older than the visibility timeout (300 s by default). That timeout must outlast the
 slowest message, so it cannot be short. A heartbeat can: so each worker also records the
 delivery tags it holds in its *held set*, named in the set of held sets (a sweep reads that
 set, never the keyspace), and every live worker looks for held sets whose owner's heartbeat is

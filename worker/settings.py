@@ -57,9 +57,10 @@ FETCH_MAX_REDIRECTS = 3
 METRICS_PORT = 0
 # Address the metrics and health endpoint listens on.
 METRICS_HOST = "0.0.0.0"
-# Queue messages handled at once on a GPU, and on a CPU.
+# Queue messages handled at once on a GPU, and on a CPU (two messages of up to 128 jobs keep a
+# CPU process's host thread busy; each more is work a high-priority job waits behind).
 GPU_CONCURRENCY = 16
-CPU_CONCURRENCY = 4
+CPU_CONCURRENCY = 2
 # torchvision's pretrained weights for the model.
 WEIGHTS = "DEFAULT"
 # Device and numeric precision chosen at startup ("auto": the GPU if there is one).
