@@ -27,7 +27,7 @@ MAX_TOP_K = 1000
 # Model served when the caller does not name one.
 MODEL = "resnet50"
 # Most job IDs one queue message carries: one message per image cannot feed a GPU, and each
-# message costs Redis about as much as 20 of its jobs on the host path (README, "Per-job cost").
+# message costs Redis about as much as 40 of its jobs on the host path (README, "Per-job cost").
 # Larger messages cost less a job, but a worker holds its concurrency's worth of them, and a
 # high-priority job waits for what it holds (128 x 2 on a CPU: as long as 64 x 4 did).
 CHUNK_SIZE = 128

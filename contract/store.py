@@ -379,60 +379,49 @@ local function put_back(key, old)
   local at = math.min(math.floor(finished / 1000) + ttl * 1000, now_ms + ttl * 1000)
   redis.call('SET', key, old, 'PXAT', string.format('%d', math.max(at, now_ms + 1000)))
 end
--- A job whose record was not final: written. Its stored attempts stay the higher of the two
--- (a later delivery may have started it again meanwhile); it is counted and announced.
-local function written(i, key, old, value)
-  local was = attempts(old)
-  if was > attempts(value) then redis.call('SETRANGE', key, ATTEMPTS_AT, le16(was)) end
-  local name, batch = NAMES[string.sub(value, STATUS, STATUS)], ARGV[3 * n + 4 + i]
-  event(ids[i], name, batch)
-  if batch ~= '' then
-    local b = batches[batch] or {names = {}, ids = {}}
-    batches[batch] = b
-    b.names[name] = (b.names[name] or 0) + 1
-    b.ids[#b.ids + 1] = ids[i]
-  end
-  return name
-end
--- A job whose key held no record to write over (nil: none; else what it held, put back), or
--- a final one (put back, counted as a duplicate or, if cancelled, a discarded result).
-local function not_written(i, key, old)
-  if not old then
-    out[i] = -1
-  elseif not is_record(old) then
-    redis.call('SET', key, old, 'KEEPTTL')  -- with the result's TTL: see above
-    out[i] = -1
-  else
-    put_back(key, old)
-    out[i] = 0
-    return string.sub(old, STATUS, STATUS) == $cancelled and 'discarded' or 'duplicate'
-  end
-end
 for i = 1, n do
-  local key, value = KEYS[i], ARGV[3 * i + 3]
+  local key, ttl, value = KEYS[i], ARGV[3 * i + 2], ARGV[3 * i + 3]
+  local stats = KEYS[n + 1 + tonumber(ARGV[3 * i + 1])]
   ids[i] = string.sub(key, $id_from)
-  local old = redis.pcall('SET', key, value, 'XX', 'EX', ARGV[3 * i + 2], 'GET')
-  local counter
+  local old = redis.pcall('SET', key, value, 'XX', 'EX', ttl, 'GET')
+  local counter = nil
   if type(old) == 'table' then
     if not string.find(tostring(old.err), 'WRONGTYPE') then
       flush_events(events, max_bytes)  -- the results written before it are announced
       return old
     end
     out[i] = -1
-  elseif old and is_record(old) and not FINAL[string.sub(old, STATUS, STATUS)] then
-    counter, out[i] = written(i, key, old, value), 1
+  elseif not old then
+    out[i] = -1
+  elseif not is_record(old) then
+    redis.call('SET', key, old, 'KEEPTTL')  -- with the result's TTL: see above
+    out[i] = -1
+  elseif FINAL[string.sub(old, STATUS, STATUS)] then
+    put_back(key, old)
+    out[i] = 0
+    counter = string.sub(old, STATUS, STATUS) == $cancelled and 'discarded' or 'duplicate'
   else
-    counter = not_written(i, key, old)
+    local was = attempts(old)
+    if was > attempts(value) then
+      redis.call('SETRANGE', key, ATTEMPTS_AT, le16(was))
+    end
+    counter = NAMES[string.sub(value, STATUS, STATUS)]
+    local batch = ARGV[3 * n + 4 + i]
+    event(ids[i], counter, batch)
+    if batch ~= '' then
+      local b = batches[batch] or {names = {}, ids = {}}
+      batches[batch] = b
+      b.names[counter] = (b.names[counter] or 0) + 1
+      b.ids[#b.ids + 1] = ids[i]
+    end
+    out[i] = 1
   end
   if counter then
-    local stats = ARGV[3 * i + 1]
-    local by_name = counts[stats] or {}
-    counts[stats] = by_name
-    by_name[counter] = (by_name[counter] or 0) + 1
+    counts[stats] = counts[stats] or {}
+    counts[stats][counter] = (counts[stats][counter] or 0) + 1
   end
 end
-for stats_at, by_name in pairs(counts) do
-  local stats = KEYS[n + 1 + tonumber(stats_at)]
+for stats, by_name in pairs(counts) do
   for name, count in pairs(by_name) do redis.call('HINCRBY', stats, name, count) end
 end
 for batch, b in pairs(batches) do batch_final(batch, b.names, b.ids, now) end
