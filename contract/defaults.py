@@ -55,10 +55,10 @@ DEAD_LETTER_MAX_ENTRIES = 10_000
 DEAD_LETTER_MAX_AGE_S = 7 * 24 * 3600
 # Job IDs listed in one dead-letter entry; the entry also counts them all.
 DEAD_LETTER_MAX_IDS = 100
-# Bytes of completion events the stream keeps, about: each call trims it (XTRIM MAXLEN ~) to as
-# many entries as make this at the size of its own entries; the oldest go first. An entry holds
-# the jobs one store call ended with one status: about 0.6 million entries of one job, 1.7
-# million jobs in entries of 64. A reader that falls further behind misses events.
+# Bytes of completion events the stream keeps, about: each call trims it (its last XADD's
+# MAXLEN ~) to as many entries as make this at the size of its own entries; the oldest go first.
+# An entry holds the jobs one store call ended with one status: about 0.6 million entries of
+# one job, 1.7 million jobs in entries of 64. A reader that falls further behind misses events.
 EVENTS_MAX_BYTES = 64 * 2**20
 # Consumer group of the webhook sender on the events stream.
 WEBHOOK_GROUP = "webhooks"
