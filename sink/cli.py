@@ -64,7 +64,7 @@ def main() -> None:
     type=click.IntRange(min=1, max=100_000),
     default=2000,
     show_default=True,
-    help="The most records one part holds, and the events entries read at once.",
+    help="The most records one part holds (each read asks for about a part of events).",
 )
 @click.option(
     "--consumer",

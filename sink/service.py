@@ -2,18 +2,21 @@
 
 Events are read with a consumer group (``defaults.SINK_GROUP``), and taken a few entries at a
 time, up to ``part_records`` jobs (an entry holds the jobs of one store call; the rest stay
-pending for the next step). The events taken that belong to a batch with an ``output`` are
-written as that batch's parts of at most ``part_records`` records, named after the first
-event's stream ID; only then are they acknowledged, in the same transaction that counts the
-batch's ``written`` records and (with ``record_ttl_s``) shortens the records' TTL in Redis. A
-sink killed at any moment leaves its events pending: on restart it reads the same events again
-and writes the same part again (replacing it), so every record reaches the output at least
-once, and readers drop repeats by ``id`` (``outputs.read_records``).
+pending for the next step). Each read asks for about one part's worth of entries, at the size
+the entries of the read before had, so that a backlog is not read again and again. The events
+taken that belong to a batch with an ``output`` are written as that batch's parts of at most
+``part_records`` records, named after the first event's stream ID; only then are they
+acknowledged, in the same transaction that counts the batch's ``written`` records and (with
+``record_ttl_s``) shortens the records' TTL in Redis. A sink killed at any moment leaves its
+events pending: on restart it reads the same events again and writes the same part again
+(replacing it), so every record reaches the output at least once, and readers drop repeats by
+``id`` (``outputs.read_records``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -47,8 +50,8 @@ class SinkSettings:
     policy: Policy
     consumer: str = "sink"
     group: str = defaults.SINK_GROUP
-    # The most records one part holds, and the events entries read at once (an entry holds
-    # the jobs one store call ended: from one to the worker's store batch, 64 by default).
+    # The most records one part holds; each read asks for about that many jobs' entries (an
+    # entry holds the jobs one store call ended: from one to a few hundred).
     part_records: int = 2000
     # Seconds a record keeps in Redis once written to its output (None: its TTL is kept).
     record_ttl_s: int | None = None
@@ -71,6 +74,7 @@ class Sink:
         self._clock = clock
         self._outputs: dict[str, tuple[float, str | None]] = {}
         self._backlog_at = 0.0  # when to read this consumer's unacknowledged events again
+        self._entry_jobs = 1.0  # jobs an entry held, on average, in the last read
         self.events = EventGroup(
             client, settings.group, settings.consumer, settings.claim_idle_s, clock
         )
@@ -92,9 +96,9 @@ class Sink:
     def step(self, block_ms: int | None = None) -> int:
         """Read events (this consumer's unacknowledged ones first), write their parts and
         acknowledge them; returns how many entries it took (0: none were waiting)."""
-        count = self.settings.part_records
-        if self.events.claim_abandoned(count):
+        if self.events.claim_abandoned(self.settings.part_records):
             self._backlog_at = 0.0  # they are now this consumer's pending events
+        count = max(1, math.ceil(self.settings.part_records / self._entry_jobs))
         entries: list[Entry] = []
         if self._clock() >= self._backlog_at:
             entries = self.events.read("0", count, None)
@@ -103,6 +107,8 @@ class Sink:
         if not entries:
             entries = self.events.read(">", count, block_ms)
         read = [(entry_id, JobEvent.of(fields)) for entry_id, fields in entries]
+        if read:
+            self._entry_jobs = max(1.0, sum(len(events) for _, events in read) / len(read))
         taken = _up_to(read, self.settings.part_records)
         if taken and not self.write(taken):
             self._backlog_at = self._clock() + RETRY_S

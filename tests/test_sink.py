@@ -148,6 +148,30 @@ def test_a_step_takes_entries_up_to_part_records_jobs_and_leaves_the_rest_pendin
     assert _drained_parts(sink, client, tmp_path, jobs) == [8, 8, 8]
 
 
+def test_a_backlogged_sink_reads_about_one_part_of_entries_a_step(
+    client: Client, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    jobs = client.submit_many([f"/x/{i}.jpg" for i in range(1, 161)], model=IDLE, output="o")
+    for at in range(0, 160, 8):  # twenty entries of eight jobs
+        _finish_in_one_call(client, [j.id for j in jobs[at : at + 8]])
+    sink = Sink(redis_client, SinkSettings(Policy(root=tmp_path), part_records=20))
+    sink.setup()
+    real, read = sink.events.read, []
+
+    def counted(start: str, count: int, block_ms: int | None) -> Any:
+        entries = real(start, count, block_ms)
+        read.append(len(entries))
+        return entries
+
+    sink.events.read = counted  # type: ignore[method-assign]
+    assert _drained_parts(sink, client, tmp_path, jobs) == [16] * 10
+    # the first read knows no entry's size (20 of the 21 come: the batch's own entry is last),
+    # each later one asks for 20/8 -> 3
+    entries = [n for n in read if n]
+    assert entries[0] == 20 and max(entries[1:]) == 3, read
+    assert sum(entries) < 20 + 3 * 12  # before: each step read the whole backlog again (~210)
+
+
 def _drained_parts(sink: Sink, client: Client, tmp_path: Path, jobs: list[Job]) -> list[int]:
     """Steps ``sink`` until no event waits; the records of each part it wrote, after checking
     that every job was written once and no event is left pending."""
