@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -55,7 +56,7 @@ KEY_SAMPLE = 100
 PROBE_COMMANDS = {"info", "memory|usage", "memory", "strlen"}
 # Pipelined plain SETs a run also times, as the unit its Redis CPU per job is read in: this VM's
 # speed moves 2-3x between sittings, the same code's cost in plain SETs far less.
-CALIBRATION_SETS = 20_000
+CALIBRATION_SETS, CALIBRATION_ROUNDS = 10_000, 9
 # Seconds a worker may take to load the null model.
 READY_TIMEOUT_S = 120
 # The paths measured: the CPU path, and the GPU path on a device stand-in (bench.standin).
@@ -186,20 +187,24 @@ def _per_job(
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["usec"]))
 
 
-def plain_set_us(client: redis.Redis, value_bytes: int, n: int = CALIBRATION_SETS) -> float:
-    """Redis CPU µs per ``SET key value EX`` of ``value_bytes``, a thousand to a round trip;
-    the keys are deleted after."""
-    value, names = b"x" * value_bytes, [f"imgcls-bench:calibration:{i:08d}" for i in range(n)]
-    before = redis_cpu_s(client)
-    for start in range(0, n, 1000):
-        pipe = client.pipeline(transaction=False)
-        for name in names[start : start + 1000]:
-            pipe.set(name, value, ex=600)
-        pipe.execute()
-    spent = redis_cpu_s(client) - before
-    for start in range(0, n, 1000):
-        client.delete(*names[start : start + 1000])
-    return 1e6 * spent / n
+def plain_set_us(client: redis.Redis, value_bytes: int, rounds: int = CALIBRATION_ROUNDS) -> float:
+    """Redis CPU µs per ``SET key value EX`` of ``value_bytes``, a thousand to a round trip: the
+    median of ``rounds`` rounds of ``CALIBRATION_SETS`` (one round moves by a third on this VM);
+    the keys are deleted after each."""
+    value = b"x" * value_bytes
+    names = [f"imgcls-bench:calibration:{i:08d}" for i in range(CALIBRATION_SETS)]
+    costs = []
+    for _ in range(rounds):
+        before = redis_cpu_s(client)
+        for start in range(0, len(names), 1000):
+            pipe = client.pipeline(transaction=False)
+            for name in names[start : start + 1000]:
+                pipe.set(name, value, ex=600)
+            pipe.execute()
+        costs.append(1e6 * (redis_cpu_s(client) - before) / len(names))
+        for start in range(0, len(names), 1000):
+            client.delete(*names[start : start + 1000])
+    return statistics.median(costs)
 
 
 def record_sizes(client: redis.Redis, ids: Sequence[str]) -> tuple[float, float]:
