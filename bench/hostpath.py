@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import resource
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -54,9 +53,6 @@ NULL_PREPROCESS = ("--resize", "16", "--crop", "16")
 KEY_SAMPLE = 100
 # Commands the benchmark itself sends to read these figures; left out of commandstats.
 PROBE_COMMANDS = {"info", "memory|usage", "memory", "strlen"}
-# Pipelined plain SETs a run also times, as the unit its Redis CPU per job is read in: this VM's
-# speed moves 2-3x between sittings, the same code's cost in plain SETs far less.
-CALIBRATION_SETS, CALIBRATION_ROUNDS = 10_000, 9
 # Seconds a worker may take to load the null model.
 READY_TIMEOUT_S = 120
 # The paths measured: the CPU path, and the GPU path on a device stand-in (bench.standin).
@@ -122,18 +118,10 @@ class HostPathResult:
     # Read events Redis served per job, all servers (about its round trips: each costs Redis
     # tens of µs of CPU on a small VM, whatever the commands in it).
     redis_reads_per_job: float = 0.0
-    # Redis CPU µs of one pipelined ``SET key value EX`` of a finished record's length, on the
-    # first server right after the run (``plain_set_us``).
-    plain_set_us: float = 0.0
 
     @property
     def jobs_s(self) -> float:
         return self.done / self.seconds
-
-    @property
-    def redis_cpu_in_sets(self) -> float:
-        """Redis CPU per job, in plain SETs of this sitting: the figure to compare across them."""
-        return 1000 * self.redis_cpu_ms / self.plain_set_us if self.plain_set_us else 0.0
 
 
 def process_tree_cpu_s(pid: int) -> float:
@@ -185,26 +173,6 @@ def _per_job(
         if calls > calls0:
             out[name] = {"calls": (calls - calls0) / jobs, "usec": (usec - usec0) / jobs}
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["usec"]))
-
-
-def plain_set_us(client: redis.Redis, value_bytes: int, rounds: int = CALIBRATION_ROUNDS) -> float:
-    """Redis CPU µs per ``SET key value EX`` of ``value_bytes``, a thousand to a round trip: the
-    median of ``rounds`` rounds of ``CALIBRATION_SETS`` (one round moves by a third on this VM);
-    the keys are deleted after each."""
-    value = b"x" * value_bytes
-    names = [f"imgcls-bench:calibration:{i:08d}" for i in range(CALIBRATION_SETS)]
-    costs = []
-    for _ in range(rounds):
-        before = redis_cpu_s(client)
-        for start in range(0, len(names), 1000):
-            pipe = client.pipeline(transaction=False)
-            for name in names[start : start + 1000]:
-                pipe.set(name, value, ex=600)
-            pipe.execute()
-        costs.append(1e6 * (redis_cpu_s(client) - before) / len(names))
-        for start in range(0, len(names), 1000):
-            client.delete(*names[start : start + 1000])
-    return statistics.median(costs)
 
 
 def record_sizes(client: redis.Redis, ids: Sequence[str]) -> tuple[float, float]:
@@ -285,7 +253,6 @@ class HostPath:
         record_bytes, json_bytes = record_sizes(self.admin, on_first[:KEY_SAMPLE])
         for admin in self.admins:
             delete_jobs(admin, ids)
-        unit = plain_set_us(self.admin, round(json_bytes))
         finished = max((r.finished or started for r in done), default=time.time())
         return HostPathResult(
             workers=len(pids),
@@ -303,7 +270,6 @@ class HostPath:
             redis_cpu_ms_per_server=tuple(1000 * c / n for c in redis_cpu),
             path=self.path,
             redis_reads_per_job=reads / n,
-            plain_set_us=unit,
         )
 
     def _redis_cpu(self) -> list[float]:
@@ -364,8 +330,7 @@ def _measure_each(
             f"host path ({best.path}), {count} worker(s), {best.shards} Redis: "
             f"{best.jobs_s:,.0f} jobs/s; "
             f"CPU ms/job worker {best.worker_cpu_ms:.3f}, Redis {best.redis_cpu_ms:.3f} "
-            f"({per_server}) = {best.redis_cpu_in_sets:.1f} plain SETs, "
-            f"producer {best.producer_cpu_ms:.3f}; "
+            f"({per_server}), producer {best.producer_cpu_ms:.3f}; "
             f"{best.redis_bytes_per_job:,.0f} Redis bytes/job"
         )
     return out
@@ -382,9 +347,8 @@ def _summary(best: HostPathResult, tries: list[HostPathResult]) -> dict[str, Any
         "jobs_s": [t.jobs_s for t in tries],
         "worker_cpu_ms": [t.worker_cpu_ms for t in tries],
         "redis_cpu_ms": [t.redis_cpu_ms for t in tries],
-        "redis_cpu_in_sets": [t.redis_cpu_in_sets for t in tries],
     }
-    return {**record(best, "jobs_s", "redis_cpu_in_sets"), "repeats": repeats}
+    return {**record(best, "jobs_s"), "repeats": repeats}
 
 
 if __name__ == "__main__":

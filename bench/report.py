@@ -24,7 +24,7 @@ NOTE = (
 )
 HOSTPATH_HEADER = (
     "| host path: workers | jobs | jobs/s | worker CPU ms/job | Redis CPU ms/job "
-    "| Redis CPU in plain SETs | producer CPU ms/job | Redis bytes/job | MEMORY USAGE/record |"
+    "| producer CPU ms/job | Redis bytes/job | MEMORY USAGE/record |"
 )
 # Shown where a stage did not run.
 MISSING = "-"
@@ -128,7 +128,7 @@ def _hostpath(rows: list[dict[str, Any]] | None) -> list[str]:
     """The per-job cost table of issue 10: null model, small JPEGs (bench/hostpath.py)."""
     if not rows:
         return []
-    lines = ["", HOSTPATH_HEADER, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["", HOSTPATH_HEADER, "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cells = [
             _workers_and_shards(r),
@@ -136,7 +136,6 @@ def _hostpath(rows: list[dict[str, Any]] | None) -> list[str]:
             _num(r["jobs_s"], 0),
             _num(r["worker_cpu_ms"], 3),
             _redis_cpu(r),
-            _num(r.get("redis_cpu_in_sets"), 1),
             _num(r["producer_cpu_ms"], 3),
             _num(r["redis_bytes_per_job"], 0),
             _num(r["record_bytes"], 0),

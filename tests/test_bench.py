@@ -82,7 +82,6 @@ def _check_hostpath(rows: list[dict[str, Any]]) -> None:
         assert math.isfinite(row["redis_bytes_per_job"]), row
         assert _positive(row["record_bytes"]) and _positive(row["record_json_bytes"]), row
         assert row["record_bytes"] > row["record_json_bytes"], row
-        assert _positive(row["plain_set_us"]) and _positive(row["redis_cpu_in_sets"]), row
         scripts = row["commandstats"].get("evalsha") or row["commandstats"].get("eval")
         assert scripts and _positive(scripts["calls"]) and scripts["usec"] >= 0, row
         assert len(row["repeats"]["jobs_s"]) >= 1
