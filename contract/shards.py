@@ -133,6 +133,11 @@ class ShardedStore:
                 total[name] = total.get(name, 0) + count
         return total
 
+    def close_batch(self, batch_id: str) -> bool:
+        """Let a batch held open finish, on every shard (``JobStore.close_batch``); True when
+        some shard finished its part of it now."""
+        return any([store.close_batch(batch_id) == 1 for store in self.shards])
+
     def batch(self, batch_id: str) -> Batch | None:
         """The batch summed over the shards; None when no shard has it (unknown, expired)."""
         return batch_from_hashes(batch_id, [store.batch_hash(batch_id) for store in self.shards])

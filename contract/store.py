@@ -206,20 +206,17 @@ local function flush_events(events, max_bytes)
   end
   gathered, order = {}, {}
 end
--- Counts jobs of ``batch`` that just became final: ``names`` status -> count, ``ids`` their IDs
--- (appended to the batch's results list). The batch is finished once as many of its jobs are
--- final as were submitted, which adds its own event and drops its job list (only jobs not
--- final yet are ever cancelled). Its keys live as long as its records: at least as long as the
--- queued ones, and once it is finished its ``ttl`` (its longest final TTL) from then.
-local function batch_final(batch, names, ids, now)
-  local bkey = $batch_prefix .. batch
-  for name, count in pairs(names) do redis.call('HINCRBY', bkey, name, count) end
-  local final = redis.call('HINCRBY', bkey, 'final', #ids)
-  redis.call('RPUSH', bkey .. ':results', unpack(ids))
-  local v = redis.call('HMGET', bkey, 'total', 'ttl')
-  local ttl = tonumber(v[2])
-  if tonumber(v[1]) and final >= tonumber(v[1])
-      and redis.call('HSETNX', bkey, 'finished', string.format('%d', now)) == 1 then
+-- Finishes ``batch`` (its hash ``bkey``, ``final`` of its jobs final) at ``now`` once as many
+-- of its jobs are final as were submitted, unless a submission still holds it ``open``: sets
+-- ``finished``, drops its job list (only jobs not final yet are ever cancelled) and adds its own
+-- event. Its keys live as long as its records: at least as long as the queued ones, and once it
+-- is finished its ``ttl`` (its longest final TTL) from then. True when this call finished it.
+local function settle_batch(batch, bkey, final, now)
+  local v = redis.call('HMGET', bkey, 'total', 'ttl', 'open')
+  local total, ttl = tonumber(v[1]), tonumber(v[2])
+  local finished = total ~= nil and total > 0 and final >= total and not v[3]
+    and redis.call('HSETNX', bkey, 'finished', string.format('%d', now)) == 1
+  if finished then
     redis.call('DEL', bkey .. ':jobs')
     event('', $batch_finished, batch)
   elseif ttl then
@@ -230,6 +227,16 @@ local function batch_final(batch, names, ids, now)
       redis.call('EXPIRE', k, ttl)
     end
   end
+  return finished
+end
+-- Counts jobs of ``batch`` that just became final: ``names`` status -> count, ``ids`` their IDs
+-- (appended to the batch's results list); then finishes the batch if that was the last of them.
+local function batch_final(batch, names, ids, now)
+  local bkey = $batch_prefix .. batch
+  for name, count in pairs(names) do redis.call('HINCRBY', bkey, name, count) end
+  local final = redis.call('HINCRBY', bkey, 'final', #ids)
+  redis.call('RPUSH', bkey .. ':results', unpack(ids))
+  settle_batch(batch, bkey, final, now)
 end
 -- The optional fixed-width fields the header's flags announce: a deadline (µs) or nil, the
 -- seconds a final record is kept, and where the tagged fields start.
@@ -472,6 +479,27 @@ return out
 )
 
 
+# KEYS: the batch's hash, the events stream. ARGV: the batch ID, now (µs), the events' bytes to
+# keep. Lets a batch that a submission held open finish: drops ``open``, and finishes it now if
+# every job of it is final already (else the finish of its last job will). Answers 1 when it
+# finished it, 0 when not (jobs still pending, or finished before), -1 when there is no batch.
+_CLOSE_BATCH = _lua(
+    _RECORD
+    + """
+local bkey, batch, now = KEYS[1], ARGV[1], tonumber(ARGV[2])
+if redis.call('EXISTS', bkey) == 0 then return -1 end
+if redis.call('HEXISTS', bkey, 'finished') == 1 then
+  redis.call('HDEL', bkey, 'open')
+  return 0
+end
+redis.call('HDEL', bkey, 'open')
+local finished = settle_batch(batch, bkey, tonumber(redis.call('HGET', bkey, 'final')) or 0, now)
+flush_events(KEYS[2], ARGV[3])
+return finished and 1 or 0
+"""
+)
+
+
 @dataclass(frozen=True)
 class Claim:
     """What claiming one job found; ``job`` is None when the state is MISSING or CORRUPT."""
@@ -498,6 +526,7 @@ class JobStore:
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._cancel = client.register_script(_CANCEL)
+        self._close_batch = client.register_script(_CLOSE_BATCH)
         self._catalog = record.Catalog()
         self._catalog_since = time.monotonic()
 
@@ -644,6 +673,16 @@ class JobStore:
         _raise_first_error(replies)
         return [CancelOutcome(keys.text(r)) for r in replies[0]]
 
+    def close_batch(self, batch_id: str) -> int:
+        """Let a batch that a submission held open (``BatchSpec.open``) finish, now if every
+        job of it on this shard is final: 1 when this call finished it, 0 when not, -1 when
+        this shard has no such batch."""
+        names = [keys.batch_key(batch_id), keys.events_stream()]
+        args = [batch_id, record.micros(time.time()), defaults.EVENTS_MAX_BYTES]
+        (answer,) = self._round_trip(lambda pipe: _call(pipe, self._close_batch, names, args))
+        _raise_first_error([answer])
+        return int(answer)
+
     def stats(self, model: str) -> dict[str, int]:
         return read_stats(self.redis, model)
 
@@ -694,7 +733,7 @@ class JobStore:
             replies = self._execute(pipe, pending)
             if not any(isinstance(r, NoScriptError) for r in replies):
                 return replies
-            for script in (self._claim, self._finish, self._cancel):
+            for script in (self._claim, self._finish, self._cancel, self._close_batch):
                 self.redis.script_load(script.script)
         return replies
 
@@ -825,6 +864,8 @@ def _join_batch(
     fields = spec.fields() if spec is not None and spec.id == batch_id else []
     for field, value in zip(fields[::2], fields[1::2], strict=True):
         pipe.hsetnx(name, field, value)
+    if spec is not None and spec.id == batch_id and spec.open:
+        pipe.hset(name, "open", 1)
     pipe.hdel(name, "finished")
     pipe.hset(name, "ttl", max(j.ttl_s for j in jobs))
     ttl = max(max(queued_ttl_s, j.ttl_s) for j in jobs)

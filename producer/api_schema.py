@@ -177,6 +177,11 @@ class SubmitMany(_Timing):
     priority: PriorityName = Field("normal", description="high jobs are served first, low last")
     batch: BatchId | None = None
     output: Output | None = None
+    keep_open: bool = Field(
+        False,
+        description="More requests add jobs to this batch: it does not finish, however many of "
+        "its jobs are final, until POST /v1/batches/{id}/close.",
+    )
 
 
 def _body_kind(body: Any) -> str | None:

@@ -440,7 +440,7 @@ def result(redis_url: str, wait: float, job_ids: tuple[str, ...]) -> None:
 
 @main.group()
 def batch() -> None:
-    """A batch's progress, its results (JSONL from a cursor), or cancelling it."""
+    """A batch's progress, its results (JSONL from a cursor), cancelling or closing it."""
 
 
 @batch.command("status")
@@ -482,6 +482,27 @@ def batch_cancel(redis_url: str, batch_id: str) -> None:
     finally:
         client.close()
     click.echo(json.dumps({"cancelled": cancelled, "batch": state.to_dict()}))
+
+
+@batch.command("close")
+@redis_option
+@click.argument("batch_id")
+def batch_close(redis_url: str, batch_id: str) -> None:
+    """Let a batch held open (submitted with keep_open, or by a submission that died midway)
+    finish: now if all its jobs are final, else with the last of them. Prints the batch as one
+    JSON line.
+
+    Exit status: 0 when the batch is finished, 5 while jobs are pending, 1 when it is unknown
+    or expired."""
+    client = Client.from_url(redis_url, _store_urls())
+    try:
+        state = client.close_batch(batch_id)
+    except ServiceError as e:
+        raise click.ClickException(f"{e.type}: {e}") from e
+    finally:
+        client.close()
+    click.echo(json.dumps(state.to_dict()))
+    click.get_current_context().exit(0 if state.is_finished else bulk.EXIT_UNFINISHED)
 
 
 @batch.command("results")

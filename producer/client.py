@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import time
@@ -54,6 +55,8 @@ from contract.registry import ModelInfo
 from contract.shards import ShardedStore, connect_all, shard_of
 from contract.store import UNSETTLED, CancelOutcome
 from producer.finished import Announcements
+
+log = logging.getLogger(__name__)
 
 # Jobs written to Redis per pipeline when submitting in bulk.
 _WRITE_BATCH = 2000
@@ -150,6 +153,7 @@ class Client:
         output: str | None = None,
         deadline: float | None = None,
         ttl_s: int | None = None,
+        keep_open: bool = False,
     ) -> list[Job]:
         """Enqueue every request; returns the records in input order.
 
@@ -164,6 +168,10 @@ class Client:
         ``callback_url`` is the webhook of every request that names none of its own.
         ``deadline`` (Unix seconds): a job not started by then ends ``expired``, never run.
         ``ttl_s``: seconds each record is kept once final (default: the client's ``ttl_s``).
+
+        The batch finishes when all its jobs are final, never while this call is still writing
+        them (it holds the batch open meanwhile). ``keep_open``: more submissions follow, so it
+        stays open after this call too, until ``close_batch``.
         """
         jobs = self.iter_submit(
             requests,
@@ -175,6 +183,7 @@ class Client:
             output=output,
             deadline=deadline,
             ttl_s=ttl_s,
+            keep_open=keep_open,
         )
         return list(jobs)
 
@@ -190,6 +199,7 @@ class Client:
         output: str | None = None,
         deadline: float | None = None,
         ttl_s: int | None = None,
+        keep_open: bool = False,
     ) -> Iterator[Job]:
         """Like ``submit_many`` but streams, so a backlog of millions never sits in memory."""
         batches = self.iter_submit_batches(
@@ -202,6 +212,7 @@ class Client:
             output=output,
             deadline=deadline,
             ttl_s=ttl_s,
+            keep_open=keep_open,
         )
         for jobs in batches:
             yield from jobs
@@ -218,9 +229,12 @@ class Client:
         output: str | None = None,
         deadline: float | None = None,
         ttl_s: int | None = None,
+        keep_open: bool = False,
     ) -> Iterator[list[Job]]:
         """Like ``iter_submit``, one list per write batch: each list is queued as a whole, so a
-        caller that stops between lists (on Ctrl-C) knows every job it queued."""
+        caller that stops between lists (on Ctrl-C) knows every job it queued. Every write
+        batch but the last (each but none with ``keep_open``) holds the batch open; the end of
+        the submission, or the caller's stopping early, lets it finish."""
         info = self.check_model(model, top_k)
         callback = None if callback_url is None else validate_callback_url(callback_url)
         it = iter(requests)
@@ -238,9 +252,30 @@ class Client:
             deadline=None if deadline is None else validate_deadline(deadline),
             ttl_s=self.ttl_s if ttl_s is None else validate_ttl_s(ttl_s),
         )
-        while chunk:
-            yield self._submit_batch(chunk, template, spec)
-            chunk = list(itertools.islice(it, _WRITE_BATCH))
+        held = False
+        try:
+            while chunk:
+                following = list(itertools.islice(it, _WRITE_BATCH))
+                opens = spec is not None and (keep_open or bool(following))
+                held = held or opens
+                yield self._submit_batch(chunk, template, spec and replace(spec, open=opens))
+                chunk = following
+        finally:
+            if held and not keep_open and spec is not None:
+                self._let_finish(spec.id)
+
+    def _let_finish(self, batch_id: str) -> None:
+        """Close a batch this submission held open; a failure leaves it open, and says so."""
+        try:
+            self.store.close_batch(batch_id)
+        except redis.RedisError as e:
+            log.warning(
+                "batch %s stays open (it cannot finish) until closed: %s; close it with "
+                "Client.close_batch or `python -m producer batch close %s`",
+                batch_id,
+                e,
+                batch_id,
+            )
 
     def check_model(self, model: str, top_k: int) -> ModelInfo:
         """The version that will serve ``model`` (``name`` or ``name@version``); refuses, before
@@ -501,8 +536,20 @@ class Client:
         cancelled = 0
         for ids in self.store.batch_job_ids(batch_id):
             cancelled += sum(outcome.cancelled for outcome in self.cancel_many(ids))
+        self.store.close_batch(batch_id)  # a batch held open ends with its cancelled jobs
         after = self.store.batch(batch_id)
         return cancelled, after or state
+
+    def close_batch(self, batch_id: str) -> Batch:
+        """Let a batch held open (``keep_open``, or a submission that died midway) finish: now,
+        if all its jobs are final, else when the last of them is. Returns the batch; raises
+        ``NotFound`` for an unknown (or expired) batch. Closing a closed batch changes nothing."""
+        batch_id = validate_batch_id(batch_id)
+        self.store.close_batch(batch_id)
+        state = self.store.batch(batch_id)
+        if state is None:
+            raise NotFound(f"no batch {batch_id!r} (never submitted, or expired)")
+        return state
 
     def batch_results(
         self, batch_id: str, cursor: str | None = None, limit: int = defaults.BATCH_PAGE

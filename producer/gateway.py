@@ -311,6 +311,7 @@ def submit(body: Submission, client: ClientDep) -> dict[str, Any]:
         output=body.output,
         deadline=deadline,
         ttl_s=body.ttl_s,
+        keep_open=body.keep_open,
     )
     return {"batch": jobs[0].batch, "jobs": [j.to_dict() for j in jobs]}
 
@@ -327,6 +328,13 @@ def cancel_batch(batch_id: BatchIdPath, client: ClientDep) -> dict[str, Any]:
     finished batch answers 409 ``already_final`` and is left as it is; an unknown one 404."""
     cancelled, batch = client.cancel_batch(batch_id)
     return {"cancelled": cancelled, "batch": batch.to_dict()}
+
+
+@router.post("/batches/{batch_id}/close", response_model=BatchOut, responses=error_responses(404))
+def close_batch(batch_id: BatchIdPath, client: ClientDep) -> dict[str, Any]:
+    """Let a batch held open (``keep_open``) finish: now if all its jobs are final, else with
+    the last of them; answers the batch. Closing a closed batch changes nothing."""
+    return client.close_batch(batch_id).to_dict()
 
 
 @router.get("/batches/{batch_id}", response_model=BatchOut, responses=error_responses(404))

@@ -291,3 +291,103 @@ def test_producer_batch_cancel(client: Client, redis_url: str) -> None:
     assert reply["cancelled"] == 2 and reply["batch"]["counts"]["cancelled"] == 2
     again = _producer(redis_url, "batch", "cancel", "clistop")
     assert again.returncode == 1 and "already_final" in again.stderr
+
+
+def _finished_events(redis_client: redis.Redis, batch: str) -> int:
+    return job_events(redis_client).count(("", "batch_finished", batch))
+
+
+def test_a_submission_in_several_writes_finishes_its_batch_only_at_its_end(
+    client: Client, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("producer.client._WRITE_BATCH", 3)  # 7 jobs: writes of 3, 3 and 1
+    writes = client.iter_submit_batches(
+        [f"/x/{i}.jpg" for i in range(7)], model=MODEL, batch="long"
+    )
+    for _ in range(3):  # each write's jobs all final before the next is written
+        finish(client.store, [j.id for j in next(writes)])
+        batch = client.batch("long")
+        assert batch is not None and not batch.is_finished and batch.pending == 0
+    assert _finished_events(redis_client, "long") == 0
+    with pytest.raises(StopIteration):  # the submission ends: the batch may finish, and does
+        next(writes)
+    batch = client.batch("long")
+    assert batch is not None and batch.is_finished and batch.total == 7
+    assert _finished_events(redis_client, "long") == 1
+
+
+def test_a_submission_stopped_midway_lets_its_batch_finish_with_what_it_queued(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("producer.client._WRITE_BATCH", 2)
+    writes = client.iter_submit_batches([f"/x/{i}.jpg" for i in range(6)], model=MODEL, batch="cut")
+    queued = next(writes)
+    writes.close()  # the caller stops (Ctrl-C) after the first write
+    finish(client.store, [j.id for j in queued])
+    batch = client.batch("cut")
+    assert batch is not None and batch.is_finished and batch.total == 2
+
+
+def test_a_batch_kept_open_finishes_only_once_closed(
+    client: Client, redis_client: redis.Redis
+) -> None:
+    first = client.submit_many(["/x/a.jpg", "/x/b.jpg"], model=MODEL, batch="kept", keep_open=True)
+    finish(client.store, [j.id for j in first])
+    second = client.submit_many(["/x/c.jpg"], model=MODEL, batch="kept", keep_open=True)
+    finish(client.store, [j.id for j in second])
+    batch = client.batch("kept")
+    assert batch is not None and not batch.is_finished and batch.total == 3
+    closed = client.close_batch("kept")  # every job final: it finishes now
+    assert closed.is_finished and closed.counts["done"] == 3
+    assert client.close_batch("kept") == closed  # again: nothing changes
+    assert _finished_events(redis_client, "kept") == 1
+    with pytest.raises(NotFound):
+        client.close_batch("nobody")
+
+
+def test_a_closed_batch_with_jobs_pending_finishes_with_its_last_job(client: Client) -> None:
+    jobs = client.submit_many(["/x/a.jpg", "/x/b.jpg"], model=MODEL, batch="later", keep_open=True)
+    assert not client.close_batch("later").is_finished
+    finish(client.store, [jobs[0].id])
+    assert not client.batch("later").is_finished  # type: ignore[union-attr]
+    finish(client.store, [jobs[1].id])
+    assert client.batch("later").is_finished  # type: ignore[union-attr]
+
+
+def test_cancelling_a_batch_held_open_ends_it(client: Client) -> None:
+    jobs = client.submit_many(["/x/a.jpg", "/x/b.jpg"], model=MODEL, batch="held", keep_open=True)
+    finish(client.store, [j.id for j in jobs])
+    cancelled, batch = client.cancel_batch("held")
+    assert cancelled == 0 and batch.is_finished and batch.counts["done"] == 2
+
+
+def test_a_batch_kept_open_over_two_shards_finishes_on_both_once_closed(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    register_idle_model(redis_url, MODEL)
+    other = RedisServer(tmp_path_factory.mktemp("shard2"))
+    other.start()
+    client = Client.from_url(redis_url, [redis_url, other.url])
+    try:
+        jobs = client.submit_many(
+            [f"/x/{i}.jpg" for i in range(20)], model=MODEL, batch="wideopen", keep_open=True
+        )
+        assert all(client.store.shards[i].batch_hash("wideopen") for i in (0, 1))
+        finish(client.store, [j.id for j in jobs])
+        assert not client.batch("wideopen").is_finished  # type: ignore[union-attr]
+        closed = client.close_batch("wideopen")
+        assert closed.is_finished and closed.total == 20
+        assert all("finished" in client.store.shards[i].batch_hash("wideopen") for i in (0, 1))
+    finally:
+        client.close()
+        other.stop()
+
+
+def test_producer_batch_close(client: Client, redis_url: str) -> None:
+    jobs = client.submit_many(["/x/a.jpg"], model=MODEL, batch="cliclose", keep_open=True)
+    finish(client.store, [j.id for j in jobs])
+    run = _producer(redis_url, "batch", "close", "cliclose")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["finished"] is not None
+    unknown = _producer(redis_url, "batch", "close", "nobody")
+    assert unknown.returncode == 1 and "not_found" in unknown.stderr

@@ -570,6 +570,23 @@ def test_a_bad_batch_or_output_is_refused_naming_the_field(
     assert reply.json()["error"]["message"].startswith(f"{field}: ")
 
 
+def test_a_batch_kept_open_across_requests_finishes_once_closed(stack: Stack) -> None:
+    jobs = [{"uri": str(p)} for p in stack.images]
+    body = {"jobs": jobs, "model": MODEL, "batch": "g-open", "keep_open": True}
+    reply = stack.http.post("/v1/jobs", json=body)
+    assert reply.status_code == 202, reply.text
+    ids = [j["id"] for j in reply.json()["jobs"]]
+    deadline = time.monotonic() + 120
+    while any(stack.http.get(f"/v1/jobs/{i}").json()["status"] != "done" for i in ids):
+        assert time.monotonic() < deadline, "the jobs did not finish"
+        time.sleep(0.2)
+    assert stack.http.get("/v1/batches/g-open").json()["finished"] is None  # more may come
+    closed = stack.http.post("/v1/batches/g-open/close")
+    assert closed.status_code == 200, closed.text
+    assert closed.json()["finished"] is not None and closed.json()["counts"]["done"] == len(ids)
+    assert stack.http.post("/v1/batches/nobody/close").status_code == 404
+
+
 def test_delete_cancels_a_batch_once(stack: Stack) -> None:
     jobs = [{"uri": str(p)} for p in stack.images]
     reply = stack.http.post("/v1/jobs", json={"jobs": jobs, "model": IDLE})  # no worker takes
