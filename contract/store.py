@@ -480,19 +480,18 @@ return out
 
 
 # KEYS: the batch's hash, the events stream. ARGV: the batch ID, now (µs), the events' bytes to
-# keep. Lets a batch that a submission held open finish: drops ``open``, and finishes it now if
-# every job of it is final already (else the finish of its last job will). Answers 1 when it
-# finished it, 0 when not (jobs still pending, or finished before), -1 when there is no batch.
+# keep, whether to close it (1) or only settle it (0). Closing lets a batch that a submission
+# held open finish: it drops ``open``. Then the batch is finished now if every job of it is
+# final already and nothing holds it open (else the finish of its last job will). Answers 1
+# when it finished it, 0 when not (jobs pending, held open, or finished before), -1 when there
+# is no batch.
 _CLOSE_BATCH = _lua(
     _RECORD
     + """
 local bkey, batch, now = KEYS[1], ARGV[1], tonumber(ARGV[2])
 if redis.call('EXISTS', bkey) == 0 then return -1 end
-if redis.call('HEXISTS', bkey, 'finished') == 1 then
-  redis.call('HDEL', bkey, 'open')
-  return 0
-end
-redis.call('HDEL', bkey, 'open')
+if ARGV[4] == '1' then redis.call('HDEL', bkey, 'open') end
+if redis.call('HEXISTS', bkey, 'finished') == 1 then return 0 end
 local finished = settle_batch(batch, bkey, tonumber(redis.call('HGET', bkey, 'final')) or 0, now)
 flush_events(KEYS[2], ARGV[3])
 return finished and 1 or 0
@@ -559,12 +558,15 @@ class JobStore:
         """Take jobs whose IDs existed already out of the batches they were counted in."""
         if not jobs:
             return
+        groups = _batch_groups(jobs)
         pipe = self.redis.pipeline(transaction=True)
-        for batch_id, members in _batch_groups(jobs).items():
+        for batch_id, members in groups.items():
             pipe.hincrby(keys.batch_key(batch_id), "total", -len(members))
             for job in members:
                 pipe.lrem(keys.batch_jobs_key(batch_id), -1, job.id)
         pipe.execute()
+        for batch_id in groups:  # its other jobs may all have become final meanwhile
+            self._settle_batch(batch_id, close=False)
 
     def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         """The records of ``job_ids``, None where there is none; ``MalformedRecord`` where a
@@ -677,8 +679,13 @@ class JobStore:
         """Let a batch that a submission held open (``BatchSpec.open``) finish, now if every
         job of it on this shard is final: 1 when this call finished it, 0 when not, -1 when
         this shard has no such batch."""
+        return self._settle_batch(batch_id, close=True)
+
+    def _settle_batch(self, batch_id: str, *, close: bool) -> int:
+        """Finish the batch if every job of it on this shard is final and nothing holds it
+        open; with ``close``, drop ``open`` first. ``close_batch``'s answers."""
         names = [keys.batch_key(batch_id), keys.events_stream()]
-        args = [batch_id, record.micros(time.time()), defaults.EVENTS_MAX_BYTES]
+        args = [batch_id, record.micros(time.time()), defaults.EVENTS_MAX_BYTES, int(close)]
         (answer,) = self._round_trip(lambda pipe: _call(pipe, self._close_batch, names, args))
         _raise_first_error([answer])
         return int(answer)

@@ -16,8 +16,9 @@ import redis
 
 from contract import keys
 from contract.errors import AlreadyFinal, InvalidRequest, NotFound
-from contract.job import ErrorInfo, Prediction
+from contract.job import ErrorInfo, Job, Prediction
 from contract.shards import ShardedStore
+from contract.store import JobStore
 from producer.client import Client, SubmitRequest
 from tests.support import ROOT, RedisServer, job_events
 from tests.support_gateway import register_idle_model
@@ -391,3 +392,24 @@ def test_producer_batch_close(client: Client, redis_url: str) -> None:
     assert json.loads(run.stdout)["finished"] is not None
     unknown = _producer(redis_url, "batch", "close", "nobody")
     assert unknown.returncode == 1 and "not_found" in unknown.stderr
+
+
+def test_a_batch_finishes_when_its_last_job_ended_before_a_resubmitted_id_left_it(
+    client: Client, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client.submit_many([SubmitRequest("/x/a.jpg", "race-a")], model=MODEL)  # exists, no batch
+    real = JobStore._leave_batches
+
+    def worker_first(store: JobStore, jobs: list[Job]) -> None:
+        # the new job ends while the taken ID still counts in the total (2): not finished yet
+        listed = [i for page in client.store.batch_job_ids("race") for i in page]
+        finish(client.store, [i for i in listed if i != "race-a"])
+        assert not client.batch("race").is_finished  # type: ignore[union-attr]
+        real(store, jobs)
+
+    monkeypatch.setattr(JobStore, "_leave_batches", worker_first)
+    requests = [SubmitRequest("/x/a.jpg", "race-a"), "/x/b.jpg"]
+    client.submit_many(requests, model=MODEL, batch="race")
+    batch = client.batch("race")
+    assert batch is not None and batch.total == 1 and batch.is_finished
+    assert _finished_events(redis_client, "race") == 1
