@@ -232,9 +232,10 @@ class Client:
         keep_open: bool = False,
     ) -> Iterator[list[Job]]:
         """Like ``iter_submit``, one list per write batch: each list is queued as a whole, so a
-        caller that stops between lists (on Ctrl-C) knows every job it queued. Every write
-        batch but the last (each but none with ``keep_open``) holds the batch open; the end of
-        the submission, or the caller's stopping early, lets it finish."""
+        caller that stops between lists (on Ctrl-C) knows every job it queued. It reads one
+        write batch ahead, to know whether another follows: every write batch but the last
+        (each one with ``keep_open``) holds the batch open, and the end of the submission, or
+        the caller's stopping early, lets it finish."""
         info = self.check_model(model, top_k)
         callback = None if callback_url is None else validate_callback_url(callback_url)
         it = iter(requests)
