@@ -4,12 +4,13 @@ Each store shard keeps a small hash per batch (``keys.batch_key``) that the stor
 update in the same call that creates or finishes a job: ``total`` (jobs created), ``final`` and
 one counter per final status, ``created`` and ``finished`` (µs), ``ttl``, and what the
 submission named (``callback_url``, ``output``); the results sink adds ``written`` and
-``output_error``; and ``open`` while a submission holds it open (more jobs follow). Two lists
-hold the batch's job IDs, in submission order (``jobs``) and in the order they became final
-(``results``): a results cursor is a position in the latter, one per shard; the former is
-dropped when the batch finishes (it is only needed to cancel it). When a batch finishes, the
-events stream gets an entry of its own: an empty ``id``, status ``batch_finished`` and the
-batch's ID. ``Batch`` is what readers get, summed over the shards.
+``output_error``. A set holds the tokens of the submissions still adding jobs (``holds``): the
+batch does not finish while any remains. Two lists hold the batch's job IDs, in submission order
+(``jobs``) and in the order they became final (``results``): a results cursor is a position in
+the latter, one per shard; the former is dropped when the batch finishes (it is only needed to
+cancel it). When a batch finishes, the events stream gets an entry of its own: an empty ``id``,
+status ``batch_finished`` and the batch's ID. ``Batch`` is what readers get, summed over the
+shards.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ from contract.job import FINAL
 
 # The ``status`` of the completion event a batch adds (with an empty ``id``) when it finishes.
 BATCH_FINISHED = "batch_finished"
+# The hold of submissions that keep a batch open for more (``keep_open``), until it is closed.
+KEPT_OPEN = "kept-open"
+
+
+def new_hold() -> str:
+    """The hold token of one submission that writes its jobs in several steps."""
+    return "s-" + uuid.uuid4().hex[:12]
 
 
 def new_batch_id() -> str:
@@ -39,13 +47,13 @@ def _doc(text: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class BatchSpec:
     """What a submission says about its batch; the first submission's callback_url and output
-    are kept, later ones only add jobs. ``open``: more jobs follow, so the batch must not finish
-    when those submitted so far are final; it stays open until ``close_batch``."""
+    are kept, later ones only add jobs. ``hold``: more jobs follow, so the batch must not finish
+    when those submitted so far are final; it stays open until that hold is released."""
 
     id: str
     callback_url: str | None = None
     output: str | None = None
-    open: bool = False
+    hold: str | None = None
 
     def fields(self) -> list[str]:
         """The batch hash's fields this spec sets, as name, value pairs."""

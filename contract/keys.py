@@ -22,6 +22,12 @@ def batch_jobs_key(batch_id: str) -> str:
     return f"{batch_key(batch_id)}:jobs"
 
 
+def batch_holds_key(batch_id: str) -> str:
+    """Set of the holds on a batch (per store shard): one token per submission still adding
+    jobs, or ``contract.batch.KEPT_OPEN``; the batch does not finish while any remains."""
+    return f"{batch_key(batch_id)}:holds"
+
+
 def batch_results_key(batch_id: str) -> str:
     """List of a batch's job IDs in the order they became final (per store shard): a results
     cursor is a position in it."""

@@ -133,10 +133,18 @@ class ShardedStore:
                 total[name] = total.get(name, 0) + count
         return total
 
-    def close_batch(self, batch_id: str) -> bool:
-        """Let a batch held open finish, on every shard (``JobStore.close_batch``); True when
-        some shard finished its part of it now."""
-        return any([store.close_batch(batch_id) == 1 for store in self.shards])
+    def close_batch(self, batch_id: str, hold: str | None = None) -> bool:
+        """``JobStore.close_batch`` on every shard, each tried even if one before failed (the
+        first error is raised after); True when some shard finished its part of it now."""
+        finished, error = False, None
+        for store in self.shards:
+            try:
+                finished = store.close_batch(batch_id, hold) == 1 or finished
+            except redis.RedisError as e:
+                error = error or e
+        if error is not None:
+            raise error
+        return finished
 
     def batch(self, batch_id: str) -> Batch | None:
         """The batch summed over the shards; None when no shard has it (unknown, expired)."""

@@ -9,6 +9,7 @@ record's fixed-width header in place, a result replaces the record unless it is 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from contract import defaults, keys, record
 from contract.batch import BATCH_FINISHED, BatchSpec
 from contract.errors import MalformedRecord, PoisonJob
 from contract.job import CANCELLED, EXPIRED, FAILED, FINAL, QUEUED, RUNNING, Job, JobStatus
+
+log = logging.getLogger(__name__)
 
 
 class ClaimState(str, Enum):
@@ -207,14 +210,16 @@ local function flush_events(events, max_bytes)
   gathered, order = {}, {}
 end
 -- Finishes ``batch`` (its hash ``bkey``, ``final`` of its jobs final) at ``now`` once as many
--- of its jobs are final as were submitted, unless a submission still holds it ``open``: sets
--- ``finished``, drops its job list (only jobs not final yet are ever cancelled) and adds its own
--- event. Its keys live as long as its records: at least as long as the queued ones, and once it
--- is finished its ``ttl`` (its longest final TTL) from then. True when this call finished it.
+-- of its jobs are final as were submitted, unless a submission still holds it (``:holds``):
+-- sets ``finished``, drops its job list (only jobs not final yet are ever cancelled) and adds
+-- its own event. Its keys live as long as its records: at least as long as the queued ones, and
+-- once it is finished its ``ttl`` (its longest final TTL) from then. True when this call
+-- finished it.
 local function settle_batch(batch, bkey, final, now)
-  local v = redis.call('HMGET', bkey, 'total', 'ttl', 'open')
+  local v = redis.call('HMGET', bkey, 'total', 'ttl')
   local total, ttl = tonumber(v[1]), tonumber(v[2])
-  local finished = total ~= nil and total > 0 and final >= total and not v[3]
+  local finished = total ~= nil and total > 0 and final >= total
+    and redis.call('EXISTS', bkey .. ':holds') == 0
     and redis.call('HSETNX', bkey, 'finished', string.format('%d', now)) == 1
   if finished then
     redis.call('DEL', bkey .. ':jobs')
@@ -480,19 +485,34 @@ return out
 
 
 # KEYS: the batch's hash, the events stream. ARGV: the batch ID, now (µs), the events' bytes to
-# keep, whether to close it (1) or only settle it (0). Closing lets a batch that a submission
-# held open finish: it drops ``open``. Then the batch is finished now if every job of it is
-# final already and nothing holds it open (else the finish of its last job will). Answers 1
-# when it finished it, 0 when not (jobs pending, held open, or finished before), -1 when there
-# is no batch.
+# keep, a mode and its argument. "all" drops every hold on the batch (it is closed), "one" the
+# hold ARGV[5] (its submission ended); then the batch finishes now if every job of it is final
+# and no hold remains (else the finish of its last job will). "settle" only does the latter.
+# "restore" (ARGV[5] its old ``finished``) is for a finished batch that a submission of only
+# existing IDs joined and left again: finished as before, without a second event, if nothing
+# else joined meanwhile. Answers 1 when it finished the batch, 0 when not (jobs pending, held,
+# or finished before), -1 when there is no batch.
 _CLOSE_BATCH = _lua(
     _RECORD
     + """
-local bkey, batch, now = KEYS[1], ARGV[1], tonumber(ARGV[2])
+local bkey, batch, now, mode = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[4]
 if redis.call('EXISTS', bkey) == 0 then return -1 end
-if ARGV[4] == '1' then redis.call('HDEL', bkey, 'open') end
+if mode == 'all' then
+  redis.call('DEL', bkey .. ':holds')
+elseif mode == 'one' then
+  redis.call('SREM', bkey .. ':holds', ARGV[5])
+end
 if redis.call('HEXISTS', bkey, 'finished') == 1 then return 0 end
-local finished = settle_batch(batch, bkey, tonumber(redis.call('HGET', bkey, 'final')) or 0, now)
+local final = tonumber(redis.call('HGET', bkey, 'final')) or 0
+if mode == 'restore' then
+  local total = tonumber(redis.call('HGET', bkey, 'total')) or 0
+  if total > 0 and final >= total and redis.call('EXISTS', bkey .. ':holds') == 0 then
+    redis.call('HSET', bkey, 'finished', ARGV[5])
+    return 1
+  end
+  return 0
+end
+local finished = settle_batch(batch, bkey, final, now)
 flush_events(KEYS[2], ARGV[3])
 return finished and 1 or 0
 """
@@ -542,22 +562,31 @@ class JobStore:
         values = [(keys.job_key(j.id), record.encode(j, self._catalog)) for j in jobs]
         joining = _batch_groups(jobs)
 
+        at: dict[str, int] = {}  # where each batch's join starts among the replies
+
         def fill(pipe: Pipeline) -> None:
             for (key, value), job in zip(values, jobs, strict=True):
                 pipe.set(key, value, nx=True, ex=max(self.ttl_s, job.ttl_s))
+            start = len(pipe.command_stack)
             for batch_id, members in joining.items():
+                at[batch_id] = len(pipe.command_stack) - start + len(jobs)
                 _join_batch(pipe, batch_id, members, batch, self.ttl_s)
 
         replies = self._round_trip(fill, transaction=True)
         _raise_first_error(replies)
         created = [bool(c) for c in replies[: len(jobs)]]
-        self._leave_batches([j for j, c in zip(jobs, created, strict=True) if not c and j.batch])
+        left = [j for j, c in zip(jobs, created, strict=True) if not c and j.batch]
+        if left:
+            before = {batch_id: replies[i] for batch_id, i in at.items()}  # their ``finished``
+            self._leave_batches(left, joining, before)
         return created
 
-    def _leave_batches(self, jobs: Sequence[Job]) -> None:
-        """Take jobs whose IDs existed already out of the batches they were counted in."""
-        if not jobs:
-            return
+    def _leave_batches(
+        self, jobs: Sequence[Job], joining: dict[str, list[Job]], before: dict[str, Any]
+    ) -> None:
+        """Take jobs whose IDs existed already out of the batches they were counted in; then
+        settle each batch: one whose other jobs all became final meanwhile finishes, and one
+        that was finished and that only such jobs joined is finished again as it was."""
         groups = _batch_groups(jobs)
         pipe = self.redis.pipeline(transaction=True)
         for batch_id, members in groups.items():
@@ -565,8 +594,15 @@ class JobStore:
             for job in members:
                 pipe.lrem(keys.batch_jobs_key(batch_id), -1, job.id)
         pipe.execute()
-        for batch_id in groups:  # its other jobs may all have become final meanwhile
-            self._settle_batch(batch_id, close=False)
+        for batch_id, members in groups.items():
+            finished = before[batch_id]
+            try:
+                if finished is not None and len(members) == len(joining[batch_id]):
+                    self._settle_batch(batch_id, "restore", keys.text(finished))
+                else:
+                    self._settle_batch(batch_id, "settle")
+            except redis.RedisError as e:  # the jobs are in: they must still be queued
+                log.warning("batch %s not settled after a resubmission: %s", batch_id, e)
 
     def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         """The records of ``job_ids``, None where there is none; ``MalformedRecord`` where a
@@ -675,17 +711,17 @@ class JobStore:
         _raise_first_error(replies)
         return [CancelOutcome(keys.text(r)) for r in replies[0]]
 
-    def close_batch(self, batch_id: str) -> int:
-        """Let a batch that a submission held open (``BatchSpec.open``) finish, now if every
-        job of it on this shard is final: 1 when this call finished it, 0 when not, -1 when
-        this shard has no such batch."""
-        return self._settle_batch(batch_id, close=True)
+    def close_batch(self, batch_id: str, hold: str | None = None) -> int:
+        """Release ``hold`` on the batch (``BatchSpec.hold``; None: every hold, closing it), and
+        finish it now if every job of it on this shard is final and no hold remains: 1 when
+        this call finished it, 0 when not, -1 when this shard has no such batch."""
+        return self._settle_batch(batch_id, "all" if hold is None else "one", hold or "")
 
-    def _settle_batch(self, batch_id: str, *, close: bool) -> int:
-        """Finish the batch if every job of it on this shard is final and nothing holds it
-        open; with ``close``, drop ``open`` first. ``close_batch``'s answers."""
+    def _settle_batch(self, batch_id: str, mode: str, argument: str = "") -> int:
+        """The close script in ``mode`` ("all", "one", "settle", "restore"; see there)."""
         names = [keys.batch_key(batch_id), keys.events_stream()]
-        args = [batch_id, record.micros(time.time()), defaults.EVENTS_MAX_BYTES, int(close)]
+        now = record.micros(time.time())
+        args = [batch_id, now, defaults.EVENTS_MAX_BYTES, mode, argument]
         (answer,) = self._round_trip(lambda pipe: _call(pipe, self._close_batch, names, args))
         _raise_first_error([answer])
         return int(answer)
@@ -862,20 +898,25 @@ def _batch_groups(jobs: Sequence[Job]) -> dict[str, list[Job]]:
 def _join_batch(
     pipe: Pipeline, batch_id: str, jobs: Sequence[Job], spec: BatchSpec | None, queued_ttl_s: int
 ) -> None:
-    """Add ``jobs`` to their batch: its job list, total, first-seen fields and TTLs (as long as
-    its longest-lived new record; its longest final TTL once it is finished)."""
+    """Add ``jobs`` to their batch: its job list, total, first-seen fields, the submission's
+    hold and TTLs (as long as its longest-lived new record; its longest final TTL once it is
+    finished). The first reply is the batch's ``finished`` before (None when it was not)."""
     name = keys.batch_key(batch_id)
+    pipe.hget(name, "finished")
     pipe.rpush(keys.batch_jobs_key(batch_id), *(j.id for j in jobs))
     pipe.hincrby(name, "total", len(jobs))
     pipe.hsetnx(name, "created", record.micros(time.time()))
     fields = spec.fields() if spec is not None and spec.id == batch_id else []
     for field, value in zip(fields[::2], fields[1::2], strict=True):
         pipe.hsetnx(name, field, value)
-    if spec is not None and spec.id == batch_id and spec.open:
-        pipe.hset(name, "open", 1)
+    if spec is not None and spec.id == batch_id and spec.hold:
+        pipe.sadd(keys.batch_holds_key(batch_id), spec.hold)
     pipe.hdel(name, "finished")
     pipe.hset(name, "ttl", max(j.ttl_s for j in jobs))
     ttl = max(max(queued_ttl_s, j.ttl_s) for j in jobs)
-    for key in (name, keys.batch_jobs_key(batch_id), keys.batch_results_key(batch_id)):
+    names = [name, keys.batch_jobs_key(batch_id), keys.batch_results_key(batch_id)]
+    if spec is not None and spec.id == batch_id and spec.hold:
+        names.append(keys.batch_holds_key(batch_id))
+    for key in names:
         pipe.expire(key, ttl, gt=True)  # never shortened
         pipe.expire(key, ttl, nx=True)  # set where there was none

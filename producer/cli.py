@@ -356,12 +356,13 @@ def _queue(
         deadline=queue.deadline,
         ttl_s=queue.ttl_s,
     )
-    for jobs in batches:
-        printer.queued(jobs, show)
-        if bar is not None:
-            bar.update(len(jobs))
-        if interrupted():
-            break
+    with contextlib.closing(batches):  # closed now, not when collected: it releases the batch
+        for jobs in batches:
+            printer.queued(jobs, show)
+            if bar is not None:
+                bar.update(len(jobs))
+            if interrupted():
+                break
     if bar is not None:
         bar.close()
 

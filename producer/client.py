@@ -15,7 +15,7 @@ import redis
 from celery import Celery
 
 from contract import defaults, keys, registry
-from contract.batch import Batch, BatchSpec, new_batch_id
+from contract.batch import KEPT_OPEN, Batch, BatchSpec, new_batch_id, new_hold
 from contract.connection import connect
 from contract.errors import (
     AlreadyFinal,
@@ -214,8 +214,11 @@ class Client:
             ttl_s=ttl_s,
             keep_open=keep_open,
         )
-        for jobs in batches:
-            yield from jobs
+        try:
+            for jobs in batches:
+                yield from jobs
+        finally:
+            batches.close()  # now, not when collected: it releases the batch's hold
 
     def iter_submit_batches(
         self,
@@ -230,17 +233,17 @@ class Client:
         deadline: float | None = None,
         ttl_s: int | None = None,
         keep_open: bool = False,
-    ) -> Iterator[list[Job]]:
+    ) -> Generator[list[Job], None, None]:
         """Like ``iter_submit``, one list per write batch: each list is queued as a whole, so a
-        caller that stops between lists (on Ctrl-C) knows every job it queued. It reads one
-        write batch ahead, to know whether another follows: every write batch but the last
-        (each one with ``keep_open``) holds the batch open, and the end of the submission, or
-        the caller's stopping early, lets it finish."""
+        caller that stops between lists (on Ctrl-C) knows every job it queued. A submission of
+        more than one write batch holds its batch open (a hold of its own, ``BatchSpec.hold``)
+        until it ends or its caller stops early; with ``keep_open``, the batch stays held after
+        it too (``KEPT_OPEN``), until ``close_batch``."""
         info = self.check_model(model, top_k)
         callback = None if callback_url is None else validate_callback_url(callback_url)
         it = iter(requests)
         chunk = list(itertools.islice(it, _WRITE_BATCH))
-        spec = _batch_spec(batch, output, callback, many=len(chunk) > 1)
+        spec = _batch_spec(batch, output, callback, many=len(chunk) > 1 or keep_open)
         template = Job(
             id="",
             uri="",
@@ -253,30 +256,30 @@ class Client:
             deadline=None if deadline is None else validate_deadline(deadline),
             ttl_s=self.ttl_s if ttl_s is None else validate_ttl_s(ttl_s),
         )
-        held = False
+        if spec is not None and (keep_open or len(chunk) == _WRITE_BATCH):  # more may follow
+            spec = replace(spec, hold=KEPT_OPEN if keep_open else new_hold())
         try:
             while chunk:
-                following = list(itertools.islice(it, _WRITE_BATCH))
-                opens = spec is not None and (keep_open or bool(following))
-                held = held or opens
-                yield self._submit_batch(chunk, template, spec and replace(spec, open=opens))
-                chunk = following
+                yield self._submit_batch(chunk, template, spec)
+                chunk = list(itertools.islice(it, _WRITE_BATCH))
         finally:
-            if held and not keep_open and spec is not None:
-                self._let_finish(spec.id)
+            if spec is not None and spec.hold is not None and not keep_open:
+                self._release(spec.id, spec.hold)
 
-    def _let_finish(self, batch_id: str) -> None:
-        """Close a batch this submission held open; a failure leaves it open, and says so."""
-        try:
-            self.store.close_batch(batch_id)
-        except redis.RedisError as e:
-            log.warning(
-                "batch %s stays open (it cannot finish) until closed: %s; close it with "
-                "Client.close_batch or `python -m producer batch close %s`",
-                batch_id,
-                e,
-                batch_id,
-            )
+    def _release(self, batch_id: str, hold: str) -> None:
+        """Release this submission's hold on its batch, retried a few times; if Redis still
+        fails, the batch stays open until closed, and the log says so."""
+        for wait in (0.2, 1.0, 0.0):
+            try:
+                self.store.close_batch(batch_id, hold)
+                return
+            except redis.RedisError as e:
+                error = e
+                time.sleep(wait)
+        log.warning(
+            "batch %s stays open (it cannot finish) until closed: %s; close it with "
+            "Client.close_batch or `python -m producer batch close %s`", batch_id, error, batch_id
+        )  # fmt: skip
 
     def check_model(self, model: str, top_k: int) -> ModelInfo:
         """The version that will serve ``model`` (``name`` or ``name@version``); refuses, before
@@ -542,9 +545,10 @@ class Client:
         return cancelled, after or state
 
     def close_batch(self, batch_id: str) -> Batch:
-        """Let a batch held open (``keep_open``, or a submission that died midway) finish: now,
-        if all its jobs are final, else when the last of them is. Returns the batch; raises
-        ``NotFound`` for an unknown (or expired) batch. Closing a closed batch changes nothing."""
+        """Release every hold on the batch (``keep_open``'s, a submission's that died midway,
+        and one still running) so that it finishes: now, if all its jobs are final, else when
+        the last of them is. Returns the batch; raises ``NotFound`` for an unknown (or expired)
+        batch. Closing a closed batch changes nothing."""
         batch_id = validate_batch_id(batch_id)
         self.store.close_batch(batch_id)
         state = self.store.batch(batch_id)

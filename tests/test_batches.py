@@ -10,12 +10,13 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 
 from contract import keys
-from contract.errors import AlreadyFinal, InvalidRequest, NotFound
+from contract.errors import AlreadyFinal, IdConflict, InvalidRequest, NotFound
 from contract.job import ErrorInfo, Job, Prediction
 from contract.shards import ShardedStore
 from contract.store import JobStore
@@ -400,12 +401,12 @@ def test_a_batch_finishes_when_its_last_job_ended_before_a_resubmitted_id_left_i
     client.submit_many([SubmitRequest("/x/a.jpg", "race-a")], model=MODEL)  # exists, no batch
     real = JobStore._leave_batches
 
-    def worker_first(store: JobStore, jobs: list[Job]) -> None:
+    def worker_first(store: JobStore, jobs: list[Job], *rest: Any) -> None:
         # the new job ends while the taken ID still counts in the total (2): not finished yet
         listed = [i for page in client.store.batch_job_ids("race") for i in page]
         finish(client.store, [i for i in listed if i != "race-a"])
         assert not client.batch("race").is_finished  # type: ignore[union-attr]
-        real(store, jobs)
+        real(store, jobs, *rest)
 
     monkeypatch.setattr(JobStore, "_leave_batches", worker_first)
     requests = [SubmitRequest("/x/a.jpg", "race-a"), "/x/b.jpg"]
@@ -413,3 +414,69 @@ def test_a_batch_finishes_when_its_last_job_ended_before_a_resubmitted_id_left_i
     batch = client.batch("race")
     assert batch is not None and batch.total == 1 and batch.is_finished
     assert _finished_events(redis_client, "race") == 1
+
+
+def test_a_finished_batch_joined_again_by_existing_ids_only_stays_finished_once(
+    client: Client, redis_client: redis.Redis
+) -> None:
+    requests = [SubmitRequest("/x/a.jpg", "again-a"), SubmitRequest("/x/b.jpg", "again-b")]
+    jobs = client.submit_many(requests, model=MODEL, batch="again")
+    finish(client.store, [j.id for j in jobs])
+    before = client.batch("again")
+    assert before is not None and before.is_finished
+    client.submit_many(requests, model=MODEL, batch="again")  # a client's retry
+    assert client.batch("again") == before  # the same finish time, no second event
+    assert _finished_events(redis_client, "again") == 1
+
+
+def test_a_batch_held_by_two_submissions_finishes_after_both_end(
+    client: Client, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("producer.client._WRITE_BATCH", 2)
+    a = client.iter_submit_batches([f"/a/{i}.jpg" for i in range(4)], model=MODEL, batch="two")
+    b = client.iter_submit_batches([f"/b/{i}.jpg" for i in range(4)], model=MODEL, batch="two")
+    for writes in (a, b, a, b):
+        finish(client.store, [j.id for j in next(writes)])
+    assert next(a, None) is None  # a ends: b still holds the batch
+    assert not client.batch("two").is_finished  # type: ignore[union-attr]
+    taken = next(iter(client.store.batch_job_ids("two")))[0]
+    with pytest.raises(IdConflict):  # a third, refused before its first write, releases its own
+        client.submit_many(
+            [SubmitRequest("/c.jpg", taken)] + [SubmitRequest(f"/c/{i}.jpg") for i in range(3)],
+            model=MODEL,
+            batch="two",
+        )
+    assert client.batch("two").total == 8  # type: ignore[union-attr]
+    assert not client.batch("two").is_finished  # type: ignore[union-attr]
+    assert next(b, None) is None
+    batch = client.batch("two")
+    assert batch is not None and batch.is_finished and batch.total == 8
+    assert _finished_events(redis_client, "two") == 1
+
+
+def test_a_streamed_submission_over_two_shards_finishes_only_at_its_end(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("producer.client._WRITE_BATCH", 5)
+    register_idle_model(redis_url, MODEL)
+    other = RedisServer(tmp_path_factory.mktemp("shard2"))
+    other.start()
+    client = Client.from_url(redis_url, [redis_url, other.url])
+    try:
+        uris = [f"/x/{i}.jpg" for i in range(20)]
+        writes = client.iter_submit_batches(uris, model=MODEL, batch="streamwide")
+        for jobs in writes:
+            finish(client.store, [j.id for j in jobs])
+            assert not client.batch("streamwide").is_finished  # type: ignore[union-attr]
+        batch = client.batch("streamwide")
+        assert batch is not None and batch.is_finished and batch.total == 20
+    finally:
+        client.close()
+        other.stop()
+
+
+def test_producer_batch_close_with_jobs_pending_exits_5(client: Client, redis_url: str) -> None:
+    client.submit_many(["/x/a.jpg"], model=MODEL, batch="clipending", keep_open=True)
+    run = _producer(redis_url, "batch", "close", "clipending")
+    assert run.returncode == 5, run.stderr
+    assert json.loads(run.stdout)["pending"] == 1

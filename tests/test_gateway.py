@@ -585,6 +585,10 @@ def test_a_batch_kept_open_across_requests_finishes_once_closed(stack: Stack) ->
     assert closed.status_code == 200, closed.text
     assert closed.json()["finished"] is not None and closed.json()["counts"]["done"] == len(ids)
     assert stack.http.post("/v1/batches/nobody/close").status_code == 404
+    one = {"jobs": jobs[:1], "model": IDLE, "keep_open": True}  # one job, no batch named
+    held = stack.http.post("/v1/jobs", json=one).json()["batch"]
+    assert held is not None  # a batch is generated for it to hold
+    assert stack.http.post(f"/v1/batches/{held}/close").json()["pending"] == 1
 
 
 def test_delete_cancels_a_batch_once(stack: Stack) -> None:

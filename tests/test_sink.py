@@ -169,7 +169,7 @@ def test_a_backlogged_sink_reads_about_one_part_of_entries_a_step(
     # each later one asks for 20/8 -> 3
     entries = [n for n in read if n]
     assert entries[0] == 20 and max(entries[1:]) == 3, read
-    assert sum(entries) < 20 + 3 * 12  # before: each step read the whole backlog again (~210)
+    assert sum(entries) < 20 + 3 * 12  # before: each step read the whole backlog again (~111)
 
 
 def _drained_parts(sink: Sink, client: Client, tmp_path: Path, jobs: list[Job]) -> list[int]:
