@@ -22,6 +22,7 @@ import click
 import redis
 
 from contract import deadletter, defaults, redis_errors, registry
+from contract.batch import Batch
 from contract.connection import connect
 from contract.errors import ServiceError, Unavailable
 from contract.job import PRIORITIES, Job, Priority, validate_model_ref
@@ -32,6 +33,7 @@ from producer.client import Client, SubmitRequest
 
 log = logging.getLogger("producer")
 F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R")
 
 
 def _remember_url(ctx: click.Context, _: click.Parameter, url: str) -> str:
@@ -452,18 +454,11 @@ def batch_status(redis_url: str, batch_id: str) -> None:
 
     Exit status: 0 when the batch is finished, 5 while jobs are pending, 1 when it is
     unknown or expired."""
-    client = Client.from_url(redis_url, _store_urls())
-    try:
-        found = client.batch(batch_id)
-    except ServiceError as e:
-        raise click.ClickException(f"{e.type}: {e}") from e
-    finally:
-        client.close()
+    found = _ask(redis_url, lambda client: client.batch(batch_id))
     if found is None:
         message = f"no batch {batch_id!r} (never submitted, or expired)"
         raise click.ClickException(f"not_found: {message}")
-    click.echo(json.dumps(found.to_dict()))
-    click.get_current_context().exit(0 if found.is_finished else bulk.EXIT_UNFINISHED)
+    _print_batch(found)
 
 
 @batch.command("cancel")
@@ -475,13 +470,7 @@ def batch_cancel(redis_url: str, batch_id: str) -> None:
 
     Exit status: 0 when cancelled, 1 when the batch is unknown, expired or finished already
     (nothing changed)."""
-    client = Client.from_url(redis_url, _store_urls())
-    try:
-        cancelled, state = client.cancel_batch(batch_id)
-    except ServiceError as e:
-        raise click.ClickException(f"{e.type}: {e}") from e
-    finally:
-        client.close()
+    cancelled, state = _ask(redis_url, lambda client: client.cancel_batch(batch_id))
     click.echo(json.dumps({"cancelled": cancelled, "batch": state.to_dict()}))
 
 
@@ -495,13 +484,23 @@ def batch_close(redis_url: str, batch_id: str) -> None:
 
     Exit status: 0 when the batch is finished, 5 while jobs are pending, 1 when it is unknown
     or expired."""
+    _print_batch(_ask(redis_url, lambda client: client.close_batch(batch_id)))
+
+
+def _ask(redis_url: str, call: Callable[[Client], R]) -> R:
+    """``call``'s answer, with a client of ``redis_url`` (and the store shards) closed after; a
+    refusal is the command's error."""
     client = Client.from_url(redis_url, _store_urls())
     try:
-        state = client.close_batch(batch_id)
+        return call(client)
     except ServiceError as e:
         raise click.ClickException(f"{e.type}: {e}") from e
     finally:
         client.close()
+
+
+def _print_batch(state: Batch) -> None:
+    """The batch as one JSON line; exit 0 when it is finished, 5 while jobs are pending."""
     click.echo(json.dumps(state.to_dict()))
     click.get_current_context().exit(0 if state.is_finished else bulk.EXIT_UNFINISHED)
 

@@ -37,6 +37,18 @@ def client(redis_url: str) -> Iterator[Client]:
     c.close()
 
 
+@pytest.fixture
+def sharded(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    """A client whose records spread over this test's Redis and a second one."""
+    register_idle_model(redis_url, MODEL)
+    other = RedisServer(tmp_path_factory.mktemp("shard2"))
+    other.start()
+    client = Client.from_url(redis_url, [redis_url, other.url])
+    yield client
+    client.close()
+    other.stop()
+
+
 def finish(store: ShardedStore, job_ids: list[str], fail: frozenset[str] = frozenset()) -> None:
     """What a worker does: claim the jobs, then store each result (failed for ``fail``)."""
     now = time.time()
@@ -178,32 +190,23 @@ def test_batch_keys_live_as_long_as_their_records(
     assert not redis_client.exists(names[1])
 
 
-def test_a_batch_over_two_shards_sums_them_and_reads_every_result(
-    redis_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    register_idle_model(redis_url, MODEL)
-    other = RedisServer(tmp_path_factory.mktemp("shard2"))
-    other.start()
-    client = Client.from_url(redis_url, [redis_url, other.url])
-    try:
-        jobs = client.submit_many([f"/x/{i}.jpg" for i in range(40)], model=MODEL, batch="wide")
-        assert all(client.store.shards[i].batch_hash("wide") for i in (0, 1))
-        finish(client.store, [j.id for j in jobs])
-        batch = client.batch("wide")
-        assert batch is not None and batch.total == 40 and batch.is_finished
-        ids: list[str] = []
-        cursor = None
-        while True:
-            page = client.batch_results("wide", cursor, limit=7)
-            ids += [i for i, _ in page.records]
-            cursor = page.cursor
-            if page.complete:
-                break
-        assert Counter(ids) == Counter(j.id for j in jobs)
-        assert cursor.count(".") == 1
-    finally:
-        client.close()
-        other.stop()
+def test_a_batch_over_two_shards_sums_them_and_reads_every_result(sharded: Client) -> None:
+    client = sharded
+    jobs = client.submit_many([f"/x/{i}.jpg" for i in range(40)], model=MODEL, batch="wide")
+    assert all(client.store.shards[i].batch_hash("wide") for i in (0, 1))
+    finish(client.store, [j.id for j in jobs])
+    batch = client.batch("wide")
+    assert batch is not None and batch.total == 40 and batch.is_finished
+    ids: list[str] = []
+    cursor = None
+    while True:
+        page = client.batch_results("wide", cursor, limit=7)
+        ids += [i for i, _ in page.records]
+        cursor = page.cursor
+        if page.complete:
+            break
+    assert Counter(ids) == Counter(j.id for j in jobs)
+    assert cursor.count(".") == 1
 
 
 def _producer(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -363,26 +366,17 @@ def test_cancelling_a_batch_held_open_ends_it(client: Client) -> None:
     assert cancelled == 0 and batch.is_finished and batch.counts["done"] == 2
 
 
-def test_a_batch_kept_open_over_two_shards_finishes_on_both_once_closed(
-    redis_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    register_idle_model(redis_url, MODEL)
-    other = RedisServer(tmp_path_factory.mktemp("shard2"))
-    other.start()
-    client = Client.from_url(redis_url, [redis_url, other.url])
-    try:
-        jobs = client.submit_many(
-            [f"/x/{i}.jpg" for i in range(20)], model=MODEL, batch="wideopen", keep_open=True
-        )
-        assert all(client.store.shards[i].batch_hash("wideopen") for i in (0, 1))
-        finish(client.store, [j.id for j in jobs])
-        assert not client.batch("wideopen").is_finished  # type: ignore[union-attr]
-        closed = client.close_batch("wideopen")
-        assert closed.is_finished and closed.total == 20
-        assert all("finished" in client.store.shards[i].batch_hash("wideopen") for i in (0, 1))
-    finally:
-        client.close()
-        other.stop()
+def test_a_batch_kept_open_over_two_shards_finishes_on_both_once_closed(sharded: Client) -> None:
+    client = sharded
+    jobs = client.submit_many(
+        [f"/x/{i}.jpg" for i in range(20)], model=MODEL, batch="wideopen", keep_open=True
+    )
+    assert all(client.store.shards[i].batch_hash("wideopen") for i in (0, 1))
+    finish(client.store, [j.id for j in jobs])
+    assert not client.batch("wideopen").is_finished  # type: ignore[union-attr]
+    closed = client.close_batch("wideopen")
+    assert closed.is_finished and closed.total == 20
+    assert all("finished" in client.store.shards[i].batch_hash("wideopen") for i in (0, 1))
 
 
 def test_producer_batch_close(client: Client, redis_url: str) -> None:
@@ -455,24 +449,17 @@ def test_a_batch_held_by_two_submissions_finishes_after_both_end(
 
 
 def test_a_streamed_submission_over_two_shards_finishes_only_at_its_end(
-    redis_url: str, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+    sharded: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("producer.client._WRITE_BATCH", 5)
-    register_idle_model(redis_url, MODEL)
-    other = RedisServer(tmp_path_factory.mktemp("shard2"))
-    other.start()
-    client = Client.from_url(redis_url, [redis_url, other.url])
-    try:
-        uris = [f"/x/{i}.jpg" for i in range(20)]
-        writes = client.iter_submit_batches(uris, model=MODEL, batch="streamwide")
-        for jobs in writes:
-            finish(client.store, [j.id for j in jobs])
-            assert not client.batch("streamwide").is_finished  # type: ignore[union-attr]
-        batch = client.batch("streamwide")
-        assert batch is not None and batch.is_finished and batch.total == 20
-    finally:
-        client.close()
-        other.stop()
+    client = sharded
+    uris = [f"/x/{i}.jpg" for i in range(20)]
+    writes = client.iter_submit_batches(uris, model=MODEL, batch="streamwide")
+    for jobs in writes:
+        finish(client.store, [j.id for j in jobs])
+        assert not client.batch("streamwide").is_finished  # type: ignore[union-attr]
+    batch = client.batch("streamwide")
+    assert batch is not None and batch.is_finished and batch.total == 20
 
 
 def test_producer_batch_close_with_jobs_pending_exits_5(client: Client, redis_url: str) -> None:
