@@ -209,21 +209,21 @@ local function flush_events(events, max_bytes)
   end
   gathered, order = {}, {}
 end
--- Finishes ``batch`` (its hash ``bkey``, ``final`` of its jobs final) at ``now`` once as many
--- of its jobs are final as were submitted, unless a submission still holds it (``:holds``):
--- sets ``finished``, drops its job list (only jobs not final yet are ever cancelled) and adds
--- its own event. Its keys live as long as its records: at least as long as the queued ones, and
--- once it is finished its ``ttl`` (its longest final TTL) from then. True when this call
--- finished it.
-local function settle_batch(batch, bkey, final, now)
+-- Finishes ``batch`` (its hash ``bkey``, ``final`` of its jobs final) once as many of its jobs
+-- are final as were submitted, unless a submission still holds it (``:holds``): sets
+-- ``finished`` to ``stamp`` (µs), drops its job list (only jobs not final yet are ever
+-- cancelled) and, with ``announce``, adds its own event. Its keys live as long as its records:
+-- at least as long as the queued ones, and once it is finished its ``ttl`` (its longest final
+-- TTL) from then. True when this call finished it.
+local function settle_batch(batch, bkey, final, stamp, announce)
   local v = redis.call('HMGET', bkey, 'total', 'ttl')
   local total, ttl = tonumber(v[1]), tonumber(v[2])
   local finished = total ~= nil and total > 0 and final >= total
     and redis.call('EXISTS', bkey .. ':holds') == 0
-    and redis.call('HSETNX', bkey, 'finished', string.format('%d', now)) == 1
+    and redis.call('HSETNX', bkey, 'finished', stamp) == 1
   if finished then
     redis.call('DEL', bkey .. ':jobs')
-    event('', $batch_finished, batch)
+    if announce then event('', $batch_finished, batch) end
   elseif ttl then
     ttl = math.max(ttl, redis.call('TTL', bkey))
   end
@@ -241,7 +241,7 @@ local function batch_final(batch, names, ids, now)
   for name, count in pairs(names) do redis.call('HINCRBY', bkey, name, count) end
   local final = redis.call('HINCRBY', bkey, 'final', #ids)
   redis.call('RPUSH', bkey .. ':results', unpack(ids))
-  settle_batch(batch, bkey, final, now)
+  settle_batch(batch, bkey, final, string.format('%d', now), true)
 end
 -- The optional fixed-width fields the header's flags announce: a deadline (µs) or nil, the
 -- seconds a final record is kept, and where the tagged fields start.
@@ -486,12 +486,13 @@ return out
 
 # KEYS: the batch's hash, the events stream. ARGV: the batch ID, now (µs), the events' bytes to
 # keep, a mode and its argument. "all" drops every hold on the batch (it is closed), "one" the
-# hold ARGV[5] (its submission ended); then the batch finishes now if every job of it is final
-# and no hold remains (else the finish of its last job will). "settle" only does the latter.
-# "restore" (ARGV[5] its old ``finished``) is for a finished batch that a submission of only
-# existing IDs joined and left again: finished as before, without a second event, if nothing
-# else joined meanwhile. Answers 1 when it finished the batch, 0 when not (jobs pending, held,
-# or finished before), -1 when there is no batch.
+# hold ARGV[5] (its submission ended); then the batch finishes now if every job of it is final and
+# no hold remains (else the finish of its last job will). "settle" only does the latter. "restore"
+# (ARGV[5] its old ``finished``) is for a finished batch that a submission of only existing IDs
+# joined and left again: finished as before (its old stamp, its keys kept for its ``ttl`` from
+# now, as at any finish), without a second event, if nothing else joined meanwhile. Answers 1 when
+# it finished the batch, 0 when not (jobs pending, held, or finished before), -1 when there is no
+# batch.
 _CLOSE_BATCH = _lua(
     _RECORD
     + """
@@ -504,15 +505,12 @@ elseif mode == 'one' then
 end
 if redis.call('HEXISTS', bkey, 'finished') == 1 then return 0 end
 local final = tonumber(redis.call('HGET', bkey, 'final')) or 0
+local finished
 if mode == 'restore' then
-  local total = tonumber(redis.call('HGET', bkey, 'total')) or 0
-  if total > 0 and final >= total and redis.call('EXISTS', bkey .. ':holds') == 0 then
-    redis.call('HSET', bkey, 'finished', ARGV[5])
-    return 1
-  end
-  return 0
+  finished = settle_batch(batch, bkey, final, ARGV[5], false)
+else
+  finished = settle_batch(batch, bkey, final, string.format('%d', now), true)
 end
-local finished = settle_batch(batch, bkey, final, now)
 flush_events(KEYS[2], ARGV[3])
 return finished and 1 or 0
 """
