@@ -900,20 +900,21 @@ def _join_batch(
     hold and TTLs (as long as its longest-lived new record; its longest final TTL once it is
     finished). The first reply is the batch's ``finished`` before (None when it was not)."""
     name = keys.batch_key(batch_id)
+    own = spec if spec is not None and spec.id == batch_id else None  # the submission's batch
     pipe.hget(name, "finished")
     pipe.rpush(keys.batch_jobs_key(batch_id), *(j.id for j in jobs))
     pipe.hincrby(name, "total", len(jobs))
     pipe.hsetnx(name, "created", record.micros(time.time()))
-    fields = spec.fields() if spec is not None and spec.id == batch_id else []
+    fields = own.fields() if own is not None else []
     for field, value in zip(fields[::2], fields[1::2], strict=True):
         pipe.hsetnx(name, field, value)
-    if spec is not None and spec.id == batch_id and spec.hold:
-        pipe.sadd(keys.batch_holds_key(batch_id), spec.hold)
+    if own is not None and own.hold:
+        pipe.sadd(keys.batch_holds_key(batch_id), own.hold)
     pipe.hdel(name, "finished")
     pipe.hset(name, "ttl", max(j.ttl_s for j in jobs))
     ttl = max(max(queued_ttl_s, j.ttl_s) for j in jobs)
     names = [name, keys.batch_jobs_key(batch_id), keys.batch_results_key(batch_id)]
-    if spec is not None and spec.id == batch_id and spec.hold:
+    if own is not None and own.hold:
         names.append(keys.batch_holds_key(batch_id))
     for key in names:
         pipe.expire(key, ttl, gt=True)  # never shortened

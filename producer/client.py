@@ -532,9 +532,7 @@ class Client:
         cancelled and the batch afterwards. Raises ``NotFound`` for an unknown (or expired)
         batch and ``AlreadyFinal``, changing nothing, for a finished one."""
         batch_id = validate_batch_id(batch_id)
-        state = self.store.batch(batch_id)
-        if state is None:
-            raise NotFound(f"no batch {batch_id!r} (never submitted, or expired)")
+        state = self._known_batch(batch_id)
         if state.is_finished:
             raise AlreadyFinal(f"batch {batch_id} is finished already; nothing was changed")
         cancelled = 0
@@ -551,6 +549,10 @@ class Client:
         batch. Closing a closed batch changes nothing."""
         batch_id = validate_batch_id(batch_id)
         self.store.close_batch(batch_id)
+        return self._known_batch(batch_id)
+
+    def _known_batch(self, batch_id: str) -> Batch:
+        """The batch; ``NotFound`` when no shard has it (unknown, or expired)."""
         state = self.store.batch(batch_id)
         if state is None:
             raise NotFound(f"no batch {batch_id!r} (never submitted, or expired)")
@@ -574,9 +576,7 @@ class Client:
         batch_id = validate_batch_id(batch_id)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidRequest(f"limit must be a positive integer, got {limit!r}")
-        state = self.store.batch(batch_id)
-        if state is None:
-            raise NotFound(f"no batch {batch_id!r} (never submitted, or expired)")
+        state = self._known_batch(batch_id)
         ids, after = self.store.batch_results(batch_id, cursor, limit)
         return ids, after, state.is_finished and len(ids) < limit
 
