@@ -124,11 +124,19 @@ def _finish_in_one_call(client: Client, job_ids: list[str]) -> None:
     )
 
 
+def _batch_in_entries(client: Client, jobs: int, per_entry: int) -> list[Job]:
+    """A batch of ``jobs`` with an output, finished ``per_entry`` jobs a store call: one events
+    entry each."""
+    batch = client.submit_many([f"/x/{i}.jpg" for i in range(1, jobs + 1)], model=IDLE, output="o")
+    for at in range(0, jobs, per_entry):
+        _finish_in_one_call(client, [j.id for j in batch[at : at + per_entry]])
+    return batch
+
+
 def test_an_entry_of_more_jobs_than_a_part_holds_is_written_as_several_parts(
     client: Client, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    jobs = client.submit_many([f"/x/{i}.jpg" for i in range(1, 26)], model=IDLE, output="o")
-    _finish_in_one_call(client, [j.id for j in jobs])
+    jobs = _batch_in_entries(client, 25, 25)
     sink = Sink(redis_client, SinkSettings(Policy(root=tmp_path), part_records=10))
     sink.setup()
     assert sorted(_drained_parts(sink, client, tmp_path, jobs)) == [5, 10, 10]
@@ -137,9 +145,7 @@ def test_an_entry_of_more_jobs_than_a_part_holds_is_written_as_several_parts(
 def test_a_step_takes_entries_up_to_part_records_jobs_and_leaves_the_rest_pending(
     client: Client, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    jobs = client.submit_many([f"/x/{i}.jpg" for i in range(1, 25)], model=IDLE, output="o")
-    for at in range(0, 24, 8):  # three entries of eight jobs
-        _finish_in_one_call(client, [j.id for j in jobs[at : at + 8]])
+    jobs = _batch_in_entries(client, 24, 8)  # three entries of eight jobs
     sink = Sink(redis_client, SinkSettings(Policy(root=tmp_path), part_records=10))
     sink.setup()
     assert sink.step() == 1  # a second entry would make 16 jobs
@@ -151,9 +157,7 @@ def test_a_step_takes_entries_up_to_part_records_jobs_and_leaves_the_rest_pendin
 def test_a_backlogged_sink_reads_about_one_part_of_entries_a_step(
     client: Client, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    jobs = client.submit_many([f"/x/{i}.jpg" for i in range(1, 161)], model=IDLE, output="o")
-    for at in range(0, 160, 8):  # twenty entries of eight jobs
-        _finish_in_one_call(client, [j.id for j in jobs[at : at + 8]])
+    jobs = _batch_in_entries(client, 160, 8)  # twenty entries of eight jobs
     sink = Sink(redis_client, SinkSettings(Policy(root=tmp_path), part_records=20))
     sink.setup()
     real, read = sink.events.read, []
