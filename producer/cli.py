@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import logging
 import signal
@@ -865,7 +866,7 @@ def _uris(
         args, from_file = (), stdin
     lines: Iterable[str] = from_file if from_file is not None else ()
     listed: Iterable[str] = bulk.s3_uris(s3_prefix) if s3_prefix else ()
-    for uri in (*args, *lines):
+    for uri in itertools.chain(args, lines):  # a line at a time: a stream is never held whole
         if uri.strip():
             yield SubmitRequest(uri.strip())
     for uri in listed:

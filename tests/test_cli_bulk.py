@@ -17,6 +17,8 @@ import click
 import pytest
 import redis
 
+from producer.client import Client
+from tests.faults_support import wait_until
 from tests.support import ROOT, RedisServer, WorkerProcess, producer_help, write_images
 from tests.support_gateway import register_idle_model
 
@@ -154,6 +156,32 @@ def test_a_name_that_is_not_utf8_is_refused_in_one_line_and_nothing_is_queued(
         assert "invalid_request" in run.stderr and "not valid UTF-8" in run.stderr
         assert "Traceback" not in run.stderr
     assert redis.Redis.from_url(served.redis_url).llen(f"imgcls.{IDLE}") == 0
+
+
+def test_submit_from_stdin_queues_each_write_batch_before_the_input_ends(served: Served) -> None:
+    register_idle_model(served.redis_url, IDLE)
+    cmd = [sys.executable, "-m", "producer", "submit", "--redis-url", served.redis_url]
+    cmd += ["--model", IDLE, "--batch", "streamed", "--no-progress", "-"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, env=env, text=True)
+    assert proc.stdin is not None
+    client = Client.from_url(served.redis_url)
+    try:
+        proc.stdin.write("".join(f"/x/{i}.jpg\n" for i in range(2001)))  # one write batch, and one
+        proc.stdin.flush()
+        wait_until(lambda: (b := client.batch("streamed")) is not None and b.total == 2000, "2000")
+        held = client.batch("streamed")
+        assert held is not None and held.pending == 2000 and not held.is_finished
+        proc.stdin.write("/x/last.jpg\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=120) == 0
+        batch = client.batch("streamed")
+        assert batch is not None and batch.total == 2002
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        client.close()
 
 
 def test_submit_from_an_s3_prefix_queues_every_object_under_it(
