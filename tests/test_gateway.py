@@ -560,6 +560,7 @@ def test_a_bulk_submission_is_a_batch_whose_results_stream_from_a_cursor(stack: 
         ({"uri": "/x.jpg", "batch": "../etc"}, "batch"),
         ({"uri": "/x.jpg", "output": "http://example.com/x"}, "output"),
         ({"jobs": [{"uri": "/x.jpg"}], "output": "s3://b/\x01"}, "output"),
+        ({"jobs": [{"uri": "/x.jpg"}], "keep_open": "yes"}, "keep_open"),
     ],
 )
 def test_a_bad_batch_or_output_is_refused_naming_the_field(
